@@ -1,0 +1,579 @@
+//! moat's configuration: one YAML or JSON document, camelCase, unknown keys rejected with their
+//! path, cross-field rules checked by [`Config::validate`]. See `docs/configuration.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::RegistryPrefix;
+use crate::names::{ClassName, LabelKey, LabelValue, NamespacePattern, RuntimeClassName};
+
+/// The embedded default configuration (`moat config default`), documented inline.
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
+
+/// Largest configuration document accepted, in bytes: a config is a few KiB, so anything larger
+/// is a mistake (a wrong file) rather than a policy.
+pub const MAX_CONFIG_LEN_BYTES: usize = 1024 * 1024;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The document does not parse, or has an unknown key or a value of the wrong form.
+    #[error("at '{path}': {message}")]
+    Parse { path: String, message: String },
+    /// The document is larger than [`MAX_CONFIG_LEN_BYTES`].
+    #[error("configuration is {0} bytes, more than the {MAX_CONFIG_LEN_BYTES} allowed")]
+    TooLarge(usize),
+    /// A rule across fields does not hold.
+    #[error("at '{path}': {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid { path: path.into(), message: message.into() }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Image reference policy.
+    #[serde(default)]
+    pub images: ImagePolicy,
+    /// RuntimeClass policy (Kubewarden pod-runtime-class-policy settings).
+    #[serde(default)]
+    pub runtime_class: RuntimeClassPolicy,
+    /// Node isolation per class or per pod.
+    #[serde(default)]
+    pub isolation: IsolationPolicy,
+    /// What the policies do not apply to.
+    #[serde(default)]
+    pub exemptions: Exemptions,
+}
+
+/// `images`: every container's image must carry a tag other than `latest`, or a digest.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImagePolicy {
+    /// When non-empty, images must come from one of these registries (or repository prefixes).
+    #[serde(default)]
+    pub allowed_registries: Vec<RegistryPrefix>,
+    /// When true, every image must be pinned by digest.
+    #[serde(default)]
+    pub require_digest: bool,
+}
+
+/// `runtimeClass`: exactly the three settings of the Kubewarden policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuntimeClassPolicy {
+    /// RuntimeClass names pods may not ask for.
+    #[serde(default)]
+    pub reserved_runtimes: BTreeSet<RuntimeClassName>,
+    /// Set on pods that ask for a reserved runtime or for none.
+    #[serde(default)]
+    pub fallback_runtime: Option<RuntimeClassName>,
+    /// When true and there is no fallback, a pod without `runtimeClassName` is denied.
+    #[serde(default)]
+    pub default_runtime_reserved: bool,
+}
+
+/// How isolated pods are placed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum IsolationMode {
+    /// No isolation: the isolation policy neither mutates nor denies.
+    #[default]
+    Off,
+    /// Pods of one class share nodes of that class only.
+    Class,
+    /// Every isolated pod gets a node of its own (instance per pod).
+    Pod,
+    /// No affinity: each pod is pinned to a dedicated node the provisioner creates.
+    DedicatedNode,
+}
+
+/// `isolation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IsolationPolicy {
+    /// Placement mode.
+    #[serde(default)]
+    pub mode: IsolationMode,
+    /// The pod label that names a pod's class.
+    #[serde(default = "default_pod_class_label")]
+    pub pod_class_label: LabelKey,
+    /// When set, a namespace label that names the class of every pod in that namespace. Tenants
+    /// cannot edit namespace labels, so this binds classes to namespaces by the operator's hand.
+    #[serde(default)]
+    pub namespace_class_label: Option<LabelKey>,
+    /// Namespaces whose every pod is isolated, labelled or not.
+    #[serde(default)]
+    pub isolate_namespaces: Vec<NamespacePattern>,
+    /// The class given to unlabelled pods of `isolateNamespaces`.
+    #[serde(default)]
+    pub default_class: Option<ClassName>,
+    /// The classes, and which namespaces may use each.
+    #[serde(default)]
+    pub classes: Vec<ClassSpec>,
+    /// How isolated nodes are marked.
+    #[serde(default)]
+    pub nodes: NodeMarking,
+    /// Node label naming a dedicated node (dedicatedNode mode).
+    #[serde(default = "default_dedicated_node_label")]
+    pub dedicated_node_label: LabelKey,
+    /// Allow non-exempt pods to set `spec.nodeName` on CREATE. Binding by name bypasses the
+    /// scheduler and with it the NoSchedule taints that keep tenants off isolated nodes.
+    #[serde(default)]
+    pub allow_node_name: bool,
+}
+
+impl Default for IsolationPolicy {
+    fn default() -> Self {
+        Self {
+            mode: IsolationMode::default(),
+            pod_class_label: default_pod_class_label(),
+            namespace_class_label: None,
+            isolate_namespaces: Vec::new(),
+            default_class: None,
+            classes: Vec::new(),
+            nodes: NodeMarking::default(),
+            dedicated_node_label: default_dedicated_node_label(),
+            allow_node_name: false,
+        }
+    }
+}
+
+#[expect(clippy::expect_used, reason = "constant literal checked by tests")]
+fn key(s: &str) -> LabelKey {
+    s.parse().expect("built-in label key is valid")
+}
+fn default_pod_class_label() -> LabelKey {
+    key("moat.dev/class")
+}
+fn default_dedicated_node_label() -> LabelKey {
+    key("node-restriction.kubernetes.io/moat-node")
+}
+fn default_node_label_key() -> LabelKey {
+    key("node-restriction.kubernetes.io/moat-class")
+}
+fn default_taint_key() -> LabelKey {
+    key("moat.dev/isolated")
+}
+
+/// A class name in `classes`: a name, or `*` for any class name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassPattern {
+    /// Any valid class name.
+    Any,
+    /// Exactly this class.
+    Name(ClassName),
+}
+
+impl ClassPattern {
+    fn matches(&self, class: &ClassName) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Name(n) => n == class,
+        }
+    }
+}
+
+impl Serialize for ClassPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Any => s.serialize_str("*"),
+            Self::Name(n) => n.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "*" {
+            Ok(Self::Any)
+        } else {
+            s.parse().map(Self::Name).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+/// One entry of `isolation.classes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClassSpec {
+    /// The class, or `*` for any class name.
+    pub name: ClassPattern,
+    /// Namespaces (patterns) whose pods may use this class.
+    #[serde(default)]
+    pub namespaces: Vec<NamespacePattern>,
+    /// Namespaces whose labels match this selector may also use this class.
+    #[serde(default)]
+    pub namespace_selector: Option<NamespaceSelector>,
+    /// Pods of this class run with this RuntimeClass (set when unset; any other is denied).
+    #[serde(default)]
+    pub runtime_class_name: Option<RuntimeClassName>,
+}
+
+/// A label selector over namespaces, as in Kubernetes (`matchLabels` and `matchExpressions`
+/// ANDed; an empty selector matches every namespace).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<LabelKey, LabelValue>,
+    #[serde(default)]
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SelectorRequirement {
+    pub key: LabelKey,
+    pub operator: SelectorOperator,
+    #[serde(default)]
+    pub values: Vec<LabelValue>,
+}
+
+/// A label selector operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl NamespaceSelector {
+    /// Whether a namespace with these labels matches.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k.as_str()).is_some_and(|l| l == v.as_str()))
+            && self.match_expressions.iter().all(|r| {
+                let got = labels.get(r.key.as_str());
+                let in_values = got.is_some_and(|g| r.values.iter().any(|v| v.as_str() == g));
+                match r.operator {
+                    SelectorOperator::In => in_values,
+                    SelectorOperator::NotIn => !in_values,
+                    SelectorOperator::Exists => got.is_some(),
+                    SelectorOperator::DoesNotExist => got.is_none(),
+                }
+            })
+    }
+}
+
+/// A taint effect moat may place on isolated nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaintEffect {
+    #[default]
+    NoSchedule,
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// `isolation.nodes`: the label and taint that isolated nodes carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeMarking {
+    /// Node label key of isolated nodes. Use the `node-restriction.kubernetes.io/` prefix so a
+    /// kubelet cannot put it on its own node.
+    #[serde(default = "default_node_label_key")]
+    pub label_key: LabelKey,
+    /// Fixed label value (one shared pool, classes kept apart by anti-affinity), or unset for
+    /// the class name (a pool per class).
+    #[serde(default)]
+    pub label_value: Option<LabelValue>,
+    /// Taint key of isolated nodes.
+    #[serde(default = "default_taint_key")]
+    pub taint_key: LabelKey,
+    /// Fixed taint value, or unset for the class name.
+    #[serde(default)]
+    pub taint_value: Option<LabelValue>,
+    /// Taint effect.
+    #[serde(default)]
+    pub taint_effect: TaintEffect,
+}
+
+impl Default for NodeMarking {
+    fn default() -> Self {
+        Self {
+            label_key: default_node_label_key(),
+            label_value: None,
+            taint_key: default_taint_key(),
+            taint_value: None,
+            taint_effect: TaintEffect::default(),
+        }
+    }
+}
+
+/// `exemptions`: what the policies skip. Every exemption is reported in the decision so the
+/// server can log and count it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Exemptions {
+    /// Namespaces (patterns) where no policy applies.
+    #[serde(default)]
+    pub namespaces: Vec<NamespacePattern>,
+    /// A pod annotation that, set to `"true"`, skips isolation for that pod. Unset: no
+    /// annotation can skip isolation.
+    #[serde(default)]
+    pub ignore_annotation: Option<LabelKey>,
+    /// Skip isolation for pods that pin their own placement (`nodeSelector`, required node
+    /// affinity). When false, moat's constraints are added to theirs.
+    #[serde(default)]
+    pub pinned_pods: bool,
+    /// Skip isolation for dry-run requests.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl Default for Exemptions {
+    fn default() -> Self {
+        Self { namespaces: Vec::new(), ignore_annotation: None, pinned_pods: false, dry_run: false }
+    }
+}
+
+impl Config {
+    /// Parses a YAML (or JSON) document and checks its cross-field rules.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] with the path of the offending key, [`ConfigError::TooLarge`], or
+    /// [`ConfigError::Invalid`] from [`Config::validate`].
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.len() > MAX_CONFIG_LEN_BYTES {
+            return Err(ConfigError::TooLarge(text.len()));
+        }
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Parse { path, message: e.into_inner().to_string() }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded default configuration.
+    ///
+    /// # Panics
+    /// Never in a released build: a test checks that the embedded document is valid.
+    #[expect(clippy::expect_used, reason = "embedded document is checked by a test")]
+    pub fn embedded_default() -> Self {
+        Self::from_yaml(DEFAULT_CONFIG_YAML).expect("embedded default configuration is valid")
+    }
+
+    /// Checks the rules that span fields.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field and the rule.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rc = &self.runtime_class;
+        if let Some(fallback) = &rc.fallback_runtime {
+            if rc.reserved_runtimes.contains(fallback) {
+                return Err(ConfigError::invalid(
+                    "runtimeClass.fallbackRuntime",
+                    format!("fallback runtime '{fallback}' is itself in reservedRuntimes"),
+                ));
+            }
+        }
+        let iso = &self.isolation;
+        let mut seen = BTreeSet::new();
+        for (i, class) in iso.classes.iter().enumerate() {
+            let key = match &class.name {
+                ClassPattern::Any => "*".to_owned(),
+                ClassPattern::Name(n) => n.to_string(),
+            };
+            if !seen.insert(key.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("isolation.classes[{i}].name"),
+                    format!("class '{key}' is declared twice"),
+                ));
+            }
+            if let Some(r) = &class.runtime_class_name {
+                if rc.reserved_runtimes.contains(r) {
+                    return Err(ConfigError::invalid(
+                        format!("isolation.classes[{i}].runtimeClassName"),
+                        format!("runtime '{r}' is in runtimeClass.reservedRuntimes"),
+                    ));
+                }
+            }
+            if class.namespaces.is_empty() && class.namespace_selector.is_none() && iso.namespace_class_label.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("isolation.classes[{i}]"),
+                    format!("class '{key}' names no namespaces and no namespaceSelector, so no pod could use it"),
+                ));
+            }
+        }
+        if let Some(default) = &iso.default_class {
+            if iso.class_spec(default).is_none() {
+                return Err(ConfigError::invalid(
+                    "isolation.defaultClass",
+                    format!("class '{default}' is not declared in isolation.classes"),
+                ));
+            }
+        }
+        if !iso.isolate_namespaces.is_empty() && iso.default_class.is_none() && iso.namespace_class_label.is_none() {
+            return Err(ConfigError::invalid(
+                "isolation.isolateNamespaces",
+                "needs isolation.defaultClass or isolation.namespaceClassLabel to choose a class for unlabelled pods",
+            ));
+        }
+        if iso.mode != IsolationMode::Off && iso.classes.is_empty() {
+            return Err(ConfigError::invalid(
+                "isolation.classes",
+                "isolation is on but no class is declared",
+            ));
+        }
+        if iso.mode == IsolationMode::DedicatedNode && iso.dedicated_node_label == iso.nodes.label_key {
+            return Err(ConfigError::invalid(
+                "isolation.dedicatedNodeLabel",
+                "must differ from isolation.nodes.labelKey",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl IsolationPolicy {
+    /// The declaration that covers `class`: its own entry, else the `*` entry.
+    pub fn class_spec(&self, class: &ClassName) -> Option<&ClassSpec> {
+        self.classes
+            .iter()
+            .find(|c| c.name == ClassPattern::Name(class.clone()))
+            .or_else(|| self.classes.iter().find(|c| c.name.matches(class)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(yaml: &str) -> String {
+        Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.isolation.mode, IsolationMode::Class);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_mapping_is_all_defaults() {
+        assert_eq!(Config::from_yaml("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn rejects_unknown_keys_with_their_path() {
+        let cases: &[(&str, &str)] = &[
+            ("imagess: {}", "at 'imagess': unknown field `imagess`"),
+            ("images: {allowRegistries: []}", "at 'images.allowRegistries': unknown field `allowRegistries`"),
+            ("runtimeClass: {reserved: [a]}", "at 'runtimeClass.reserved': unknown field `reserved`"),
+            (
+                "isolation: {mode: class, classes: [{name: a, namespaces: [x], extra: 1}]}",
+                "at 'isolation.classes[0].extra': unknown field `extra`",
+            ),
+            ("isolation: {nodes: {taint: x}}", "at 'isolation.nodes.taint': unknown field `taint`"),
+            ("exemptions: {namespace: []}", "at 'exemptions.namespace': unknown field `namespace`"),
+        ];
+        for (yaml, want) in cases {
+            let got = parse_err(yaml);
+            let (path, message) = want.split_once(": ").unwrap();
+            assert!(got.starts_with(path) && got.contains(message), "{yaml}: got {got}");
+        }
+    }
+
+    #[test]
+    fn rejects_values_of_the_wrong_form() {
+        let cases: &[(&str, &str)] = &[
+            ("runtimeClass: {reservedRuntimes: [Bad]}", "at 'runtimeClass.reservedRuntimes[0]'"),
+            ("isolation: {mode: perPod}", "at 'isolation.mode'"),
+            ("isolation: {podClassLabel: 'a b'}", "at 'isolation.podClassLabel'"),
+            ("images: {allowedRegistries: ['Bad Host']}", "at 'images.allowedRegistries[0]'"),
+            ("exemptions: {namespaces: ['Kube']}", "at 'exemptions.namespaces[0]'"),
+            ("isolation: {nodes: {taintEffect: PreferNoSchedule}}", "at 'isolation.nodes.taintEffect'"),
+            ("[1, 2]", "at '.'"),
+        ];
+        for (yaml, want) in cases {
+            let got = parse_err(yaml);
+            assert!(got.starts_with(want), "{yaml}: got {got}");
+        }
+    }
+
+    #[test]
+    fn checks_cross_field_rules() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "runtimeClass: {reservedRuntimes: [runc], fallbackRuntime: runc}",
+                "at 'runtimeClass.fallbackRuntime': fallback runtime 'runc' is itself in reservedRuntimes",
+            ),
+            (
+                "runtimeClass: {reservedRuntimes: [runc]}\nisolation: {classes: [{name: a, namespaces: ['*'], runtimeClassName: runc}]}",
+                "at 'isolation.classes[0].runtimeClassName'",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x]}, {name: a, namespaces: [y]}]}",
+                "at 'isolation.classes[1].name': class 'a' is declared twice",
+            ),
+            ("isolation: {classes: [{name: a}]}", "at 'isolation.classes[0]'"),
+            (
+                "isolation: {defaultClass: b, classes: [{name: a, namespaces: [x]}]}",
+                "at 'isolation.defaultClass': class 'b' is not declared",
+            ),
+            ("isolation: {isolateNamespaces: [t]}", "at 'isolation.isolateNamespaces'"),
+            ("isolation: {mode: pod}", "at 'isolation.classes': isolation is on but no class"),
+            (
+                "isolation: {mode: dedicatedNode, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: '*', namespaces: ['*']}]}",
+                "at 'isolation.dedicatedNodeLabel'",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = parse_err(yaml);
+            assert!(got.starts_with(want), "{yaml}: got {got}");
+        }
+    }
+
+    #[test]
+    fn wildcard_class_covers_undeclared_names() {
+        let c = Config::from_yaml("isolation: {classes: [{name: '*', namespaces: ['*']}, {name: gold, namespaces: [bank]}]}").unwrap();
+        let gold: ClassName = "gold".parse().unwrap();
+        let other: ClassName = "other".parse().unwrap();
+        assert_eq!(c.isolation.class_spec(&gold).unwrap().namespaces[0].as_str(), "bank");
+        assert_eq!(c.isolation.class_spec(&other).unwrap().name, ClassPattern::Any);
+    }
+
+    #[test]
+    fn rejects_oversized_documents() {
+        let big = format!("# {}\n{{}}", "x".repeat(MAX_CONFIG_LEN_BYTES));
+        assert!(matches!(Config::from_yaml(&big), Err(ConfigError::TooLarge(_))));
+    }
+
+    #[test]
+    fn namespace_selector_semantics() {
+        let sel: NamespaceSelector = serde_yaml::from_str(
+            "{matchLabels: {tier: tenant}, matchExpressions: [{key: pci, operator: DoesNotExist}, {key: team, operator: In, values: [a, b]}]}",
+        )
+        .unwrap();
+        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        assert!(sel.matches(&labels(&[("tier", "tenant"), ("team", "a")])));
+        assert!(!sel.matches(&labels(&[("tier", "tenant"), ("team", "c")])));
+        assert!(!sel.matches(&labels(&[("tier", "tenant"), ("team", "a"), ("pci", "")])));
+        assert!(!sel.matches(&labels(&[("team", "a")])));
+        assert!(NamespaceSelector::default().matches(&labels(&[])));
+    }
+}

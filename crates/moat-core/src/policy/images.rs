@@ -1,0 +1,90 @@
+//! Images: a tag other than `latest`, or a digest, for every container of every kind; optional
+//! registry allow-list and required digests. Never mutates.
+
+use k8s_openapi::api::core::v1::PodSpec;
+
+use super::{Context, Outcome, Policy};
+use crate::image::ImageRef;
+
+/// One container of any kind, with its field path.
+struct ContainerRef<'a> {
+    field: String,
+    name: &'a str,
+    image: Option<&'a str>,
+}
+
+fn all_containers(spec: &PodSpec) -> Vec<ContainerRef<'_>> {
+    let mut out = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        out.push(ContainerRef { field: format!("spec.containers[{i}]"), name: &c.name, image: c.image.as_deref() });
+    }
+    for (i, c) in spec.init_containers.iter().flatten().enumerate() {
+        out.push(ContainerRef { field: format!("spec.initContainers[{i}]"), name: &c.name, image: c.image.as_deref() });
+    }
+    for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
+        out.push(ContainerRef {
+            field: format!("spec.ephemeralContainers[{i}]"),
+            name: &c.name,
+            image: c.image.as_deref(),
+        });
+    }
+    out
+}
+
+/// Whether the old pod already ran this container with this image (an UPDATE that leaves an
+/// image alone is not a new decision about it).
+fn unchanged(ctx: &Context<'_>, name: &str, image: &str) -> bool {
+    ctx.old.is_some_and(|old| {
+        all_containers(&old.spec).iter().any(|c| c.name == name && c.image == Some(image))
+    })
+}
+
+pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
+    let policy = &ctx.config.images;
+    for c in all_containers(&ctx.template.spec) {
+        let who = format!("container '{}' ({})", c.name, ctx.field(&c.field));
+        let Some(raw) = c.image.filter(|i| !i.is_empty()) else {
+            out.deny(Policy::Images, format!("{who} has no image"));
+            continue;
+        };
+        if unchanged(ctx, c.name, raw) {
+            continue;
+        }
+        let image: ImageRef = match raw.parse() {
+            Ok(i) => i,
+            Err(e) => {
+                out.deny(Policy::Images, format!("{who}: image '{raw}' is not a valid reference: {e}"));
+                continue;
+            }
+        };
+        if !policy.allowed_registries.is_empty() && !policy.allowed_registries.iter().any(|r| r.contains(&image)) {
+            let allowed: Vec<String> = policy.allowed_registries.iter().map(ToString::to_string).collect();
+            out.deny(
+                Policy::Images,
+                format!(
+                    "{who}: image '{raw}' is from '{}', which is not an allowed registry ({})",
+                    image.repository(),
+                    allowed.join(", ")
+                ),
+            );
+        }
+        if image.digest().is_some() {
+            continue;
+        }
+        if policy.require_digest {
+            out.deny(Policy::Images, format!("{who}: image '{raw}' must be pinned by digest (@sha256:…)"));
+            continue;
+        }
+        match image.tag() {
+            None => out.deny(
+                Policy::Images,
+                format!("{who}: image '{raw}' has no tag, which means 'latest'; pin a version tag or a digest"),
+            ),
+            Some("latest") => out.deny(
+                Policy::Images,
+                format!("{who}: image '{raw}' uses the mutable tag 'latest'; pin a version tag or a digest"),
+            ),
+            Some(_) => {}
+        }
+    }
+}

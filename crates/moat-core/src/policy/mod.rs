@@ -1,0 +1,345 @@
+//! The decision for one object: every policy runs, all denials are reported together, and all
+//! mutations become one JSON Patch. Pure: no I/O, no clock, no randomness.
+//!
+//! The same function serves both webhook stages. At [`Stage::Mutate`] the patch is returned; at
+//! [`Stage::Validate`] (the final object, after every mutating webhook ran) a change moat would
+//! still need is a denial, so a later webhook cannot undo moat's work unnoticed.
+
+mod images;
+mod isolation;
+mod runtime;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::subject::{Kind, MalformedObject, Template};
+
+/// The admission operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    Update,
+    Delete,
+    Connect,
+}
+
+/// Which webhook asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Mutating webhook (and offline review): return the patch.
+    Mutate,
+    /// Validating webhook: deny if the final object still needs a change.
+    Validate,
+}
+
+/// The input of a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub operation: Operation,
+    pub stage: Stage,
+    /// The object as sent (`request.object`).
+    pub object: &'a Value,
+    /// The object before the update (`request.oldObject`), on UPDATE.
+    pub old_object: Option<&'a Value>,
+    /// The request's namespace (a Pod on CREATE may not carry one itself).
+    pub namespace: &'a str,
+    /// The namespace's labels, when known. Unknown labels count as none.
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+    pub dry_run: bool,
+    /// Stable per-object input that names a dedicated node (dedicatedNode mode).
+    pub placement_seed: &'a str,
+}
+
+/// A policy, for messages and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Policy {
+    Images,
+    RuntimeClass,
+    Isolation,
+}
+
+impl Policy {
+    /// Stable lower-case name (metric label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Images => "images",
+            Self::RuntimeClass => "runtimeClass",
+            Self::Isolation => "isolation",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a policy did not apply. Each is logged and counted by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExemptionReason {
+    /// The namespace is in `exemptions.namespaces` (every policy skipped).
+    Namespace,
+    /// A DaemonSet's pod: it must run on every node.
+    DaemonSet,
+    /// The operator's ignore annotation is set on the pod.
+    IgnoreAnnotation,
+    /// The pod pins its own placement and `exemptions.pinnedPods` is on.
+    PinnedPlacement,
+    /// A dry-run request and `exemptions.dryRun` is on.
+    DryRun,
+    /// Not a kind moat reviews.
+    UnsupportedKind,
+    /// An operation moat does not review (DELETE, CONNECT).
+    Operation,
+}
+
+impl ExemptionReason {
+    /// Stable name (metric label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Namespace => "namespace",
+            Self::DaemonSet => "daemonSet",
+            Self::IgnoreAnnotation => "ignoreAnnotation",
+            Self::PinnedPlacement => "pinnedPlacement",
+            Self::DryRun => "dryRun",
+            Self::UnsupportedKind => "unsupportedKind",
+            Self::Operation => "operation",
+        }
+    }
+}
+
+/// One "no", with a message a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub policy: Policy,
+    pub message: String,
+}
+
+/// A policy that did not apply, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exemption {
+    /// `None` when every policy was skipped.
+    pub policy: Option<Policy>,
+    pub reason: ExemptionReason,
+}
+
+/// One change moat makes, described for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub policy: Policy,
+    pub description: String,
+}
+
+/// The outcome for one object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub kind: Option<Kind>,
+    pub denials: Vec<Denial>,
+    pub warnings: Vec<String>,
+    pub exemptions: Vec<Exemption>,
+    /// What the patch does, in words (empty at the validate stage).
+    pub changes: Vec<Change>,
+    /// RFC 6902 patch from the input object to [`Decision::object`] (empty when denied or at the
+    /// validate stage).
+    pub patch: json_patch::Patch,
+    /// The object after the patch.
+    pub object: Value,
+}
+
+impl Decision {
+    /// Whether the object is admitted.
+    pub fn allowed(&self) -> bool {
+        self.denials.is_empty()
+    }
+
+    /// All denial messages in one line, `; `-separated (empty when allowed).
+    pub fn message(&self) -> String {
+        let msgs: Vec<&str> = self.denials.iter().map(|d| d.message.as_str()).collect();
+        msgs.join("; ")
+    }
+
+    fn untouched(kind: Option<Kind>, object: &Value, reason: ExemptionReason) -> Self {
+        Self {
+            kind,
+            denials: Vec::new(),
+            warnings: Vec::new(),
+            exemptions: vec![Exemption { policy: None, reason }],
+            changes: Vec::new(),
+            patch: json_patch::Patch(Vec::new()),
+            object: object.clone(),
+        }
+    }
+}
+
+/// What each policy contributes, gathered before the patch is computed.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    denials: Vec<Denial>,
+    warnings: Vec<String>,
+    exemptions: Vec<Exemption>,
+    changes: Vec<Change>,
+}
+
+impl Outcome {
+    pub(crate) fn deny(&mut self, policy: Policy, message: String) {
+        self.denials.push(Denial { policy, message });
+    }
+    pub(crate) fn exempt(&mut self, policy: Policy, reason: ExemptionReason) {
+        self.exemptions.push(Exemption { policy: Some(policy), reason });
+    }
+    pub(crate) fn changed(&mut self, policy: Policy, description: String) {
+        self.changes.push(Change { policy, description });
+    }
+}
+
+/// Decides on one object.
+///
+/// # Errors
+/// [`MalformedObject`] when a reviewed kind's pod template is missing or does not parse.
+/// Callers turn it into a denial (webhook) or a parse error (offline review).
+pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedObject> {
+    let kind = type_of(req.object);
+    let Some(kind) = kind else {
+        return Ok(Decision::untouched(None, req.object, ExemptionReason::UnsupportedKind));
+    };
+    if matches!(req.operation, Operation::Delete | Operation::Connect) {
+        return Ok(Decision::untouched(Some(kind), req.object, ExemptionReason::Operation));
+    }
+    if config.exemptions.namespaces.iter().any(|p| p.matches(req.namespace)) {
+        return Ok(Decision::untouched(Some(kind), req.object, ExemptionReason::Namespace));
+    }
+    let template = Template::read(kind, req.object)?;
+    // Only pods are updated in place; a workload's template change rolls out new pods, which
+    // are reviewed as new.
+    let old = match (kind, req.operation, req.old_object) {
+        (Kind::Pod, Operation::Update, Some(old)) => Some(Template::read(kind, old)?),
+        _ => None,
+    };
+
+    let mut out = Outcome::default();
+    let mut object = req.object.clone();
+    let ctx = Context { config, req, template: &template, old: old.as_ref() };
+
+    images::check(&ctx, &mut out);
+    let placement = isolation::decide(&ctx, &mut out);
+    runtime::apply(&ctx, placement.as_ref().and_then(|p| p.runtime.as_ref()), &mut out, &mut object);
+    if let Some(p) = &placement {
+        isolation::apply(&ctx, p, &mut out, &mut object);
+    }
+
+    let patch = json_patch::diff(req.object, &object);
+    let mut decision = Decision {
+        kind: Some(kind),
+        denials: out.denials,
+        warnings: out.warnings,
+        exemptions: out.exemptions,
+        changes: out.changes,
+        patch,
+        object,
+    };
+    // Workload templates are decided, not patched: their pods are patched when created.
+    let patched = kind == Kind::Pod;
+    if req.stage == Stage::Validate && patched && !decision.changes.is_empty() {
+        for change in std::mem::take(&mut decision.changes) {
+            decision.denials.push(Denial {
+                policy: change.policy,
+                message: format!(
+                    "moat's mutation is missing from the final object (was moat's mutating webhook skipped, or did a later webhook undo it?): {}",
+                    change.description
+                ),
+            });
+        }
+    }
+    if !decision.allowed() || req.stage == Stage::Validate || !patched {
+        decision.patch = json_patch::Patch(Vec::new());
+        decision.object = req.object.clone();
+    }
+    Ok(decision)
+}
+
+/// The kind of an object, from its `apiVersion` and `kind`.
+pub fn type_of(object: &Value) -> Option<Kind> {
+    let api_version = object.get("apiVersion")?.as_str()?;
+    let kind = object.get("kind")?.as_str()?;
+    Kind::from_type(api_version, kind)
+}
+
+/// Everything a policy reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Context<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) req: &'a Request<'a>,
+    pub(crate) template: &'a Template,
+    /// The pod before an UPDATE.
+    pub(crate) old: Option<&'a Template>,
+}
+
+impl Context<'_> {
+    /// Message prefix naming a field of the template: `spec.template.spec.containers[0]`.
+    pub(crate) fn field(&self, path: &str) -> String {
+        format!("{}{path}", self.template.kind.field_prefix())
+    }
+
+    /// Whether this review applies CREATE-time rules (a new pod, or any workload change).
+    pub(crate) fn is_new_pod_spec(&self) -> bool {
+        self.old.is_none()
+    }
+}
+
+/// Mutable access to the template inside the object being patched.
+pub(crate) fn template_mut<'v>(ctx: &Context<'_>, object: &'v mut Value) -> &'v mut Value {
+    let ptr = ctx.template.kind.template_pointer();
+    // `Template::read` succeeded on the same object, so the pointer resolves.
+    match object.pointer_mut(ptr) {
+        Some(v) => v,
+        None => unreachable_template(),
+    }
+}
+
+#[expect(clippy::panic, reason = "Template::read checked the pointer on this very object")]
+fn unreachable_template() -> ! {
+    panic!("pod template vanished between read and patch")
+}
+
+/// `value[key]`, inserting an empty object when absent or null.
+pub(crate) fn entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Value {
+    if !value.is_object() {
+        *value = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(map) = value else { unreachable_template() };
+    let slot = map.entry(key.to_owned()).or_insert(Value::Null);
+    if slot.is_null() {
+        *slot = Value::Object(serde_json::Map::new());
+    }
+    slot
+}
+
+/// `value[key]` as an array, inserting an empty one when absent or null.
+pub(crate) fn array_entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Vec<Value> {
+    if !value.is_object() {
+        *value = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(map) = value else { unreachable_template() };
+    let slot = map.entry(key.to_owned()).or_insert(Value::Null);
+    if !slot.is_array() {
+        *slot = Value::Array(Vec::new());
+    }
+    match slot {
+        Value::Array(a) => a,
+        _ => unreachable_template(),
+    }
+}
+
+/// Appends `item` unless an equal one is there; returns whether it appended.
+pub(crate) fn push_unique(array: &mut Vec<Value>, item: Value) -> bool {
+    if array.contains(&item) {
+        false
+    } else {
+        array.push(item);
+        true
+    }
+}

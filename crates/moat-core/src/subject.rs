@@ -1,0 +1,185 @@
+//! What is being reviewed: a Pod, or a workload that carries a pod template. Finds the template
+//! and reads it leniently (API servers add fields over time, so nothing here rejects unknown
+//! ones).
+
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A kind moat reviews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Pod,
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    Job,
+    CronJob,
+    ReplicationController,
+}
+
+impl Kind {
+    /// Recognises `apiVersion` and `kind`. Only the group matters: every served version of
+    /// these kinds has the same template layout.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Self> {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        Some(match (group, kind) {
+            ("", "Pod") => Self::Pod,
+            ("", "ReplicationController") => Self::ReplicationController,
+            ("apps", "Deployment") => Self::Deployment,
+            ("apps", "ReplicaSet") => Self::ReplicaSet,
+            ("apps", "StatefulSet") => Self::StatefulSet,
+            ("apps", "DaemonSet") => Self::DaemonSet,
+            ("batch", "Job") => Self::Job,
+            ("batch", "CronJob") => Self::CronJob,
+            _ => return None,
+        })
+    }
+
+    /// JSON Pointer of the pod template (`metadata` + `spec`) inside the object.
+    pub fn template_pointer(self) -> &'static str {
+        match self {
+            Self::Pod => "",
+            Self::CronJob => "/spec/jobTemplate/spec/template",
+            _ => "/spec/template",
+        }
+    }
+
+    /// The same location written as a field path for messages (`spec.template.`).
+    pub fn field_prefix(self) -> &'static str {
+        match self {
+            Self::Pod => "",
+            Self::CronJob => "spec.jobTemplate.spec.template.",
+            _ => "spec.template.",
+        }
+    }
+
+    /// The Kubernetes name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::Deployment => "Deployment",
+            Self::ReplicaSet => "ReplicaSet",
+            Self::StatefulSet => "StatefulSet",
+            Self::DaemonSet => "DaemonSet",
+            Self::Job => "Job",
+            Self::CronJob => "CronJob",
+            Self::ReplicationController => "ReplicationController",
+        }
+    }
+}
+
+/// The object does not have the shape its kind requires.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} '{field}' does not parse: {message}")]
+pub struct MalformedObject {
+    pub kind: &'static str,
+    pub field: String,
+    pub message: String,
+}
+
+/// A pod template read from an object: typed views for deciding, plus its location for patching.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub kind: Kind,
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+}
+
+impl Template {
+    /// Reads the template of `object`, whose kind is `kind`.
+    ///
+    /// # Errors
+    /// [`MalformedObject`] when the template is missing or a field has the wrong type.
+    pub fn read(kind: Kind, object: &Value) -> Result<Self, MalformedObject> {
+        let err = |field: &str, message: String| MalformedObject {
+            kind: kind.as_str(),
+            field: format!("{}{field}", kind.field_prefix()),
+            message,
+        };
+        let tpl = object
+            .pointer(kind.template_pointer())
+            .ok_or_else(|| err("", "pod template is missing".to_owned()))?;
+        let metadata = match tpl.get("metadata") {
+            None | Some(Value::Null) => ObjectMeta::default(),
+            Some(m) => ObjectMeta::deserialize(m).map_err(|e| err("metadata", e.to_string()))?,
+        };
+        let spec = match tpl.get("spec") {
+            None | Some(Value::Null) => return Err(err("spec", "pod spec is missing".to_owned())),
+            Some(s) => PodSpec::deserialize(s).map_err(|e| err("spec", e.to_string()))?,
+        };
+        Ok(Self { kind, metadata, spec })
+    }
+
+    /// A template label.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.metadata.labels.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// A template annotation.
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// Whether a DaemonSet controls this pod (or this is a DaemonSet's template).
+    pub fn is_daemonset_pod(&self) -> bool {
+        self.kind == Kind::DaemonSet
+            || self.metadata.owner_references.as_ref().is_some_and(|refs| {
+                refs.iter().any(|r| {
+                    r.controller == Some(true) && r.kind == "DaemonSet" && r.api_version.starts_with("apps/")
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn recognises_kinds_by_group() {
+        let cases: &[(&str, &str, Option<Kind>)] = &[
+            ("v1", "Pod", Some(Kind::Pod)),
+            ("apps/v1", "Deployment", Some(Kind::Deployment)),
+            ("apps/v1beta2", "DaemonSet", Some(Kind::DaemonSet)),
+            ("batch/v1", "CronJob", Some(Kind::CronJob)),
+            ("v1", "ReplicationController", Some(Kind::ReplicationController)),
+            ("v1", "Service", None),
+            ("example.com/v1", "Pod", None),
+            ("apps/v1", "Pod", None),
+        ];
+        for (api_version, kind, want) in cases {
+            assert_eq!(Kind::from_type(api_version, kind), *want, "{api_version} {kind}");
+        }
+    }
+
+    #[test]
+    fn reads_cronjob_templates() {
+        let obj = json!({"spec": {"jobTemplate": {"spec": {"template": {
+            "metadata": {"labels": {"a": "b"}},
+            "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}}}});
+        let t = Template::read(Kind::CronJob, &obj).unwrap();
+        assert_eq!(t.label("a"), Some("b"));
+        assert_eq!(t.spec.containers[0].name, "c");
+    }
+
+    #[test]
+    fn names_the_malformed_field() {
+        let obj = json!({"spec": {"template": {"spec": {"containers": "nope"}}}});
+        let e = Template::read(Kind::Deployment, &obj).unwrap_err();
+        assert_eq!(e.field, "spec.template.spec");
+        let e = Template::read(Kind::Job, &json!({"spec": {}})).unwrap_err();
+        assert!(e.to_string().contains("pod template is missing"), "{e}");
+        let e = Template::read(Kind::Pod, &json!({"metadata": {}})).unwrap_err();
+        assert!(e.to_string().contains("pod spec is missing"), "{e}");
+    }
+
+    #[test]
+    fn tolerates_unknown_fields() {
+        let obj = json!({"spec": {"futureField": 1, "containers": [{"name": "c", "image": "x:1", "newThing": {}}]}});
+        assert!(Template::read(Kind::Pod, &obj).is_ok());
+    }
+}
