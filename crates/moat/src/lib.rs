@@ -1,0 +1,164 @@
+//! The `moat` command: offline review and configuration today; the admission server, installer
+//! and node agent build on the same policy core.
+
+pub mod review;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use moat_core::config::{Config, DEFAULT_CONFIG_YAML};
+
+use crate::review::{Input, MAX_INPUT_LEN_BYTES, Options, OutputFormat};
+
+/// Exit status for usage, configuration and parse errors.
+const EXIT_ERROR: u8 = 2;
+
+/// Isolation for untrusted Kubernetes workloads.
+#[derive(Debug, Parser)]
+#[command(name = "moat", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Review manifests on disk as the admission webhook would (each object as a CREATE).
+    ///
+    /// Exit status: 0 all allowed, 1 any denied, 2 usage, configuration or parse error.
+    Review(ReviewArgs),
+    /// Print or check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReviewArgs {
+    /// Configuration file (YAML or JSON). Default: the embedded configuration.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Namespace for objects that name none.
+    #[arg(long, default_value = "default", value_name = "NS")]
+    namespace: String,
+    /// A namespace label, as NAMESPACE:KEY=VALUE (repeatable). Namespace documents in the input
+    /// are read too.
+    #[arg(long = "namespace-label", value_name = "NS:KEY=VALUE", value_parser = parse_namespace_label)]
+    namespace_labels: Vec<(String, String, String)>,
+    /// Manifest files (multi-document YAML or JSON); `-` reads standard input.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the embedded default configuration.
+    Default,
+    /// Check a configuration file and print it with every default filled in.
+    Check {
+        /// Configuration file (YAML or JSON).
+        file: PathBuf,
+    },
+}
+
+fn parse_namespace_label(s: &str) -> Result<(String, String, String), String> {
+    let (ns, kv) = s.split_once(':').ok_or("expected NAMESPACE:KEY=VALUE")?;
+    let (k, v) = kv.split_once('=').ok_or("expected NAMESPACE:KEY=VALUE")?;
+    if ns.is_empty() || k.is_empty() {
+        return Err("namespace and key must not be empty".to_owned());
+    }
+    Ok((ns.to_owned(), k.to_owned(), v.to_owned()))
+}
+
+impl Args {
+    /// Parses the command line and runs the command.
+    pub fn parse_and_run() -> ExitCode {
+        let args = Self::parse();
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        ExitCode::from(args.run(&mut std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()))
+    }
+
+    /// Runs the command with the given streams; returns the exit status.
+    pub fn run(self, stdin: &mut dyn Read, stdout: &mut dyn Write, stderr: &mut dyn Write) -> u8 {
+        let Self { command } = self;
+        let result = match command {
+            Command::Review(args) => run_review(args, stdin, stdout, stderr),
+            Command::Config(ConfigCommand::Default) => {
+                stdout.write_all(DEFAULT_CONFIG_YAML.as_bytes()).map(|()| 0).map_err(|e| e.to_string())
+            }
+            Command::Config(ConfigCommand::Check { file }) => load_config(Some(&file)).and_then(|c| {
+                let text = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
+                stdout.write_all(text.as_bytes()).map(|()| 0).map_err(|e| e.to_string())
+            }),
+        };
+        result.unwrap_or_else(|message| {
+            // A failed write to stderr leaves nothing else to report to.
+            let _ = writeln!(stderr, "moat: {message}");
+            EXIT_ERROR
+        })
+    }
+}
+
+fn read_limited(reader: &mut dyn Read, name: &str) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_INPUT_LEN_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{name}: {e}"))?;
+    if bytes.len() > MAX_INPUT_LEN_BYTES {
+        return Err(format!("{name}: larger than {MAX_INPUT_LEN_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{name}: not UTF-8 text"))
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+    let Some(path) = path else {
+        return Ok(Config::embedded_default());
+    };
+    let name = path.display().to_string();
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let text = read_limited(&mut file, &name)?;
+    Config::from_yaml(&text).map_err(|e| format!("configuration {name}: {e}"))
+}
+
+fn run_review(args: ReviewArgs, stdin: &mut dyn Read, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<u8, String> {
+    let ReviewArgs { config, output, namespace, namespace_labels, files } = args;
+    let config = load_config(config.as_ref())?;
+    let mut options = Options { default_namespace: namespace, namespace_labels: BTreeMap::new() };
+    for (ns, k, v) in namespace_labels {
+        options.namespace_labels.entry(ns).or_default().insert(k, v);
+    }
+    let mut inputs = Vec::new();
+    let mut failed = false;
+    let mut stdin_used = false;
+    for path in files {
+        let name = path.display().to_string();
+        let text = if name == "-" {
+            if std::mem::replace(&mut stdin_used, true) {
+                return Err("standard input ('-') given twice".to_owned());
+            }
+            read_limited(stdin, "<stdin>")
+        } else {
+            std::fs::File::open(&path).map_err(|e| format!("{name}: {e}")).and_then(|mut f| read_limited(&mut f, &name))
+        };
+        match text {
+            Ok(text) => inputs.push(Input { name: if name == "-" { "<stdin>".to_owned() } else { name }, text }),
+            Err(e) => {
+                failed = true;
+                let _ = writeln!(stderr, "moat: {e}");
+            }
+        }
+    }
+    let report = review::review(&config, &inputs, &options);
+    for e in &report.errors {
+        let _ = writeln!(stderr, "moat: {e}");
+    }
+    review::render(&report, output, stdout).map_err(|e| format!("writing output: {e}"))?;
+    Ok(if failed { EXIT_ERROR } else { report.exit_code() })
+}

@@ -1,0 +1,338 @@
+//! `moat review`: the admission decisions on manifests on disk.
+//!
+//! Every document is reviewed as a CREATE at the mutate stage, exactly as the mutating webhook
+//! would decide it. Namespace labels (for classes bound by namespace label or selector) come from
+//! `Namespace` documents in the same input and from `--namespace-label`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use moat_core::config::Config;
+use moat_core::policy::{self, Decision, Operation, Request, Stage};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Largest input file, in bytes. Manifests are small; a larger file is a mistake, not a review.
+pub const MAX_INPUT_LEN_BYTES: usize = 256 * 1024 * 1024;
+
+/// The label every namespace carries with its own name (Kubernetes ≥ 1.21).
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// How verdicts are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One line per object, then each reason indented.
+    Text,
+    /// A JSON array, one element per input document.
+    Json,
+    /// The same elements as a YAML sequence.
+    Yaml,
+}
+
+/// One input: its display name and its text.
+#[derive(Debug)]
+pub struct Input {
+    pub name: String,
+    pub text: String,
+}
+
+/// A document that could not be reviewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentError {
+    pub file: String,
+    /// 1-based document index within the file.
+    pub document: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for DocumentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: document {}: {}", self.file, self.document, self.message)
+    }
+}
+
+/// The options of one review run.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Namespace for objects that name none.
+    pub default_namespace: String,
+    /// Extra namespace labels: namespace → key → value.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// One element of the JSON/YAML output.
+#[derive(Debug, Serialize)]
+pub struct Verdict {
+    pub file: String,
+    pub document: usize,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// Whether moat decides this kind (false: passed through untouched).
+    pub reviewed: bool,
+    pub allowed: bool,
+    pub message: String,
+    pub reasons: Vec<Reason>,
+    pub warnings: Vec<String>,
+    pub exemptions: Vec<String>,
+    /// What changes, in words. For workloads: what changes in each pod when it is created.
+    pub changes: Vec<String>,
+    pub patch: json_patch::Patch,
+    pub object: Value,
+}
+
+/// One denial reason, with its policy.
+#[derive(Debug, Serialize)]
+pub struct Reason {
+    pub policy: &'static str,
+    pub message: String,
+}
+
+/// The outcome of a run: verdicts in input order, and the documents that failed.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub verdicts: Vec<Verdict>,
+    pub errors: Vec<DocumentError>,
+}
+
+impl Report {
+    /// 0 when every object is allowed, 1 when any is denied, 2 when any document failed.
+    pub fn exit_code(&self) -> u8 {
+        if !self.errors.is_empty() {
+            2
+        } else if self.verdicts.iter().any(|v| !v.allowed) {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Splits a YAML stream at document markers (`---` at the start of a line), so one broken
+/// document does not hide the others.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let marker = line.strip_prefix("---").is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
+        if marker {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
+}
+
+fn is_blank(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "..."
+    })
+}
+
+/// Parses every document of every input. `List` kinds are expanded into their items.
+fn parse_inputs(inputs: &[Input], errors: &mut Vec<DocumentError>) -> Vec<(String, usize, Value)> {
+    let mut objects = Vec::new();
+    for input in inputs {
+        let docs = split_documents(&input.text);
+        for (i, doc) in docs.iter().enumerate() {
+            if is_blank(doc) {
+                continue;
+            }
+            let err = |message: String| DocumentError { file: input.name.clone(), document: i + 1, message };
+            let value: Value = match serde_yaml::from_str::<Value>(doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(err(format!("does not parse as YAML or JSON: {e}")));
+                    continue;
+                }
+            };
+            if !value.is_object() {
+                errors.push(err("is not an object (expected a Kubernetes manifest)".to_owned()));
+                continue;
+            }
+            let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+            if kind.is_empty() || value.get("apiVersion").and_then(Value::as_str).is_none() {
+                errors.push(err("has no apiVersion or kind".to_owned()));
+                continue;
+            }
+            if kind.ends_with("List") {
+                if let Some(Value::Array(items)) = value.get("items") {
+                    objects.extend(items.iter().cloned().map(|item| (input.name.clone(), i + 1, item)));
+                    continue;
+                }
+            }
+            objects.push((input.name.clone(), i + 1, value));
+        }
+    }
+    objects
+}
+
+fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
+    object.get("metadata")?.get(key)?.as_str()
+}
+
+/// Reviews every document of `inputs`.
+pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
+    let mut report = Report::default();
+    let objects = parse_inputs(inputs, &mut report.errors);
+
+    let mut namespaces = options.namespace_labels.clone();
+    for (_, _, object) in &objects {
+        if object.get("kind").and_then(Value::as_str) == Some("Namespace") && object.get("apiVersion").and_then(Value::as_str) == Some("v1") {
+            if let Some(name) = metadata_str(object, "name") {
+                let labels = namespaces.entry(name.to_owned()).or_default();
+                if let Some(Value::Object(l)) = object.get("metadata").and_then(|m| m.get("labels")) {
+                    for (k, v) in l {
+                        if let Some(v) = v.as_str() {
+                            labels.entry(k.clone()).or_insert_with(|| v.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    for (file, document, object) in objects {
+        let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+        // Namespaces are cluster-scoped; every kind moat reviews is namespaced.
+        let namespace = match metadata_str(&object, "namespace") {
+            Some(ns) => ns.to_owned(),
+            None if kind == "Namespace" => String::new(),
+            None => options.default_namespace.clone(),
+        };
+        let name = metadata_str(&object, "name")
+            .or_else(|| metadata_str(&object, "generateName"))
+            .unwrap_or_default()
+            .to_owned();
+        let mut labels = namespaces.get(&namespace).cloned().unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+        let seed = format!("{kind}/{name}");
+        let req = Request {
+            operation: Operation::Create,
+            stage: Stage::Mutate,
+            object: &object,
+            old_object: None,
+            namespace: &namespace,
+            namespace_labels: Some(&labels),
+            dry_run: false,
+            placement_seed: &seed,
+        };
+        match policy::decide(config, &req) {
+            Ok(decision) => report.verdicts.push(verdict(file, document, kind, namespace, name, decision)),
+            Err(e) => report.errors.push(DocumentError { file, document, message: format!("{kind} {namespace}/{name}: {e}") }),
+        }
+    }
+    report
+}
+
+fn verdict(file: String, document: usize, kind: String, namespace: String, name: String, d: Decision) -> Verdict {
+    Verdict {
+        file,
+        document,
+        kind,
+        namespace,
+        name,
+        reviewed: d.kind.is_some(),
+        allowed: d.allowed(),
+        message: d.message(),
+        reasons: d.denials.iter().map(|x| Reason { policy: x.policy.as_str(), message: x.message.clone() }).collect(),
+        warnings: d.warnings.clone(),
+        exemptions: d
+            .exemptions
+            .iter()
+            .map(|e| match e.policy {
+                Some(p) => format!("{p}: {}", e.reason.as_str()),
+                None => e.reason.as_str().to_owned(),
+            })
+            .collect(),
+        changes: d.changes.iter().map(|c| format!("{}: {}", c.policy, c.description)).collect(),
+        patch: d.patch,
+        object: d.object,
+    }
+}
+
+/// Writes the report in the chosen format.
+///
+/// # Errors
+/// Only the writer's errors.
+pub fn render(report: &Report, format: OutputFormat, out: &mut dyn Write) -> std::io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &report.verdicts)?;
+            writeln!(out)
+        }
+        OutputFormat::Yaml => {
+            let text = serde_yaml::to_string(&report.verdicts).map_err(std::io::Error::other)?;
+            out.write_all(text.as_bytes())
+        }
+        OutputFormat::Text => render_text(report, out),
+    }
+}
+
+fn render_text(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    for v in &report.verdicts {
+        let verb = match (v.reviewed, v.allowed) {
+            (false, _) => "SKIP ",
+            (true, true) => "ALLOW",
+            (true, false) => "DENY ",
+        };
+        let mut line = if v.namespace.is_empty() {
+            format!("{verb} {} {}", v.kind, v.name)
+        } else {
+            format!("{verb} {} {}/{}", v.kind, v.namespace, v.name)
+        };
+        if !v.reviewed {
+            line.push_str(" (not a kind moat reviews)");
+        } else if !v.exemptions.is_empty() {
+            line.push_str(&format!(" (exempt: {})", v.exemptions.join(", ")));
+        }
+        writeln!(out, "{line}")?;
+        for r in &v.reasons {
+            writeln!(out, "  - {}: {}", r.policy, r.message)?;
+        }
+        for w in &v.warnings {
+            writeln!(out, "  ! {w}")?;
+        }
+        if v.allowed {
+            let prefix = if v.kind == "Pod" { "+" } else { "+ at pod creation:" };
+            for c in &v.changes {
+                writeln!(out, "  {prefix} {c}")?;
+            }
+            for op in &v.patch.0 {
+                writeln!(out, "    {}", serde_json::to_string(op).map_err(std::io::Error::other)?)?;
+            }
+        }
+    }
+    let denied = report.verdicts.iter().filter(|v| !v.allowed).count();
+    writeln!(
+        out,
+        "{} objects: {} allowed, {denied} denied, {} errors",
+        report.verdicts.len(),
+        report.verdicts.len() - denied,
+        report.errors.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_at_document_markers_only() {
+        let text = "a: 1\n---\nb: 2\n--- # c\nc: 3\n---x: not a marker\n";
+        let docs = split_documents(text);
+        assert_eq!(docs, vec!["a: 1\n", "b: 2\n", "c: 3\n---x: not a marker\n"]);
+        assert_eq!(split_documents("---\na: 1\n"), vec!["", "a: 1\n"]);
+    }
+
+    #[test]
+    fn blank_documents_are_skipped() {
+        assert!(is_blank("# only a comment\n\n"));
+        assert!(is_blank("..."));
+        assert!(!is_blank("a: 1"));
+    }
+}
