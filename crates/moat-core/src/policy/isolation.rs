@@ -23,7 +23,6 @@ use serde_json::{Value, json};
 use super::{Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique, template_mut};
 use crate::config::{IsolationMode, IsolationPolicy};
 use crate::names::{ClassName, RuntimeClassName};
-use crate::subject::Kind;
 
 const HOSTNAME_TOPOLOGY_KEY: &str = "kubernetes.io/hostname";
 const TRUE: &str = "true";
@@ -243,12 +242,9 @@ fn guard_tolerations<'t>(
     }
 }
 
-/// Adds the placement to a Pod (templates are decided, not patched: their pods are patched when
-/// created).
+/// Adds the placement to the pod template. For workloads the caller lists the changes but
+/// drops the patch: their pods are patched when they are created.
 pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object: &mut Value) {
-    if ctx.template.kind != Kind::Pod {
-        return;
-    }
     let iso = &ctx.config.isolation;
     let class = p.class.as_str();
     let node_value = iso.nodes.label_value.as_ref().map_or(class, |v| v.as_str());
