@@ -32,7 +32,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid { path: path.into(), message: message.into() }
+        Self::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -325,6 +328,7 @@ impl Default for NodeMarking {
 /// server can log and count it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[derive(Default)]
 pub struct Exemptions {
     /// Namespaces (patterns) where no policy applies.
     #[serde(default)]
@@ -342,12 +346,6 @@ pub struct Exemptions {
     pub dry_run: bool,
 }
 
-impl Default for Exemptions {
-    fn default() -> Self {
-        Self { namespaces: Vec::new(), ignore_annotation: None, pinned_pods: false, dry_run: false }
-    }
-}
-
 impl Config {
     /// Parses a YAML (or JSON) document and checks its cross-field rules.
     ///
@@ -361,7 +359,10 @@ impl Config {
         let de = serde_yaml::Deserializer::from_str(text);
         let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            ConfigError::Parse { path, message: e.into_inner().to_string() }
+            ConfigError::Parse {
+                path,
+                message: yaml_message(&e.into_inner()),
+            }
         })?;
         config.validate()?;
         Ok(config)
@@ -382,13 +383,13 @@ impl Config {
     /// [`ConfigError::Invalid`] naming the field and the rule.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let rc = &self.runtime_class;
-        if let Some(fallback) = &rc.fallback_runtime {
-            if rc.reserved_runtimes.contains(fallback) {
-                return Err(ConfigError::invalid(
-                    "runtimeClass.fallbackRuntime",
-                    format!("fallback runtime '{fallback}' is itself in reservedRuntimes"),
-                ));
-            }
+        if let Some(fallback) = &rc.fallback_runtime
+            && rc.reserved_runtimes.contains(fallback)
+        {
+            return Err(ConfigError::invalid(
+                "runtimeClass.fallbackRuntime",
+                format!("fallback runtime '{fallback}' is itself in reservedRuntimes"),
+            ));
         }
         let iso = &self.isolation;
         let mut seen = BTreeSet::new();
@@ -403,30 +404,38 @@ impl Config {
                     format!("class '{key}' is declared twice"),
                 ));
             }
-            if let Some(r) = &class.runtime_class_name {
-                if rc.reserved_runtimes.contains(r) {
-                    return Err(ConfigError::invalid(
-                        format!("isolation.classes[{i}].runtimeClassName"),
-                        format!("runtime '{r}' is in runtimeClass.reservedRuntimes"),
-                    ));
-                }
+            if let Some(r) = &class.runtime_class_name
+                && rc.reserved_runtimes.contains(r)
+            {
+                return Err(ConfigError::invalid(
+                    format!("isolation.classes[{i}].runtimeClassName"),
+                    format!("runtime '{r}' is in runtimeClass.reservedRuntimes"),
+                ));
             }
-            if class.namespaces.is_empty() && class.namespace_selector.is_none() && iso.namespace_class_label.is_none() {
+            if class.namespaces.is_empty()
+                && class.namespace_selector.is_none()
+                && iso.namespace_class_label.is_none()
+            {
                 return Err(ConfigError::invalid(
                     format!("isolation.classes[{i}]"),
-                    format!("class '{key}' names no namespaces and no namespaceSelector, so no pod could use it"),
+                    format!(
+                        "class '{key}' names no namespaces and no namespaceSelector, so no pod could use it"
+                    ),
                 ));
             }
         }
-        if let Some(default) = &iso.default_class {
-            if iso.class_spec(default).is_none() {
-                return Err(ConfigError::invalid(
-                    "isolation.defaultClass",
-                    format!("class '{default}' is not declared in isolation.classes"),
-                ));
-            }
+        if let Some(default) = &iso.default_class
+            && iso.class_spec(default).is_none()
+        {
+            return Err(ConfigError::invalid(
+                "isolation.defaultClass",
+                format!("class '{default}' is not declared in isolation.classes"),
+            ));
         }
-        if !iso.isolate_namespaces.is_empty() && iso.default_class.is_none() && iso.namespace_class_label.is_none() {
+        if !iso.isolate_namespaces.is_empty()
+            && iso.default_class.is_none()
+            && iso.namespace_class_label.is_none()
+        {
             return Err(ConfigError::invalid(
                 "isolation.isolateNamespaces",
                 "needs isolation.defaultClass or isolation.namespaceClassLabel to choose a class for unlabelled pods",
@@ -438,13 +447,33 @@ impl Config {
                 "isolation is on but no class is declared",
             ));
         }
-        if iso.mode == IsolationMode::DedicatedNode && iso.dedicated_node_label == iso.nodes.label_key {
+        if iso.mode == IsolationMode::DedicatedNode
+            && iso.dedicated_node_label == iso.nodes.label_key
+        {
             return Err(ConfigError::invalid(
                 "isolation.dedicatedNodeLabel",
                 "must differ from isolation.nodes.labelKey",
             ));
         }
         Ok(())
+    }
+}
+
+/// serde_yaml's message without its own path prefix (we print the full path) and with the
+/// location written once, in words.
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(loc) = e.location() {
+        let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+        if let Some(stripped) = text.strip_suffix(&suffix) {
+            text = format!("{stripped} (line {}, column {})", loc.line(), loc.column());
+        }
+    }
+    match text.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(char::is_whitespace) && !prefix.contains('`') => {
+            rest.to_owned()
+        }
+        _ => text,
     }
 }
 
@@ -482,31 +511,61 @@ mod tests {
     fn rejects_unknown_keys_with_their_path() {
         let cases: &[(&str, &str)] = &[
             ("imagess: {}", "at 'imagess': unknown field `imagess`"),
-            ("images: {allowRegistries: []}", "at 'images.allowRegistries': unknown field `allowRegistries`"),
-            ("runtimeClass: {reserved: [a]}", "at 'runtimeClass.reserved': unknown field `reserved`"),
+            (
+                "images: {allowRegistries: []}",
+                "at 'images.allowRegistries': unknown field `allowRegistries`",
+            ),
+            (
+                "runtimeClass: {reserved: [a]}",
+                "at 'runtimeClass.reserved': unknown field `reserved`",
+            ),
             (
                 "isolation: {mode: class, classes: [{name: a, namespaces: [x], extra: 1}]}",
                 "at 'isolation.classes[0].extra': unknown field `extra`",
             ),
-            ("isolation: {nodes: {taint: x}}", "at 'isolation.nodes.taint': unknown field `taint`"),
-            ("exemptions: {namespace: []}", "at 'exemptions.namespace': unknown field `namespace`"),
+            (
+                "isolation: {nodes: {taint: x}}",
+                "at 'isolation.nodes.taint': unknown field `taint`",
+            ),
+            (
+                "exemptions: {namespace: []}",
+                "at 'exemptions.namespace': unknown field `namespace`",
+            ),
         ];
         for (yaml, want) in cases {
             let got = parse_err(yaml);
             let (path, message) = want.split_once(": ").unwrap();
-            assert!(got.starts_with(path) && got.contains(message), "{yaml}: got {got}");
+            assert!(
+                got.starts_with(path) && got.contains(message),
+                "{yaml}: got {got}"
+            );
         }
     }
 
     #[test]
     fn rejects_values_of_the_wrong_form() {
         let cases: &[(&str, &str)] = &[
-            ("runtimeClass: {reservedRuntimes: [Bad]}", "at 'runtimeClass.reservedRuntimes[0]'"),
+            (
+                "runtimeClass: {reservedRuntimes: [Bad]}",
+                "at 'runtimeClass.reservedRuntimes[0]'",
+            ),
             ("isolation: {mode: perPod}", "at 'isolation.mode'"),
-            ("isolation: {podClassLabel: 'a b'}", "at 'isolation.podClassLabel'"),
-            ("images: {allowedRegistries: ['Bad Host']}", "at 'images.allowedRegistries[0]'"),
-            ("exemptions: {namespaces: ['Kube']}", "at 'exemptions.namespaces[0]'"),
-            ("isolation: {nodes: {taintEffect: PreferNoSchedule}}", "at 'isolation.nodes.taintEffect'"),
+            (
+                "isolation: {podClassLabel: 'a b'}",
+                "at 'isolation.podClassLabel'",
+            ),
+            (
+                "images: {allowedRegistries: ['Bad Host']}",
+                "at 'images.allowedRegistries[0]'",
+            ),
+            (
+                "exemptions: {namespaces: ['Kube']}",
+                "at 'exemptions.namespaces[0]'",
+            ),
+            (
+                "isolation: {nodes: {taintEffect: PreferNoSchedule}}",
+                "at 'isolation.nodes.taintEffect'",
+            ),
             ("[1, 2]", "at '.'"),
         ];
         for (yaml, want) in cases {
@@ -530,13 +589,22 @@ mod tests {
                 "isolation: {classes: [{name: a, namespaces: [x]}, {name: a, namespaces: [y]}]}",
                 "at 'isolation.classes[1].name': class 'a' is declared twice",
             ),
-            ("isolation: {classes: [{name: a}]}", "at 'isolation.classes[0]'"),
+            (
+                "isolation: {classes: [{name: a}]}",
+                "at 'isolation.classes[0]'",
+            ),
             (
                 "isolation: {defaultClass: b, classes: [{name: a, namespaces: [x]}]}",
                 "at 'isolation.defaultClass': class 'b' is not declared",
             ),
-            ("isolation: {isolateNamespaces: [t]}", "at 'isolation.isolateNamespaces'"),
-            ("isolation: {mode: pod}", "at 'isolation.classes': isolation is on but no class"),
+            (
+                "isolation: {isolateNamespaces: [t]}",
+                "at 'isolation.isolateNamespaces'",
+            ),
+            (
+                "isolation: {mode: pod}",
+                "at 'isolation.classes': isolation is on but no class",
+            ),
             (
                 "isolation: {mode: dedicatedNode, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: '*', namespaces: ['*']}]}",
                 "at 'isolation.dedicatedNodeLabel'",
@@ -553,14 +621,23 @@ mod tests {
         let c = Config::from_yaml("isolation: {classes: [{name: '*', namespaces: ['*']}, {name: gold, namespaces: [bank]}]}").unwrap();
         let gold: ClassName = "gold".parse().unwrap();
         let other: ClassName = "other".parse().unwrap();
-        assert_eq!(c.isolation.class_spec(&gold).unwrap().namespaces[0].as_str(), "bank");
-        assert_eq!(c.isolation.class_spec(&other).unwrap().name, ClassPattern::Any);
+        assert_eq!(
+            c.isolation.class_spec(&gold).unwrap().namespaces[0].as_str(),
+            "bank"
+        );
+        assert_eq!(
+            c.isolation.class_spec(&other).unwrap().name,
+            ClassPattern::Any
+        );
     }
 
     #[test]
     fn rejects_oversized_documents() {
         let big = format!("# {}\n{{}}", "x".repeat(MAX_CONFIG_LEN_BYTES));
-        assert!(matches!(Config::from_yaml(&big), Err(ConfigError::TooLarge(_))));
+        assert!(matches!(
+            Config::from_yaml(&big),
+            Err(ConfigError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -569,7 +646,12 @@ mod tests {
             "{matchLabels: {tier: tenant}, matchExpressions: [{key: pci, operator: DoesNotExist}, {key: team, operator: In, values: [a, b]}]}",
         )
         .unwrap();
-        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
         assert!(sel.matches(&labels(&[("tier", "tenant"), ("team", "a")])));
         assert!(!sel.matches(&labels(&[("tier", "tenant"), ("team", "c")])));
         assert!(!sel.matches(&labels(&[("tier", "tenant"), ("team", "a"), ("pci", "")])));

@@ -47,9 +47,13 @@ pub enum ImageRefError {
     InvalidDomain(String),
     #[error("repository name must be lower case: '{0}'")]
     UpperCasePath(String),
-    #[error("repository path component '{0}' is not valid (lower-case letters, digits and single separators . _ __ -)")]
+    #[error(
+        "repository path component '{0}' is not valid (lower-case letters, digits and single separators . _ __ -)"
+    )]
     InvalidPathComponent(String),
-    #[error("tag '{0}' is not valid (letters, digits, _ . -, at most {MAX_TAG_LEN_CHARS}, not starting with . or -)")]
+    #[error(
+        "tag '{0}' is not valid (letters, digits, _ . -, at most {MAX_TAG_LEN_CHARS}, not starting with . or -)"
+    )]
     InvalidTag(String),
     #[error("digest '{0}' is not valid (algorithm:hex, sha256 needs 64 lower-case hex digits)")]
     InvalidDigest(String),
@@ -209,10 +213,10 @@ fn valid_domain(domain: &str) -> bool {
             None => (domain, None),
         }
     };
-    if let Some(port) = port {
-        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return false;
-        }
+    if let Some(port) = port
+        && (port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return false;
     }
     if host.is_empty() {
         // Only reachable for a bracketed IPv6 host, already checked.
@@ -266,9 +270,10 @@ fn parse_digest(d: &str) -> Result<(), ImageRefError> {
     let err = || ImageRefError::InvalidDigest(d.to_owned());
     let (algorithm, encoded) = d.split_once(':').ok_or_else(err)?;
     let alg_ok = !algorithm.is_empty()
-        && algorithm
-            .split(['+', '.', '_', '-'])
-            .all(|c| c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) && c.bytes().all(|b| b.is_ascii_alphanumeric()));
+        && algorithm.split(['+', '.', '_', '-']).all(|c| {
+            c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+                && c.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
     let hex_ok = encoded.len() >= 32 && encoded.bytes().all(|b| b.is_ascii_hexdigit());
     if !alg_ok || !hex_ok {
         return Err(err());
@@ -279,10 +284,10 @@ fn parse_digest(d: &str) -> Result<(), ImageRefError> {
         "sha512" => Some(128),
         _ => None,
     };
-    if let Some(len) = strict_len {
-        if encoded.len() != len || encoded.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(err());
-        }
+    if let Some(len) = strict_len
+        && (encoded.len() != len || encoded.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return Err(err());
     }
     Ok(())
 }
@@ -301,7 +306,10 @@ impl RegistryPrefix {
         image.domain() == self.domain
             && self.path.as_deref().is_none_or(|p| {
                 image.path() == p
-                    || image.path().strip_prefix(p).is_some_and(|rest| rest.starts_with('/'))
+                    || image
+                        .path()
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('/'))
             })
     }
 }
@@ -321,13 +329,20 @@ impl FromStr for RegistryPrefix {
         if !valid_domain(domain) {
             return Err(ImageRefError::InvalidDomain(domain.to_owned()));
         }
-        if let Some(path) = path {
-            if let Some(bad) = path.split('/').find(|c| !valid_path_component(c)) {
-                return Err(ImageRefError::InvalidPathComponent(bad.to_owned()));
-            }
+        if let Some(path) = path
+            && let Some(bad) = path.split('/').find(|c| !valid_path_component(c))
+        {
+            return Err(ImageRefError::InvalidPathComponent(bad.to_owned()));
         }
-        let domain = if domain == LEGACY_DEFAULT_DOMAIN { DEFAULT_DOMAIN } else { domain };
-        Ok(Self { domain: domain.to_owned(), path: path.map(str::to_owned) })
+        let domain = if domain == LEGACY_DEFAULT_DOMAIN {
+            DEFAULT_DOMAIN
+        } else {
+            domain
+        };
+        Ok(Self {
+            domain: domain.to_owned(),
+            path: path.map(str::to_owned),
+        })
     }
 }
 
@@ -366,15 +381,35 @@ mod tests {
             // input, domain, path, tag
             ("busybox", "docker.io", "library/busybox", None),
             ("busybox:1.36", "docker.io", "library/busybox", Some("1.36")),
-            ("library/busybox:latest", "docker.io", "library/busybox", Some("latest")),
+            (
+                "library/busybox:latest",
+                "docker.io",
+                "library/busybox",
+                Some("latest"),
+            ),
             ("bitnami/redis:7", "docker.io", "bitnami/redis", Some("7")),
-            ("index.docker.io/nginx:1", "docker.io", "library/nginx", Some("1")),
+            (
+                "index.docker.io/nginx:1",
+                "docker.io",
+                "library/nginx",
+                Some("1"),
+            ),
             ("localhost:5000/redis", "localhost:5000", "redis", None),
             ("localhost/redis:6", "localhost", "redis", Some("6")),
             ("host:5000/img:1.0", "host:5000", "img", Some("1.0")),
-            ("ghcr.io/org/team/app:v1.2.3", "ghcr.io", "org/team/app", Some("v1.2.3")),
+            (
+                "ghcr.io/org/team/app:v1.2.3",
+                "ghcr.io",
+                "org/team/app",
+                Some("v1.2.3"),
+            ),
             ("[::1]:5000/app:v1", "[::1]:5000", "app", Some("v1")),
-            ("Registry.Example.com/app:v1", "Registry.Example.com", "app", Some("v1")),
+            (
+                "Registry.Example.com/app:v1",
+                "Registry.Example.com",
+                "app",
+                Some("v1"),
+            ),
             ("a/b__c/d-e.f:x", "docker.io", "a/b__c/d-e.f", Some("x")),
         ];
         for (input, domain, path, tag) in cases {
@@ -405,20 +440,36 @@ mod tests {
             ("", ImageRefError::Empty),
             (":tag", ImageRefError::Empty),
             ("Busybox", ImageRefError::UpperCasePath("Busybox".into())),
-            ("docker.io/Library/busybox", ImageRefError::UpperCasePath("Library/busybox".into())),
+            (
+                "docker.io/Library/busybox",
+                ImageRefError::UpperCasePath("Library/busybox".into()),
+            ),
             ("busybox:", ImageRefError::InvalidTag(String::new())),
             ("busybox:.x", ImageRefError::InvalidTag(".x".into())),
             ("busybox:a b", ImageRefError::InvalidTag("a b".into())),
-            ("bad..name", ImageRefError::InvalidPathComponent("bad..name".into())),
+            (
+                "bad..name",
+                ImageRefError::InvalidPathComponent("bad..name".into()),
+            ),
             ("-lead", ImageRefError::InvalidPathComponent("-lead".into())),
             ("a//b", ImageRefError::InvalidPathComponent(String::new())),
-            ("host:port/img", ImageRefError::InvalidDomain("host:port".into())),
-            ("-host.io/img", ImageRefError::InvalidDomain("-host.io".into())),
-            ("img@sha256:abc", ImageRefError::InvalidDigest("sha256:abc".into())),
+            (
+                "host:port/img",
+                ImageRefError::InvalidDomain("host:port".into()),
+            ),
+            (
+                "-host.io/img",
+                ImageRefError::InvalidDomain("-host.io".into()),
+            ),
+            (
+                "img@sha256:abc",
+                ImageRefError::InvalidDigest("sha256:abc".into()),
+            ),
             (
                 "img@sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef",
                 ImageRefError::InvalidDigest(
-                    "sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+                    "sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef"
+                        .into(),
                 ),
             ),
             ("img@", ImageRefError::InvalidDigest(String::new())),
@@ -429,7 +480,10 @@ mod tests {
         let long = format!("{}:1", "a".repeat(MAX_NAME_LEN_CHARS + 1));
         assert_eq!(long.parse::<ImageRef>(), Err(ImageRefError::NameTooLong));
         let long_tag = format!("a:{}", "t".repeat(MAX_TAG_LEN_CHARS + 1));
-        assert!(matches!(long_tag.parse::<ImageRef>(), Err(ImageRefError::InvalidTag(_))));
+        assert!(matches!(
+            long_tag.parse::<ImageRef>(),
+            Err(ImageRefError::InvalidTag(_))
+        ));
     }
 
     #[test]
@@ -456,7 +510,12 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for input in ["busybox", "host:5000/img:1.0", "ghcr.io/a/b:c", "[::1]:5000/app:v1"] {
+        for input in [
+            "busybox",
+            "host:5000/img:1.0",
+            "ghcr.io/a/b:c",
+            "[::1]:5000/app:v1",
+        ] {
             let r: ImageRef = input.parse().unwrap();
             let again: ImageRef = r.to_string().parse().unwrap();
             assert_eq!(r, again);

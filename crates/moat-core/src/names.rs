@@ -14,11 +14,15 @@ const MAX_DNS_SUBDOMAIN_LEN_CHARS: usize = 253;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NameError {
-    #[error("'{0}' is not a valid isolation class name (lower-case DNS label of at most {MAX_CLASS_NAME_LEN_CHARS} characters)")]
+    #[error(
+        "'{0}' is not a valid isolation class name (lower-case DNS label of at most {MAX_CLASS_NAME_LEN_CHARS} characters)"
+    )]
     Class(String),
     #[error("'{0}' is not a valid RuntimeClass name (lower-case DNS subdomain)")]
     RuntimeClass(String),
-    #[error("'{0}' is not a valid namespace pattern (a namespace name, optionally with '*' wildcards)")]
+    #[error(
+        "'{0}' is not a valid namespace pattern (a namespace name, optionally with '*' wildcards)"
+    )]
     NamespacePattern(String),
     #[error("'{0}' is not a valid label key ([prefix/]name)")]
     LabelKey(String),
@@ -30,14 +34,16 @@ fn is_dns_label(s: &str, max: usize) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= max
-        && b.iter().all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'-')
+        && b.iter()
+            .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= MAX_DNS_SUBDOMAIN_LEN_CHARS
-        && s.split('.').all(|l| is_dns_label(l, MAX_DNS_LABEL_LEN_CHARS))
+        && s.split('.')
+            .all(|l| is_dns_label(l, MAX_DNS_LABEL_LEN_CHARS))
 }
 
 /// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters.
@@ -47,7 +53,8 @@ fn is_qualified_name_part(s: &str) -> bool {
         && b.len() <= MAX_DNS_LABEL_LEN_CHARS
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'-' | b'_' | b'.'))
 }
 
 macro_rules! string_newtype {
@@ -173,11 +180,27 @@ mod tests {
 
     #[test]
     fn class_names() {
-        for ok in ["a", "untrusted", "team-a-1", &"x".repeat(MAX_CLASS_NAME_LEN_CHARS)] {
+        for ok in [
+            "a",
+            "untrusted",
+            "team-a-1",
+            &"x".repeat(MAX_CLASS_NAME_LEN_CHARS),
+        ] {
             assert!(ok.parse::<ClassName>().is_ok(), "{ok}");
         }
-        for bad in ["", "A", "-a", "a-", "a.b", "a_b", &"x".repeat(MAX_CLASS_NAME_LEN_CHARS + 1)] {
-            assert_eq!(bad.parse::<ClassName>(), Err(NameError::Class(bad.to_owned())));
+        for bad in [
+            "",
+            "A",
+            "-a",
+            "a-",
+            "a.b",
+            "a_b",
+            &"x".repeat(MAX_CLASS_NAME_LEN_CHARS + 1),
+        ] {
+            assert_eq!(
+                bad.parse::<ClassName>(),
+                Err(NameError::Class(bad.to_owned()))
+            );
         }
     }
 
@@ -193,7 +216,13 @@ mod tests {
 
     #[test]
     fn label_keys_and_values() {
-        for ok in ["ipp", "ipp-class", "moat.dev/class", "node-restriction.kubernetes.io/moat-class", "A_b.c"] {
+        for ok in [
+            "ipp",
+            "ipp-class",
+            "moat.dev/class",
+            "node-restriction.kubernetes.io/moat-class",
+            "A_b.c",
+        ] {
             assert!(ok.parse::<LabelKey>().is_ok(), "{ok}");
         }
         for bad in ["", "/x", "a/", "Bad.Prefix/x", "a/b/c", "-x"] {

@@ -110,7 +110,11 @@ impl Template {
             None | Some(Value::Null) => return Err(err("spec", "pod spec is missing".to_owned())),
             Some(s) => PodSpec::deserialize(s).map_err(|e| err("spec", e.to_string()))?,
         };
-        Ok(Self { kind, metadata, spec })
+        Ok(Self {
+            kind,
+            metadata,
+            spec,
+        })
     }
 
     /// A template label.
@@ -120,7 +124,11 @@ impl Template {
 
     /// A template annotation.
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
     }
 
     /// Whether a DaemonSet controls this pod (or this is a DaemonSet's template).
@@ -128,7 +136,9 @@ impl Template {
         self.kind == Kind::DaemonSet
             || self.metadata.owner_references.as_ref().is_some_and(|refs| {
                 refs.iter().any(|r| {
-                    r.controller == Some(true) && r.kind == "DaemonSet" && r.api_version.starts_with("apps/")
+                    r.controller == Some(true)
+                        && r.kind == "DaemonSet"
+                        && r.api_version.starts_with("apps/")
                 })
             })
     }
@@ -146,13 +156,21 @@ mod tests {
             ("apps/v1", "Deployment", Some(Kind::Deployment)),
             ("apps/v1beta2", "DaemonSet", Some(Kind::DaemonSet)),
             ("batch/v1", "CronJob", Some(Kind::CronJob)),
-            ("v1", "ReplicationController", Some(Kind::ReplicationController)),
+            (
+                "v1",
+                "ReplicationController",
+                Some(Kind::ReplicationController),
+            ),
             ("v1", "Service", None),
             ("example.com/v1", "Pod", None),
             ("apps/v1", "Pod", None),
         ];
         for (api_version, kind, want) in cases {
-            assert_eq!(Kind::from_type(api_version, kind), *want, "{api_version} {kind}");
+            assert_eq!(
+                Kind::from_type(api_version, kind),
+                *want,
+                "{api_version} {kind}"
+            );
         }
     }
 

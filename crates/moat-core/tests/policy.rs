@@ -1,4 +1,10 @@
 //! Table tests of the combined decision: every row of DESIGN.md's tables and every isolation
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
 //! hole it lists, through the public `decide` entry point.
 
 use std::collections::BTreeMap;
@@ -41,7 +47,14 @@ struct Call<'a> {
 
 impl Default for Call<'_> {
     fn default() -> Self {
-        Self { op: Operation::Create, stage: Stage::Mutate, ns: "t", labels: None, old: None, dry_run: false }
+        Self {
+            op: Operation::Create,
+            stage: Stage::Mutate,
+            ns: "t",
+            labels: None,
+            old: None,
+            dry_run: false,
+        }
     }
 }
 
@@ -64,12 +77,24 @@ fn create(c: &Config, object: &Value) -> Decision {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
-    Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
 }
 
 fn assert_denied(d: &Decision, needle: &str) {
-    assert!(!d.allowed(), "expected a denial containing {needle:?}, got allowed");
-    assert!(d.message().contains(needle), "expected {needle:?} in {:?}", d.message());
+    assert!(
+        !d.allowed(),
+        "expected a denial containing {needle:?}, got allowed"
+    );
+    assert!(
+        d.message().contains(needle),
+        "expected {needle:?} in {:?}",
+        d.message()
+    );
 }
 
 fn assert_allowed(d: &Decision) {
@@ -83,15 +108,47 @@ fn assert_allowed(d: &Decision) {
 fn image_rule_table() {
     let c = Config::default();
     let cases: &[(&str, &str, Option<&str>)] = &[
-        ("untagged official image is denied", "busybox", Some("image 'busybox' has no tag")),
-        ("latest is denied", "busybox:latest", Some("uses the mutable tag 'latest'")),
-        ("a registry port is not a tag", "localhost:5000/redis", Some("has no tag")),
-        ("tagged image with registry port is allowed", "host:5000/img:1.0", None),
+        (
+            "untagged official image is denied",
+            "busybox",
+            Some("image 'busybox' has no tag"),
+        ),
+        (
+            "latest is denied",
+            "busybox:latest",
+            Some("uses the mutable tag 'latest'"),
+        ),
+        (
+            "a registry port is not a tag",
+            "localhost:5000/redis",
+            Some("has no tag"),
+        ),
+        (
+            "tagged image with registry port is allowed",
+            "host:5000/img:1.0",
+            None,
+        ),
         ("digest pins an untagged image", &format!("img@{SHA}"), None),
-        ("digest pins a latest image", &format!("img:latest@{SHA}"), None),
-        ("upper-case repository is a denial, not an error", "Docker.io/Library/Busybox:1", Some("must be lower case")),
-        ("malformed reference names the container", "a//b:1", Some("container 'app' (spec.containers[0]): image 'a//b:1' is not a valid reference")),
-        ("empty image is denied", "", Some("container 'app' (spec.containers[0]) has no image")),
+        (
+            "digest pins a latest image",
+            &format!("img:latest@{SHA}"),
+            None,
+        ),
+        (
+            "upper-case repository is a denial, not an error",
+            "Docker.io/Library/Busybox:1",
+            Some("must be lower case"),
+        ),
+        (
+            "malformed reference names the container",
+            "a//b:1",
+            Some("container 'app' (spec.containers[0]): image 'a//b:1' is not a valid reference"),
+        ),
+        (
+            "empty image is denied",
+            "",
+            Some("container 'app' (spec.containers[0]) has no image"),
+        ),
     ];
     for (name, image, want) in cases {
         let d = create(&c, &pod(app(image)));
@@ -122,9 +179,17 @@ fn every_container_kind_is_checked_and_all_denials_reported() {
 
 #[test]
 fn allowed_registries_and_required_digests() {
-    let c = config("images: {allowedRegistries: [ghcr.io/acme, 'localhost:5000'], requireDigest: true}");
-    assert_denied(&create(&c, &pod(app(&format!("ghcr.io/evil/x@{SHA}")))), "not an allowed registry (ghcr.io/acme, localhost:5000)");
-    assert_denied(&create(&c, &pod(app("ghcr.io/acme/x:1.0"))), "must be pinned by digest");
+    let c = config(
+        "images: {allowedRegistries: [ghcr.io/acme, 'localhost:5000'], requireDigest: true}",
+    );
+    assert_denied(
+        &create(&c, &pod(app(&format!("ghcr.io/evil/x@{SHA}")))),
+        "not an allowed registry (ghcr.io/acme, localhost:5000)",
+    );
+    assert_denied(
+        &create(&c, &pod(app("ghcr.io/acme/x:1.0"))),
+        "must be pinned by digest",
+    );
     assert_allowed(&create(&c, &pod(app(&format!("ghcr.io/acme/x@{SHA}")))));
     assert_allowed(&create(&c, &pod(app(&format!("localhost:5000/x@{SHA}")))));
 }
@@ -132,11 +197,31 @@ fn allowed_registries_and_required_digests() {
 #[test]
 fn update_judges_only_changed_images() {
     let c = Config::default();
-    let old = pod(json!({"containers": [{"name": "app", "image": "legacy"}, {"name": "b", "image": "x:1"}]}));
+    let old = pod(
+        json!({"containers": [{"name": "app", "image": "legacy"}, {"name": "b", "image": "x:1"}]}),
+    );
     let same = old.clone();
-    assert_allowed(&run(&c, &same, Call { op: Operation::Update, old: Some(old.clone()), ..Call::default() }));
-    let changed = pod(json!({"containers": [{"name": "app", "image": "legacy"}, {"name": "b", "image": "x:latest"}]}));
-    let d = run(&c, &changed, Call { op: Operation::Update, old: Some(old), ..Call::default() });
+    assert_allowed(&run(
+        &c,
+        &same,
+        Call {
+            op: Operation::Update,
+            old: Some(old.clone()),
+            ..Call::default()
+        },
+    ));
+    let changed = pod(
+        json!({"containers": [{"name": "app", "image": "legacy"}, {"name": "b", "image": "x:latest"}]}),
+    );
+    let d = run(
+        &c,
+        &changed,
+        Call {
+            op: Operation::Update,
+            old: Some(old),
+            ..Call::default()
+        },
+    );
     assert_eq!(d.denials.len(), 1, "{}", d.message());
     assert_denied(&d, "container 'b'");
 }
@@ -147,21 +232,40 @@ fn update_judges_only_changed_images() {
 #[test]
 fn runtime_class_rewrites_and_denials() {
     let with_fallback = config("runtimeClass: {reservedRuntimes: [runc], fallbackRuntime: gvisor}");
-    let d = create(&with_fallback, &pod(json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "x:1"}]})));
+    let d = create(
+        &with_fallback,
+        &pod(json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "x:1"}]})),
+    );
     assert_allowed(&d);
     assert_eq!(d.object["spec"]["runtimeClassName"], "gvisor");
-    assert_eq!(serde_json::to_value(&d.patch).unwrap(), json!([{"op": "replace", "path": "/spec/runtimeClassName", "value": "gvisor"}]));
+    assert_eq!(
+        serde_json::to_value(&d.patch).unwrap(),
+        json!([{"op": "replace", "path": "/spec/runtimeClassName", "value": "gvisor"}])
+    );
 
     let d = create(&with_fallback, &pod(app("x:1")));
-    assert_eq!(serde_json::to_value(&d.patch).unwrap(), json!([{"op": "add", "path": "/spec/runtimeClassName", "value": "gvisor"}]));
+    assert_eq!(
+        serde_json::to_value(&d.patch).unwrap(),
+        json!([{"op": "add", "path": "/spec/runtimeClassName", "value": "gvisor"}])
+    );
 
-    let no_fallback = config("runtimeClass: {reservedRuntimes: [runc], defaultRuntimeReserved: true}");
+    let no_fallback =
+        config("runtimeClass: {reservedRuntimes: [runc], defaultRuntimeReserved: true}");
     assert_denied(
-        &create(&no_fallback, &pod(json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "x:1"}]}))),
+        &create(
+            &no_fallback,
+            &pod(
+                json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "x:1"}]}),
+            ),
+        ),
         "spec.runtimeClassName: runtime 'runc' is reserved",
     );
-    assert_denied(&create(&no_fallback, &pod(app("x:1"))), "usage of the default runtime is reserved");
-    let kata = pod(json!({"runtimeClassName": "kata", "containers": [{"name": "a", "image": "x:1"}]}));
+    assert_denied(
+        &create(&no_fallback, &pod(app("x:1"))),
+        "usage of the default runtime is reserved",
+    );
+    let kata =
+        pod(json!({"runtimeClassName": "kata", "containers": [{"name": "a", "image": "x:1"}]}));
     let d = create(&no_fallback, &kata);
     assert_allowed(&d);
     assert!(d.patch.0.is_empty());
@@ -171,7 +275,15 @@ fn runtime_class_rewrites_and_denials() {
 fn runtime_is_not_decided_again_on_update() {
     let c = config("runtimeClass: {reservedRuntimes: [runc], defaultRuntimeReserved: true}");
     let old = pod(app("x:1"));
-    let d = run(&c, &old, Call { op: Operation::Update, old: Some(old.clone()), ..Call::default() });
+    let d = run(
+        &c,
+        &old,
+        Call {
+            op: Operation::Update,
+            old: Some(old.clone()),
+            ..Call::default()
+        },
+    );
     assert_allowed(&d);
 }
 
@@ -184,8 +296,14 @@ fn class_runtime_is_set_and_enforced() {
     let d = create(&c, &labelled("vm", app("x:1")));
     assert_allowed(&d);
     assert_eq!(d.object["spec"]["runtimeClassName"], "kata");
-    let asks_gvisor = labelled("vm", json!({"runtimeClassName": "gvisor", "containers": [{"name": "a", "image": "x:1"}]}));
-    assert_denied(&create(&c, &asks_gvisor), "isolation class 'vm' runs with RuntimeClass 'kata', but the pod asks for 'gvisor'");
+    let asks_gvisor = labelled(
+        "vm",
+        json!({"runtimeClassName": "gvisor", "containers": [{"name": "a", "image": "x:1"}]}),
+    );
+    assert_denied(
+        &create(&c, &asks_gvisor),
+        "isolation class 'vm' runs with RuntimeClass 'kata', but the pod asks for 'gvisor'",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,7 +322,11 @@ fn class_mode_repels_other_classes_in_all_namespaces() {
         term["labelSelector"]["matchExpressions"],
         json!([{"key": "moat.dev/class", "operator": "Exists"}, {"key": "moat.dev/class", "operator": "NotIn", "values": ["gold"]}])
     );
-    assert_eq!(term["namespaceSelector"], json!({}), "the term must see pods of every namespace");
+    assert_eq!(
+        term["namespaceSelector"],
+        json!({}),
+        "the term must see pods of every namespace"
+    );
     assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
     let required = &d.object["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
     assert_eq!(
@@ -232,28 +354,63 @@ fn pod_mode_repels_every_other_isolated_pod() {
 fn unisolated_pods_may_not_tolerate_the_isolation_taint() {
     let c = config(CLASS_MODE);
     let cases: &[(&str, Value, bool)] = &[
-        ("exact toleration", json!({"key": "moat.dev/isolated", "value": "gold", "effect": "NoSchedule"}), true),
-        ("key with Exists", json!({"key": "moat.dev/isolated", "operator": "Exists"}), true),
+        (
+            "exact toleration",
+            json!({"key": "moat.dev/isolated", "value": "gold", "effect": "NoSchedule"}),
+            true,
+        ),
+        (
+            "key with Exists",
+            json!({"key": "moat.dev/isolated", "operator": "Exists"}),
+            true,
+        ),
         ("blanket Exists", json!({"operator": "Exists"}), true),
-        ("blanket Exists for NoSchedule", json!({"operator": "Exists", "effect": "NoSchedule"}), true),
-        ("other effect", json!({"key": "moat.dev/isolated", "operator": "Exists", "effect": "NoExecute"}), false),
-        ("other key", json!({"key": "example.com/gpu", "operator": "Exists"}), false),
+        (
+            "blanket Exists for NoSchedule",
+            json!({"operator": "Exists", "effect": "NoSchedule"}),
+            true,
+        ),
+        (
+            "other effect",
+            json!({"key": "moat.dev/isolated", "operator": "Exists", "effect": "NoExecute"}),
+            false,
+        ),
+        (
+            "other key",
+            json!({"key": "example.com/gpu", "operator": "Exists"}),
+            false,
+        ),
     ];
     for (name, toleration, denied) in cases {
-        let p = pod(json!({"tolerations": [toleration], "containers": [{"name": "a", "image": "x:1"}]}));
+        let p = pod(
+            json!({"tolerations": [toleration], "containers": [{"name": "a", "image": "x:1"}]}),
+        );
         let d = create(&c, &p);
         assert_eq!(!d.allowed(), *denied, "{name}: {}", d.message());
         if *denied {
-            assert!(d.message().contains("spec.tolerations[0]: tolerates moat's isolation taint"), "{name}");
+            assert!(
+                d.message()
+                    .contains("spec.tolerations[0]: tolerates moat's isolation taint"),
+                "{name}"
+            );
         }
     }
 }
 
 #[test]
 fn fixed_taint_value_guards_only_that_value() {
-    let c = config("isolation: {mode: class, nodes: {taintKey: ipp, taintValue: 'true'}, classes: [{name: '*', namespaces: ['*']}]}");
-    let p = |value: &str| pod(json!({"tolerations": [{"key": "ipp", "value": value}], "containers": [{"name": "a", "image": "x:1"}]}));
-    assert_denied(&create(&c, &p("true")), "tolerates moat's isolation taint 'ipp'");
+    let c = config(
+        "isolation: {mode: class, nodes: {taintKey: ipp, taintValue: 'true'}, classes: [{name: '*', namespaces: ['*']}]}",
+    );
+    let p = |value: &str| {
+        pod(
+            json!({"tolerations": [{"key": "ipp", "value": value}], "containers": [{"name": "a", "image": "x:1"}]}),
+        )
+    };
+    assert_denied(
+        &create(&c, &p("true")),
+        "tolerates moat's isolation taint 'ipp'",
+    );
     assert_allowed(&create(&c, &p("false")));
 }
 
@@ -264,40 +421,110 @@ fn classes_are_bound_to_namespaces_by_the_operator() {
            {name: bank, namespaces: ['bank-*']},\
            {name: lab, namespaceSelector: {matchLabels: {tier: lab}}}]}",
     );
-    assert_allowed(&run(&c, &labelled("bank", app("x:1")), Call { ns: "bank-prod", ..Call::default() }));
+    assert_allowed(&run(
+        &c,
+        &labelled("bank", app("x:1")),
+        Call {
+            ns: "bank-prod",
+            ..Call::default()
+        },
+    ));
     assert_denied(
-        &run(&c, &labelled("bank", app("x:1")), Call { ns: "intruder", ..Call::default() }),
+        &run(
+            &c,
+            &labelled("bank", app("x:1")),
+            Call {
+                ns: "intruder",
+                ..Call::default()
+            },
+        ),
         "namespace 'intruder' may not use isolation class 'bank'",
     );
-    assert_allowed(&run(&c, &labelled("lab", app("x:1")), Call { ns: "x", labels: labels(&[("tier", "lab")]), ..Call::default() }));
-    assert_denied(&run(&c, &labelled("lab", app("x:1")), Call { ns: "x", ..Call::default() }), "may not use isolation class 'lab'");
-    assert_denied(&create(&c, &labelled("nope", app("x:1"))), "isolation class 'nope' is not declared");
-    assert_denied(&create(&c, &labelled("Not_Valid", app("x:1"))), "metadata.labels['moat.dev/class']: 'Not_Valid' is not a valid isolation class name");
+    assert_allowed(&run(
+        &c,
+        &labelled("lab", app("x:1")),
+        Call {
+            ns: "x",
+            labels: labels(&[("tier", "lab")]),
+            ..Call::default()
+        },
+    ));
+    assert_denied(
+        &run(
+            &c,
+            &labelled("lab", app("x:1")),
+            Call {
+                ns: "x",
+                ..Call::default()
+            },
+        ),
+        "may not use isolation class 'lab'",
+    );
+    assert_denied(
+        &create(&c, &labelled("nope", app("x:1"))),
+        "isolation class 'nope' is not declared",
+    );
+    assert_denied(
+        &create(&c, &labelled("Not_Valid", app("x:1"))),
+        "metadata.labels['moat.dev/class']: 'Not_Valid' is not a valid isolation class name",
+    );
 }
 
 #[test]
 fn namespace_class_label_decides_the_class() {
-    let c = config("isolation: {mode: class, namespaceClassLabel: moat.dev/class, classes: [{name: gold, namespaces: [nobody]}]}");
+    let c = config(
+        "isolation: {mode: class, namespaceClassLabel: moat.dev/class, classes: [{name: gold, namespaces: [nobody]}]}",
+    );
     let ns = || labels(&[("moat.dev/class", "gold")]);
     // Unlabelled pod: the namespace's class, and the label is added so others' anti-affinity sees it.
-    let d = run(&c, &pod(app("x:1")), Call { labels: ns(), ..Call::default() });
+    let d = run(
+        &c,
+        &pod(app("x:1")),
+        Call {
+            labels: ns(),
+            ..Call::default()
+        },
+    );
     assert_allowed(&d);
     assert_eq!(d.object["metadata"]["labels"]["moat.dev/class"], "gold");
     // A pod cannot choose another class than its namespace's.
     assert_denied(
-        &run(&c, &labelled("silver", app("x:1")), Call { labels: ns(), ..Call::default() }),
+        &run(
+            &c,
+            &labelled("silver", app("x:1")),
+            Call {
+                labels: ns(),
+                ..Call::default()
+            },
+        ),
         "the pod asks for isolation class 'silver', but namespace 't' is bound to class 'gold'",
     );
 }
 
 #[test]
 fn isolate_namespaces_isolates_unlabelled_pods() {
-    let c = config("isolation: {mode: class, isolateNamespaces: ['tenant-*'], defaultClass: shared, classes: [{name: shared, namespaces: ['tenant-*']}]}");
-    let d = run(&c, &pod(app("x:1")), Call { ns: "tenant-a", ..Call::default() });
+    let c = config(
+        "isolation: {mode: class, isolateNamespaces: ['tenant-*'], defaultClass: shared, classes: [{name: shared, namespaces: ['tenant-*']}]}",
+    );
+    let d = run(
+        &c,
+        &pod(app("x:1")),
+        Call {
+            ns: "tenant-a",
+            ..Call::default()
+        },
+    );
     assert_allowed(&d);
     assert_eq!(d.object["metadata"]["labels"]["moat.dev/class"], "shared");
     assert!(!anti_affinity(&d).is_null());
-    let d = run(&c, &pod(app("x:1")), Call { ns: "other", ..Call::default() });
+    let d = run(
+        &c,
+        &pod(app("x:1")),
+        Call {
+            ns: "other",
+            ..Call::default()
+        },
+    );
     assert!(d.patch.0.is_empty());
 }
 
@@ -307,11 +534,27 @@ fn class_label_cannot_change_on_update() {
     let old = labelled("gold", app("x:1"));
     let cases: &[(&str, Value, Option<&str>)] = &[
         ("unchanged", labelled("gold", app("x:1")), None),
-        ("changed", labelled("silver", app("x:1")), Some("cannot change (was 'gold', now 'silver')")),
-        ("removed", pod(app("x:1")), Some("cannot change (was 'gold', now unset)")),
+        (
+            "changed",
+            labelled("silver", app("x:1")),
+            Some("cannot change (was 'gold', now 'silver')"),
+        ),
+        (
+            "removed",
+            pod(app("x:1")),
+            Some("cannot change (was 'gold', now unset)"),
+        ),
     ];
     for (name, new, want) in cases {
-        let d = run(&c, new, Call { op: Operation::Update, old: Some(old.clone()), ..Call::default() });
+        let d = run(
+            &c,
+            new,
+            Call {
+                op: Operation::Update,
+                old: Some(old.clone()),
+                ..Call::default()
+            },
+        );
         match want {
             Some(needle) => assert!(d.message().contains(needle), "{name}: {}", d.message()),
             None => assert!(d.allowed(), "{name}: {}", d.message()),
@@ -320,7 +563,15 @@ fn class_label_cannot_change_on_update() {
     }
     let unlabelled = pod(app("x:1"));
     assert_denied(
-        &run(&c, &labelled("gold", app("x:1")), Call { op: Operation::Update, old: Some(unlabelled), ..Call::default() }),
+        &run(
+            &c,
+            &labelled("gold", app("x:1")),
+            Call {
+                op: Operation::Update,
+                old: Some(unlabelled),
+                ..Call::default()
+            },
+        ),
         "was unset, now 'gold'",
     );
 }
@@ -329,8 +580,21 @@ fn class_label_cannot_change_on_update() {
 fn tolerations_added_on_update_are_guarded() {
     let c = config(CLASS_MODE);
     let old = pod(app("x:1"));
-    let new = pod(json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "app", "image": "x:1"}]}));
-    assert_denied(&run(&c, &new, Call { op: Operation::Update, old: Some(old), ..Call::default() }), "tolerates moat's isolation taint");
+    let new = pod(
+        json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "app", "image": "x:1"}]}),
+    );
+    assert_denied(
+        &run(
+            &c,
+            &new,
+            Call {
+                op: Operation::Update,
+                old: Some(old),
+                ..Call::default()
+            },
+        ),
+        "tolerates moat's isolation taint",
+    );
 }
 
 #[test]
@@ -361,10 +625,23 @@ fn patches_add_to_the_pods_own_placement() {
     let spec = &d.object["spec"];
     assert_eq!(spec["tolerations"][0]["key"], "example.com/gpu");
     assert_eq!(spec["tolerations"].as_array().unwrap().len(), 2);
-    let terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"].as_array().unwrap();
-    assert_eq!(terms.len(), 2, "terms are ORed: each one gets the class requirement");
+    let terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        terms.len(),
+        2,
+        "terms are ORed: each one gets the class requirement"
+    );
     for term in terms {
-        assert!(term["matchExpressions"].as_array().unwrap().iter().any(|e| e["key"] == "node-restriction.kubernetes.io/moat-class"));
+        assert!(
+            term["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["key"] == "node-restriction.kubernetes.io/moat-class")
+        );
     }
     assert_eq!(terms[0]["matchExpressions"][0]["key"], "zone");
     assert_eq!(terms[1]["matchFields"][0]["key"], "metadata.name");
@@ -387,7 +664,14 @@ fn mutation_is_idempotent_under_reinvocation() {
         assert_allowed(&second);
         assert!(second.patch.0.is_empty(), "{mode}: {:?}", second.patch);
         // The validating webhook accepts moat's own output...
-        assert_allowed(&run(&c, &first.object, Call { stage: Stage::Validate, ..Call::default() }));
+        assert_allowed(&run(
+            &c,
+            &first.object,
+            Call {
+                stage: Stage::Validate,
+                ..Call::default()
+            },
+        ));
     }
 }
 
@@ -397,12 +681,29 @@ fn validate_stage_denies_when_a_later_webhook_undid_moat() {
     let first = create(&c, &labelled("gold", app("x:1")));
     let mut undone = first.object.clone();
     undone["spec"]["tolerations"] = json!([]);
-    let d = run(&c, &undone, Call { stage: Stage::Validate, ..Call::default() });
+    let d = run(
+        &c,
+        &undone,
+        Call {
+            stage: Stage::Validate,
+            ..Call::default()
+        },
+    );
     assert_denied(&d, "moat's mutation is missing from the final object");
     assert_denied(&d, "add toleration moat.dev/isolated=gold:NoSchedule");
     assert!(d.patch.0.is_empty());
     // ...and a pod that never went through the mutating webhook.
-    assert_denied(&run(&c, &labelled("gold", app("x:1")), Call { stage: Stage::Validate, ..Call::default() }), "is missing");
+    assert_denied(
+        &run(
+            &c,
+            &labelled("gold", app("x:1")),
+            Call {
+                stage: Stage::Validate,
+                ..Call::default()
+            },
+        ),
+        "is missing",
+    );
 }
 
 #[test]
@@ -411,22 +712,50 @@ fn dedicated_node_mode_pins_by_node_selector() {
     let d = create(&c, &labelled("gold", app("x:1")));
     assert_allowed(&d);
     let selector = &d.object["spec"]["nodeSelector"];
-    assert_eq!(selector["node-restriction.kubernetes.io/moat-class"], "gold");
-    let id = selector["node-restriction.kubernetes.io/moat-node"].as_str().unwrap();
-    assert!(id.starts_with("gold-") && id.len() == "gold-".len() + 10, "{id}");
-    assert!(d.object["spec"]["affinity"].is_null(), "no affinity in dedicated mode");
+    assert_eq!(
+        selector["node-restriction.kubernetes.io/moat-class"],
+        "gold"
+    );
+    let id = selector["node-restriction.kubernetes.io/moat-node"]
+        .as_str()
+        .unwrap();
+    assert!(
+        id.starts_with("gold-") && id.len() == "gold-".len() + 10,
+        "{id}"
+    );
+    assert!(
+        d.object["spec"]["affinity"].is_null(),
+        "no affinity in dedicated mode"
+    );
     // A node id of another class cannot be chosen by the pod.
-    let forged = labelled("gold", json!({"nodeSelector": {"node-restriction.kubernetes.io/moat-node": "silver-0123456789"}, "containers": [{"name": "a", "image": "x:1"}]}));
-    assert_denied(&create(&c, &forged), "is not a dedicated node of class 'gold'");
-    let other_pool = labelled("gold", json!({"nodeSelector": {"node-restriction.kubernetes.io/moat-class": "silver"}, "containers": [{"name": "a", "image": "x:1"}]}));
-    assert_denied(&create(&c, &other_pool), "is not the node label of class 'gold'");
+    let forged = labelled(
+        "gold",
+        json!({"nodeSelector": {"node-restriction.kubernetes.io/moat-node": "silver-0123456789"}, "containers": [{"name": "a", "image": "x:1"}]}),
+    );
+    assert_denied(
+        &create(&c, &forged),
+        "is not a dedicated node of class 'gold'",
+    );
+    let other_pool = labelled(
+        "gold",
+        json!({"nodeSelector": {"node-restriction.kubernetes.io/moat-class": "silver"}, "containers": [{"name": "a", "image": "x:1"}]}),
+    );
+    assert_denied(
+        &create(&c, &other_pool),
+        "is not the node label of class 'gold'",
+    );
 }
 
 #[test]
 fn node_name_binding_is_denied_unless_allowed() {
     let p = pod(json!({"nodeName": "n1", "containers": [{"name": "a", "image": "x:1"}]}));
-    assert_denied(&create(&config(CLASS_MODE), &p), "spec.nodeName: binding a pod to a node by name skips the scheduler");
-    let c = config("isolation: {mode: class, allowNodeName: true, classes: [{name: '*', namespaces: ['*']}]}");
+    assert_denied(
+        &create(&config(CLASS_MODE), &p),
+        "spec.nodeName: binding a pod to a node by name skips the scheduler",
+    );
+    let c = config(
+        "isolation: {mode: class, allowNodeName: true, classes: [{name: '*', namespaces: ['*']}]}",
+    );
     assert_allowed(&create(&c, &p));
     assert_allowed(&create(&Config::default(), &p));
 }
@@ -442,9 +771,18 @@ fn daemonset_pod(spec: Value) -> Value {
 
 #[test]
 fn ignore_rules() {
-    let exempt_ns = config(&format!("{CLASS_MODE}\nexemptions: {{namespaces: [kube-system, '*-system']}}"));
+    let exempt_ns = config(&format!(
+        "{CLASS_MODE}\nexemptions: {{namespaces: [kube-system, '*-system']}}"
+    ));
     for ns in ["kube-system", "monitoring-system"] {
-        let d = run(&exempt_ns, &labelled("gold", app("busybox")), Call { ns, ..Call::default() });
+        let d = run(
+            &exempt_ns,
+            &labelled("gold", app("busybox")),
+            Call {
+                ns,
+                ..Call::default()
+            },
+        );
         assert_allowed(&d);
         assert!(d.patch.0.is_empty());
         assert_eq!(d.exemptions[0].reason, ExemptionReason::Namespace);
@@ -456,19 +794,35 @@ fn ignore_rules() {
     assert!(d.patch.0.is_empty());
     assert_eq!(d.exemptions[0].reason, ExemptionReason::DaemonSet);
     // The exemption is from isolation, not from the taint guard or the image rule.
-    assert_denied(&create(&c, &daemonset_pod(json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "a", "image": "x:1"}]}))), "tolerates");
+    assert_denied(
+        &create(
+            &c,
+            &daemonset_pod(
+                json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "a", "image": "x:1"}]}),
+            ),
+        ),
+        "tolerates",
+    );
     assert_denied(&create(&c, &daemonset_pod(app("x"))), "has no tag");
 
     let mut annotated = labelled("gold", app("x:1"));
     annotated["metadata"]["annotations"] = json!({"moat.dev/ignore": "true"});
     let d = create(&c, &annotated);
-    assert!(!d.patch.0.is_empty(), "no ignore annotation unless the operator names one");
-    let with_annotation = config(&format!("{CLASS_MODE}\nexemptions: {{ignoreAnnotation: moat.dev/ignore}}"));
+    assert!(
+        !d.patch.0.is_empty(),
+        "no ignore annotation unless the operator names one"
+    );
+    let with_annotation = config(&format!(
+        "{CLASS_MODE}\nexemptions: {{ignoreAnnotation: moat.dev/ignore}}"
+    ));
     let d = create(&with_annotation, &annotated);
     assert!(d.patch.0.is_empty());
     assert_eq!(d.exemptions[0].reason, ExemptionReason::IgnoreAnnotation);
 
-    let pinned = labelled("gold", json!({"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "a", "image": "x:1"}]}));
+    let pinned = labelled(
+        "gold",
+        json!({"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "a", "image": "x:1"}]}),
+    );
     let d = create(&c, &pinned);
     assert!(!d.patch.0.is_empty(), "pinned pods are isolated by default");
     assert_eq!(d.object["spec"]["nodeSelector"]["disk"], "ssd");
@@ -477,10 +831,27 @@ fn ignore_rules() {
     assert!(d.patch.0.is_empty());
     assert_eq!(d.exemptions[0].reason, ExemptionReason::PinnedPlacement);
 
-    let d = run(&c, &labelled("gold", app("x:1")), Call { dry_run: true, ..Call::default() });
-    assert!(!d.patch.0.is_empty(), "dry-run gets the real answer by default");
+    let d = run(
+        &c,
+        &labelled("gold", app("x:1")),
+        Call {
+            dry_run: true,
+            ..Call::default()
+        },
+    );
+    assert!(
+        !d.patch.0.is_empty(),
+        "dry-run gets the real answer by default"
+    );
     let skip_dry = config(&format!("{CLASS_MODE}\nexemptions: {{dryRun: true}}"));
-    let d = run(&skip_dry, &labelled("gold", app("x:1")), Call { dry_run: true, ..Call::default() });
+    let d = run(
+        &skip_dry,
+        &labelled("gold", app("x:1")),
+        Call {
+            dry_run: true,
+            ..Call::default()
+        },
+    );
     assert!(d.patch.0.is_empty());
     assert_eq!(d.exemptions[0].reason, ExemptionReason::DryRun);
 }
@@ -490,14 +861,20 @@ fn ignore_rules() {
 
 #[test]
 fn workload_templates_are_decided_not_patched() {
-    let c = config(&format!("runtimeClass: {{reservedRuntimes: [runc], fallbackRuntime: gvisor}}\n{CLASS_MODE}"));
+    let c = config(&format!(
+        "runtimeClass: {{reservedRuntimes: [runc], fallbackRuntime: gvisor}}\n{CLASS_MODE}"
+    ));
     let tpl = json!({"metadata": {"labels": {"moat.dev/class": "gold"}}, "spec": {"containers": [{"name": "a", "image": "x:1"}]}});
     let cases: &[(&str, &str, Value)] = &[
         ("apps/v1", "Deployment", json!({"template": tpl})),
         ("apps/v1", "StatefulSet", json!({"template": tpl})),
         ("apps/v1", "ReplicaSet", json!({"template": tpl})),
         ("batch/v1", "Job", json!({"template": tpl})),
-        ("batch/v1", "CronJob", json!({"jobTemplate": {"spec": {"template": tpl}}})),
+        (
+            "batch/v1",
+            "CronJob",
+            json!({"jobTemplate": {"spec": {"template": tpl}}}),
+        ),
         ("v1", "ReplicationController", json!({"template": tpl})),
     ];
     for (api_version, kind, spec) in cases {
@@ -505,12 +882,28 @@ fn workload_templates_are_decided_not_patched() {
         let d = create(&c, &obj);
         assert_allowed(&d);
         assert!(d.patch.0.is_empty(), "{kind}");
-        assert!(d.changes.iter().any(|ch| ch.description.contains("toleration")), "{kind}: changes listed for pods");
+        assert!(
+            d.changes
+                .iter()
+                .any(|ch| ch.description.contains("toleration")),
+            "{kind}: changes listed for pods"
+        );
         let mut bad = obj.clone();
-        let ptr = if *kind == "CronJob" { "/spec/jobTemplate/spec/template/spec/containers/0/image" } else { "/spec/template/spec/containers/0/image" };
+        let ptr = if *kind == "CronJob" {
+            "/spec/jobTemplate/spec/template/spec/containers/0/image"
+        } else {
+            "/spec/template/spec/containers/0/image"
+        };
         *bad.pointer_mut(ptr).unwrap() = json!("busybox");
         assert_denied(&create(&c, &bad), "has no tag");
-        let d = run(&c, &obj, Call { stage: Stage::Validate, ..Call::default() });
+        let d = run(
+            &c,
+            &obj,
+            Call {
+                stage: Stage::Validate,
+                ..Call::default()
+            },
+        );
         assert_allowed(&d);
     }
 }
@@ -522,7 +915,14 @@ fn other_kinds_and_operations_pass_untouched() {
     let d = create(&c, &svc);
     assert_allowed(&d);
     assert_eq!(d.exemptions[0].reason, ExemptionReason::UnsupportedKind);
-    let d = run(&c, &pod(app("busybox")), Call { op: Operation::Delete, ..Call::default() });
+    let d = run(
+        &c,
+        &pod(app("busybox")),
+        Call {
+            op: Operation::Delete,
+            ..Call::default()
+        },
+    );
     assert_allowed(&d);
     assert_eq!(d.exemptions[0].reason, ExemptionReason::Operation);
 }
@@ -542,17 +942,34 @@ fn malformed_templates_are_errors_not_panics() {
         placement_seed: "",
     };
     let e = decide(&c, &req).unwrap_err();
-    assert!(e.to_string().starts_with("Deployment 'spec.template.spec' does not parse"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("Deployment 'spec.template.spec' does not parse"),
+        "{e}"
+    );
 }
 
 #[test]
 fn embedded_default_refuses_isolates_and_rewrites() {
     let c = Config::embedded_default();
     assert_denied(&create(&c, &pod(app("nginx"))), "has no tag");
-    let d = create(&c, &labelled("untrusted", json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "nginx:1.27"}]})));
+    let d = create(
+        &c,
+        &labelled(
+            "untrusted",
+            json!({"runtimeClassName": "runc", "containers": [{"name": "a", "image": "nginx:1.27"}]}),
+        ),
+    );
     assert_allowed(&d);
     assert_eq!(d.object["spec"]["runtimeClassName"], "gvisor");
     assert!(!anti_affinity(&d).is_null());
-    let d = run(&c, &pod(app("busybox")), Call { ns: "kube-system", ..Call::default() });
+    let d = run(
+        &c,
+        &pod(app("busybox")),
+        Call {
+            ns: "kube-system",
+            ..Call::default()
+        },
+    );
     assert_allowed(&d);
 }

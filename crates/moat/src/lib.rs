@@ -81,7 +81,11 @@ impl Args {
         let args = Self::parse();
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
-        ExitCode::from(args.run(&mut std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()))
+        ExitCode::from(args.run(
+            &mut std::io::stdin().lock(),
+            &mut stdout.lock(),
+            &mut stderr.lock(),
+        ))
     }
 
     /// Runs the command with the given streams; returns the exit status.
@@ -89,13 +93,19 @@ impl Args {
         let Self { command } = self;
         let result = match command {
             Command::Review(args) => run_review(args, stdin, stdout, stderr),
-            Command::Config(ConfigCommand::Default) => {
-                stdout.write_all(DEFAULT_CONFIG_YAML.as_bytes()).map(|()| 0).map_err(|e| e.to_string())
+            Command::Config(ConfigCommand::Default) => stdout
+                .write_all(DEFAULT_CONFIG_YAML.as_bytes())
+                .map(|()| 0)
+                .map_err(|e| e.to_string()),
+            Command::Config(ConfigCommand::Check { file }) => {
+                load_config(Some(&file)).and_then(|c| {
+                    let text = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
+                    stdout
+                        .write_all(text.as_bytes())
+                        .map(|()| 0)
+                        .map_err(|e| e.to_string())
+                })
             }
-            Command::Config(ConfigCommand::Check { file }) => load_config(Some(&file)).and_then(|c| {
-                let text = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
-                stdout.write_all(text.as_bytes()).map(|()| 0).map_err(|e| e.to_string())
-            }),
         };
         result.unwrap_or_else(|message| {
             // A failed write to stderr leaves nothing else to report to.
@@ -127,10 +137,24 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
     Config::from_yaml(&text).map_err(|e| format!("configuration {name}: {e}"))
 }
 
-fn run_review(args: ReviewArgs, stdin: &mut dyn Read, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<u8, String> {
-    let ReviewArgs { config, output, namespace, namespace_labels, files } = args;
+fn run_review(
+    args: ReviewArgs,
+    stdin: &mut dyn Read,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<u8, String> {
+    let ReviewArgs {
+        config,
+        output,
+        namespace,
+        namespace_labels,
+        files,
+    } = args;
     let config = load_config(config.as_ref())?;
-    let mut options = Options { default_namespace: namespace, namespace_labels: BTreeMap::new() };
+    let mut options = Options {
+        default_namespace: namespace,
+        namespace_labels: BTreeMap::new(),
+    };
     for (ns, k, v) in namespace_labels {
         options.namespace_labels.entry(ns).or_default().insert(k, v);
     }
@@ -145,10 +169,19 @@ fn run_review(args: ReviewArgs, stdin: &mut dyn Read, stdout: &mut dyn Write, st
             }
             read_limited(stdin, "<stdin>")
         } else {
-            std::fs::File::open(&path).map_err(|e| format!("{name}: {e}")).and_then(|mut f| read_limited(&mut f, &name))
+            std::fs::File::open(&path)
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|mut f| read_limited(&mut f, &name))
         };
         match text {
-            Ok(text) => inputs.push(Input { name: if name == "-" { "<stdin>".to_owned() } else { name }, text }),
+            Ok(text) => inputs.push(Input {
+                name: if name == "-" {
+                    "<stdin>".to_owned()
+                } else {
+                    name
+                },
+                text,
+            }),
             Err(e) => {
                 failed = true;
                 let _ = writeln!(stderr, "moat: {e}");
@@ -160,5 +193,9 @@ fn run_review(args: ReviewArgs, stdin: &mut dyn Read, stdout: &mut dyn Write, st
         let _ = writeln!(stderr, "moat: {e}");
     }
     review::render(&report, output, stdout).map_err(|e| format!("writing output: {e}"))?;
-    Ok(if failed { EXIT_ERROR } else { report.exit_code() })
+    Ok(if failed {
+        EXIT_ERROR
+    } else {
+        report.exit_code()
+    })
 }

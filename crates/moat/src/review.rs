@@ -47,7 +47,11 @@ pub struct DocumentError {
 
 impl std::fmt::Display for DocumentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: document {}: {}", self.file, self.document, self.message)
+        write!(
+            f,
+            "{}: document {}: {}",
+            self.file, self.document, self.message
+        )
     }
 }
 
@@ -115,7 +119,9 @@ fn split_documents(text: &str) -> Vec<&str> {
     let mut start = 0;
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
-        let marker = line.strip_prefix("---").is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
         if marker {
             docs.push(&text[start..offset]);
             start = offset + line.len();
@@ -142,7 +148,11 @@ fn parse_inputs(inputs: &[Input], errors: &mut Vec<DocumentError>) -> Vec<(Strin
             if is_blank(doc) {
                 continue;
             }
-            let err = |message: String| DocumentError { file: input.name.clone(), document: i + 1, message };
+            let err = |message: String| DocumentError {
+                file: input.name.clone(),
+                document: i + 1,
+                message,
+            };
             let value: Value = match serde_yaml::from_str::<Value>(doc) {
                 Ok(v) => v,
                 Err(e) => {
@@ -151,19 +161,29 @@ fn parse_inputs(inputs: &[Input], errors: &mut Vec<DocumentError>) -> Vec<(Strin
                 }
             };
             if !value.is_object() {
-                errors.push(err("is not an object (expected a Kubernetes manifest)".to_owned()));
+                errors.push(err(
+                    "is not an object (expected a Kubernetes manifest)".to_owned()
+                ));
                 continue;
             }
-            let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+            let kind = value
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             if kind.is_empty() || value.get("apiVersion").and_then(Value::as_str).is_none() {
                 errors.push(err("has no apiVersion or kind".to_owned()));
                 continue;
             }
-            if kind.ends_with("List") {
-                if let Some(Value::Array(items)) = value.get("items") {
-                    objects.extend(items.iter().cloned().map(|item| (input.name.clone(), i + 1, item)));
-                    continue;
-                }
+            if kind.ends_with("List")
+                && let Some(Value::Array(items)) = value.get("items")
+            {
+                objects.extend(
+                    items
+                        .iter()
+                        .cloned()
+                        .map(|item| (input.name.clone(), i + 1, item)),
+                );
+                continue;
             }
             objects.push((input.name.clone(), i + 1, value));
         }
@@ -182,14 +202,15 @@ pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
 
     let mut namespaces = options.namespace_labels.clone();
     for (_, _, object) in &objects {
-        if object.get("kind").and_then(Value::as_str) == Some("Namespace") && object.get("apiVersion").and_then(Value::as_str) == Some("v1") {
-            if let Some(name) = metadata_str(object, "name") {
-                let labels = namespaces.entry(name.to_owned()).or_default();
-                if let Some(Value::Object(l)) = object.get("metadata").and_then(|m| m.get("labels")) {
-                    for (k, v) in l {
-                        if let Some(v) = v.as_str() {
-                            labels.entry(k.clone()).or_insert_with(|| v.to_owned());
-                        }
+        if object.get("kind").and_then(Value::as_str) == Some("Namespace")
+            && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
+            && let Some(name) = metadata_str(object, "name")
+        {
+            let labels = namespaces.entry(name.to_owned()).or_default();
+            if let Some(Value::Object(l)) = object.get("metadata").and_then(|m| m.get("labels")) {
+                for (k, v) in l {
+                    if let Some(v) = v.as_str() {
+                        labels.entry(k.clone()).or_insert_with(|| v.to_owned());
                     }
                 }
             }
@@ -197,7 +218,11 @@ pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
     }
 
     for (file, document, object) in objects {
-        let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let kind = object
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         // Namespaces are cluster-scoped; every kind moat reviews is namespaced.
         let namespace = match metadata_str(&object, "namespace") {
             Some(ns) => ns.to_owned(),
@@ -222,14 +247,27 @@ pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
             placement_seed: &seed,
         };
         match policy::decide(config, &req) {
-            Ok(decision) => report.verdicts.push(verdict(file, document, kind, namespace, name, decision)),
-            Err(e) => report.errors.push(DocumentError { file, document, message: format!("{kind} {namespace}/{name}: {e}") }),
+            Ok(decision) => report
+                .verdicts
+                .push(verdict(file, document, kind, namespace, name, decision)),
+            Err(e) => report.errors.push(DocumentError {
+                file,
+                document,
+                message: format!("{kind} {namespace}/{name}: {e}"),
+            }),
         }
     }
     report
 }
 
-fn verdict(file: String, document: usize, kind: String, namespace: String, name: String, d: Decision) -> Verdict {
+fn verdict(
+    file: String,
+    document: usize,
+    kind: String,
+    namespace: String,
+    name: String,
+    d: Decision,
+) -> Verdict {
     Verdict {
         file,
         document,
@@ -239,7 +277,14 @@ fn verdict(file: String, document: usize, kind: String, namespace: String, name:
         reviewed: d.kind.is_some(),
         allowed: d.allowed(),
         message: d.message(),
-        reasons: d.denials.iter().map(|x| Reason { policy: x.policy.as_str(), message: x.message.clone() }).collect(),
+        reasons: d
+            .denials
+            .iter()
+            .map(|x| Reason {
+                policy: x.policy.as_str(),
+                message: x.message.clone(),
+            })
+            .collect(),
         warnings: d.warnings.clone(),
         exemptions: d
             .exemptions
@@ -249,7 +294,11 @@ fn verdict(file: String, document: usize, kind: String, namespace: String, name:
                 None => e.reason.as_str().to_owned(),
             })
             .collect(),
-        changes: d.changes.iter().map(|c| format!("{}: {}", c.policy, c.description)).collect(),
+        changes: d
+            .changes
+            .iter()
+            .map(|c| format!("{}: {}", c.policy, c.description))
+            .collect(),
         patch: d.patch,
         object: d.object,
     }
@@ -298,12 +347,20 @@ fn render_text(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             writeln!(out, "  ! {w}")?;
         }
         if v.allowed {
-            let prefix = if v.kind == "Pod" { "+" } else { "+ at pod creation:" };
+            let prefix = if v.kind == "Pod" {
+                "+"
+            } else {
+                "+ at pod creation:"
+            };
             for c in &v.changes {
                 writeln!(out, "  {prefix} {c}")?;
             }
             for op in &v.patch.0 {
-                writeln!(out, "    {}", serde_json::to_string(op).map_err(std::io::Error::other)?)?;
+                writeln!(
+                    out,
+                    "    {}",
+                    serde_json::to_string(op).map_err(std::io::Error::other)?
+                )?;
             }
         }
     }

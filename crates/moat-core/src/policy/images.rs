@@ -16,10 +16,18 @@ struct ContainerRef<'a> {
 fn all_containers(spec: &PodSpec) -> Vec<ContainerRef<'_>> {
     let mut out = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
-        out.push(ContainerRef { field: format!("spec.containers[{i}]"), name: &c.name, image: c.image.as_deref() });
+        out.push(ContainerRef {
+            field: format!("spec.containers[{i}]"),
+            name: &c.name,
+            image: c.image.as_deref(),
+        });
     }
     for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-        out.push(ContainerRef { field: format!("spec.initContainers[{i}]"), name: &c.name, image: c.image.as_deref() });
+        out.push(ContainerRef {
+            field: format!("spec.initContainers[{i}]"),
+            name: &c.name,
+            image: c.image.as_deref(),
+        });
     }
     for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
         out.push(ContainerRef {
@@ -35,7 +43,9 @@ fn all_containers(spec: &PodSpec) -> Vec<ContainerRef<'_>> {
 /// image alone is not a new decision about it).
 fn unchanged(ctx: &Context<'_>, name: &str, image: &str) -> bool {
     ctx.old.is_some_and(|old| {
-        all_containers(&old.spec).iter().any(|c| c.name == name && c.image == Some(image))
+        all_containers(&old.spec)
+            .iter()
+            .any(|c| c.name == name && c.image == Some(image))
     })
 }
 
@@ -53,12 +63,21 @@ pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
         let image: ImageRef = match raw.parse() {
             Ok(i) => i,
             Err(e) => {
-                out.deny(Policy::Images, format!("{who}: image '{raw}' is not a valid reference: {e}"));
+                out.deny(
+                    Policy::Images,
+                    format!("{who}: image '{raw}' is not a valid reference: {e}"),
+                );
                 continue;
             }
         };
-        if !policy.allowed_registries.is_empty() && !policy.allowed_registries.iter().any(|r| r.contains(&image)) {
-            let allowed: Vec<String> = policy.allowed_registries.iter().map(ToString::to_string).collect();
+        if !policy.allowed_registries.is_empty()
+            && !policy.allowed_registries.iter().any(|r| r.contains(&image))
+        {
+            let allowed: Vec<String> = policy
+                .allowed_registries
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             out.deny(
                 Policy::Images,
                 format!(
@@ -72,7 +91,10 @@ pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
             continue;
         }
         if policy.require_digest {
-            out.deny(Policy::Images, format!("{who}: image '{raw}' must be pinned by digest (@sha256:…)"));
+            out.deny(
+                Policy::Images,
+                format!("{who}: image '{raw}' must be pinned by digest (@sha256:…)"),
+            );
             continue;
         }
         match image.tag() {

@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Toleration;
 use serde_json::{Value, json};
 
-use super::{Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique, template_mut};
+use super::{
+    Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique, template_mut,
+};
 use crate::config::{IsolationMode, IsolationPolicy};
 use crate::names::{ClassName, RuntimeClassName};
 
@@ -119,7 +121,10 @@ pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> 
     };
     let (class, source) = class;
     let Some(class_spec) = iso.class_spec(&class) else {
-        out.deny(Policy::Isolation, format!("isolation class '{class}' is not declared"));
+        out.deny(
+            Policy::Isolation,
+            format!("isolation class '{class}' is not declared"),
+        );
         return None;
     };
     if source != Source::NamespaceLabel {
@@ -127,13 +132,22 @@ pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> 
         let empty = BTreeMap::new();
         let labels = ctx.req.namespace_labels.unwrap_or(&empty);
         let bound = class_spec.namespaces.iter().any(|p| p.matches(ns))
-            || class_spec.namespace_selector.as_ref().is_some_and(|s| s.matches(labels));
+            || class_spec
+                .namespace_selector
+                .as_ref()
+                .is_some_and(|s| s.matches(labels));
         if !bound {
-            out.deny(Policy::Isolation, format!("namespace '{ns}' may not use isolation class '{class}'"));
+            out.deny(
+                Policy::Isolation,
+                format!("namespace '{ns}' may not use isolation class '{class}'"),
+            );
             return None;
         }
     }
-    let runtime = class_spec.runtime_class_name.clone().map(|r| (class.to_string(), r));
+    let runtime = class_spec
+        .runtime_class_name
+        .clone()
+        .map(|r| (class.to_string(), r));
     Some(Placement { class, runtime })
 }
 
@@ -151,21 +165,23 @@ fn class_of(ctx: &Context<'_>, out: &mut Outcome) -> Option<Option<(ClassName, S
         let Ok(class) = value.parse::<ClassName>() else {
             out.deny(
                 Policy::Isolation,
-                format!("namespace '{ns}' label '{key}' = '{value}' is not a valid isolation class name"),
+                format!(
+                    "namespace '{ns}' label '{key}' = '{value}' is not a valid isolation class name"
+                ),
             );
             return None;
         };
-        if let Some(p) = pod_label {
-            if p != class.as_str() {
-                out.deny(
+        if let Some(p) = pod_label
+            && p != class.as_str()
+        {
+            out.deny(
                     Policy::Isolation,
                     format!(
                         "{}: the pod asks for isolation class '{p}', but namespace '{ns}' is bound to class '{class}'",
                         ctx.field(&format!("metadata.labels['{pod_key}']"))
                     ),
                 );
-                return None;
-            }
+            return None;
         }
         return Some(Some((class, Source::NamespaceLabel)));
     }
@@ -173,7 +189,13 @@ fn class_of(ctx: &Context<'_>, out: &mut Outcome) -> Option<Option<(ClassName, S
         return match p.parse::<ClassName>() {
             Ok(class) => Some(Some((class, Source::PodLabel))),
             Err(e) => {
-                out.deny(Policy::Isolation, format!("{}: {e}", ctx.field(&format!("metadata.labels['{pod_key}']"))));
+                out.deny(
+                    Policy::Isolation,
+                    format!(
+                        "{}: {e}",
+                        ctx.field(&format!("metadata.labels['{pod_key}']"))
+                    ),
+                );
                 None
             }
         };
@@ -199,13 +221,20 @@ fn class_of(ctx: &Context<'_>, out: &mut Outcome) -> Option<Option<(ClassName, S
 /// Whether the pod constrains its own placement, beyond moat's own keys.
 fn pins_itself(iso: &IsolationPolicy, ctx: &Context<'_>) -> bool {
     let spec = &ctx.template.spec;
-    let ours = |k: &str| k == iso.nodes.label_key.as_str() || k == iso.dedicated_node_label.as_str();
-    let selector = spec.node_selector.as_ref().is_some_and(|s| s.keys().any(|k| !ours(k)));
+    let ours =
+        |k: &str| k == iso.nodes.label_key.as_str() || k == iso.dedicated_node_label.as_str();
+    let selector = spec
+        .node_selector
+        .as_ref()
+        .is_some_and(|s| s.keys().any(|k| !ours(k)));
     let affinity = spec
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
         .is_some_and(|r| {
             r.node_selector_terms.iter().any(|t| {
                 t.match_fields.as_ref().is_some_and(|f| !f.is_empty())
@@ -223,12 +252,18 @@ fn guard_tolerations<'t>(
 ) {
     let nodes = &ctx.config.isolation.nodes;
     for (i, t) in tolerations {
-        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == nodes.taint_effect.as_str());
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == nodes.taint_effect.as_str());
         let exists = t.operator.as_deref() == Some("Exists");
         let key = t.key.as_deref().unwrap_or_default();
         let key_ok = (key.is_empty() && exists) || key == nodes.taint_key.as_str();
         let value_ok = exists
-            || nodes.taint_value.as_ref().is_none_or(|v| t.value.as_deref().unwrap_or_default() == v.as_str());
+            || nodes
+                .taint_value
+                .as_ref()
+                .is_none_or(|v| t.value.as_deref().unwrap_or_default() == v.as_str());
         if effect_ok && key_ok && value_ok {
             out.deny(
                 Policy::Isolation,
@@ -251,14 +286,19 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
     let taint_value = iso.nodes.taint_value.as_ref().map_or(class, |v| v.as_str());
     let label_key = iso.nodes.label_key.as_str();
 
-    if let Some(v) = ctx.template.spec.node_selector.as_ref().and_then(|s| s.get(label_key)) {
-        if v != node_value {
-            out.deny(
+    if let Some(v) = ctx
+        .template
+        .spec
+        .node_selector
+        .as_ref()
+        .and_then(|s| s.get(label_key))
+        && v != node_value
+    {
+        out.deny(
                 Policy::Isolation,
                 format!("spec.nodeSelector['{label_key}']: '{v}' is not the node label of class '{class}'; moat sets this key"),
             );
-            return;
-        }
+        return;
     }
     let dedicated = if iso.mode == IsolationMode::DedicatedNode {
         match dedicated_node(ctx, class) {
@@ -291,14 +331,21 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
     if push_unique(array_entry(spec, "tolerations"), toleration) {
         out.changed(
             Policy::Isolation,
-            format!("add toleration {}={taint_value}:{}", iso.nodes.taint_key, iso.nodes.taint_effect.as_str()),
+            format!(
+                "add toleration {}={taint_value}:{}",
+                iso.nodes.taint_key,
+                iso.nodes.taint_effect.as_str()
+            ),
         );
     }
 
     if let Some(id) = dedicated {
         let selector = entry(spec, "nodeSelector");
         if let Value::Object(map) = selector {
-            for (k, v) in [(label_key, node_value), (iso.dedicated_node_label.as_str(), id.as_str())] {
+            for (k, v) in [
+                (label_key, node_value),
+                (iso.dedicated_node_label.as_str(), id.as_str()),
+            ] {
                 if map.get(k).and_then(Value::as_str) != Some(v) {
                     map.insert(k.to_owned(), Value::String(v.to_owned()));
                     out.changed(Policy::Isolation, format!("add nodeSelector {k}={v}"));
@@ -309,7 +356,10 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
     }
 
     let affinity = entry(spec, "affinity");
-    let required = entry(entry(affinity, "nodeAffinity"), "requiredDuringSchedulingIgnoredDuringExecution");
+    let required = entry(
+        entry(affinity, "nodeAffinity"),
+        "requiredDuringSchedulingIgnoredDuringExecution",
+    );
     let expression = json!({"key": label_key, "operator": "In", "values": [node_value]});
     let terms = array_entry(required, "nodeSelectorTerms");
     if terms.is_empty() {
@@ -320,7 +370,10 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         added |= push_unique(array_entry(term, "matchExpressions"), expression.clone());
     }
     if added {
-        out.changed(Policy::Isolation, format!("require node label {label_key} in [{node_value}]"));
+        out.changed(
+            Policy::Isolation,
+            format!("require node label {label_key} in [{node_value}]"),
+        );
     }
 
     let class_key = iso.pod_class_label.as_str();
@@ -342,14 +395,17 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         "namespaceSelector": {},
         "topologyKey": HOSTNAME_TOPOLOGY_KEY,
     });
-    let anti = entry(entry(affinity, "podAntiAffinity"), "requiredDuringSchedulingIgnoredDuringExecution");
+    let anti = entry(
+        entry(affinity, "podAntiAffinity"),
+        "requiredDuringSchedulingIgnoredDuringExecution",
+    );
     if !anti.is_array() {
         *anti = Value::Array(Vec::new());
     }
-    if let Value::Array(terms) = anti {
-        if push_unique(terms, term) {
-            out.changed(Policy::Isolation, description);
-        }
+    if let Value::Array(terms) = anti
+        && push_unique(terms, term)
+    {
+        out.changed(Policy::Isolation, description);
     }
 }
 
@@ -357,15 +413,27 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
 /// `<class>-<10 hex>` derived from the namespace and the request's placement seed.
 fn dedicated_node(ctx: &Context<'_>, class: &str) -> Result<String, String> {
     let key = ctx.config.isolation.dedicated_node_label.as_str();
-    if let Some(existing) = ctx.template.spec.node_selector.as_ref().and_then(|s| s.get(key)) {
+    if let Some(existing) = ctx
+        .template
+        .spec
+        .node_selector
+        .as_ref()
+        .and_then(|s| s.get(key))
+    {
         let ok = existing
             .strip_prefix(class)
             .and_then(|r| r.strip_prefix('-'))
-            .is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            .is_some_and(|h| {
+                h.len() == 10
+                    && h.bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            });
         return if ok {
             Ok(existing.clone())
         } else {
-            Err(format!("spec.nodeSelector['{key}']: '{existing}' is not a dedicated node of class '{class}'; moat sets this key"))
+            Err(format!(
+                "spec.nodeSelector['{key}']: '{existing}' is not a dedicated node of class '{class}'; moat sets this key"
+            ))
         };
     }
     let hash = fnv1a64(format!("{}/{}", ctx.req.namespace, ctx.req.placement_seed).as_bytes());
@@ -374,7 +442,9 @@ fn dedicated_node(ctx: &Context<'_>, class: &str) -> Result<String, String> {
 
 /// FNV-1a, 64 bits: stable across releases and platforms (the id outlives a moat version).
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn quoted(v: Option<&str>) -> String {

@@ -167,7 +167,10 @@ impl Decision {
             kind,
             denials: Vec::new(),
             warnings: Vec::new(),
-            exemptions: vec![Exemption { policy: None, reason }],
+            exemptions: vec![Exemption {
+                policy: None,
+                reason,
+            }],
             changes: Vec::new(),
             patch: json_patch::Patch(Vec::new()),
             object: object.clone(),
@@ -189,10 +192,16 @@ impl Outcome {
         self.denials.push(Denial { policy, message });
     }
     pub(crate) fn exempt(&mut self, policy: Policy, reason: ExemptionReason) {
-        self.exemptions.push(Exemption { policy: Some(policy), reason });
+        self.exemptions.push(Exemption {
+            policy: Some(policy),
+            reason,
+        });
     }
     pub(crate) fn changed(&mut self, policy: Policy, description: String) {
-        self.changes.push(Change { policy, description });
+        self.changes.push(Change {
+            policy,
+            description,
+        });
     }
 }
 
@@ -204,13 +213,30 @@ impl Outcome {
 pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedObject> {
     let kind = type_of(req.object);
     let Some(kind) = kind else {
-        return Ok(Decision::untouched(None, req.object, ExemptionReason::UnsupportedKind));
+        return Ok(Decision::untouched(
+            None,
+            req.object,
+            ExemptionReason::UnsupportedKind,
+        ));
     };
     if matches!(req.operation, Operation::Delete | Operation::Connect) {
-        return Ok(Decision::untouched(Some(kind), req.object, ExemptionReason::Operation));
+        return Ok(Decision::untouched(
+            Some(kind),
+            req.object,
+            ExemptionReason::Operation,
+        ));
     }
-    if config.exemptions.namespaces.iter().any(|p| p.matches(req.namespace)) {
-        return Ok(Decision::untouched(Some(kind), req.object, ExemptionReason::Namespace));
+    if config
+        .exemptions
+        .namespaces
+        .iter()
+        .any(|p| p.matches(req.namespace))
+    {
+        return Ok(Decision::untouched(
+            Some(kind),
+            req.object,
+            ExemptionReason::Namespace,
+        ));
     }
     let template = Template::read(kind, req.object)?;
     // Only pods are updated in place; a workload's template change rolls out new pods, which
@@ -222,11 +248,21 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
 
     let mut out = Outcome::default();
     let mut object = req.object.clone();
-    let ctx = Context { config, req, template: &template, old: old.as_ref() };
+    let ctx = Context {
+        config,
+        req,
+        template: &template,
+        old: old.as_ref(),
+    };
 
     images::check(&ctx, &mut out);
     let placement = isolation::decide(&ctx, &mut out);
-    runtime::apply(&ctx, placement.as_ref().and_then(|p| p.runtime.as_ref()), &mut out, &mut object);
+    runtime::apply(
+        &ctx,
+        placement.as_ref().and_then(|p| p.runtime.as_ref()),
+        &mut out,
+        &mut object,
+    );
     if let Some(p) = &placement {
         isolation::apply(&ctx, p, &mut out, &mut object);
     }
@@ -300,7 +336,10 @@ pub(crate) fn template_mut<'v>(ctx: &Context<'_>, object: &'v mut Value) -> &'v 
     }
 }
 
-#[expect(clippy::panic, reason = "Template::read checked the pointer on this very object")]
+#[expect(
+    clippy::panic,
+    reason = "Template::read checked the pointer on this very object"
+)]
 fn unreachable_template() -> ! {
     panic!("pod template vanished between read and patch")
 }
@@ -310,7 +349,9 @@ pub(crate) fn entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Value {
     if !value.is_object() {
         *value = Value::Object(serde_json::Map::new());
     }
-    let Value::Object(map) = value else { unreachable_template() };
+    let Value::Object(map) = value else {
+        unreachable_template()
+    };
     let slot = map.entry(key.to_owned()).or_insert(Value::Null);
     if slot.is_null() {
         *slot = Value::Object(serde_json::Map::new());
@@ -323,7 +364,9 @@ pub(crate) fn array_entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Vec<Va
     if !value.is_object() {
         *value = Value::Object(serde_json::Map::new());
     }
-    let Value::Object(map) = value else { unreachable_template() };
+    let Value::Object(map) = value else {
+        unreachable_template()
+    };
     let slot = map.entry(key.to_owned()).or_insert(Value::Null);
     if !slot.is_array() {
         *slot = Value::Array(Vec::new());

@@ -29,10 +29,12 @@ pub(crate) enum Verdict<'a> {
 /// The decision table, alone.
 pub(crate) fn table<'a>(policy: &'a RuntimeClassPolicy, requested: Option<&str>) -> Verdict<'a> {
     match (requested, &policy.fallback_runtime) {
-        (Some(r), fallback) if policy.reserved_runtimes.iter().any(|x| x.as_str() == r) => match fallback {
-            Some(f) => Verdict::Set(f),
-            None => Verdict::Deny(format!("runtime '{r}' is reserved")),
-        },
+        (Some(r), fallback) if policy.reserved_runtimes.iter().any(|x| x.as_str() == r) => {
+            match fallback {
+                Some(f) => Verdict::Set(f),
+                None => Verdict::Deny(format!("runtime '{r}' is reserved")),
+            }
+        }
         (Some(_), _) => Verdict::Allow,
         (None, Some(f)) => Verdict::Set(f),
         (None, None) if policy.default_runtime_reserved => {
@@ -42,12 +44,22 @@ pub(crate) fn table<'a>(policy: &'a RuntimeClassPolicy, requested: Option<&str>)
     }
 }
 
-pub(super) fn apply(ctx: &Context<'_>, class_runtime: Option<&(String, RuntimeClassName)>, out: &mut Outcome, object: &mut Value) {
+pub(super) fn apply(
+    ctx: &Context<'_>,
+    class_runtime: Option<&(String, RuntimeClassName)>,
+    out: &mut Outcome,
+    object: &mut Value,
+) {
     // runtimeClassName is immutable on a pod: only new pod specs are decided.
     if !ctx.is_new_pod_spec() {
         return;
     }
-    let requested = ctx.template.spec.runtime_class_name.as_deref().filter(|r| !r.is_empty());
+    let requested = ctx
+        .template
+        .spec
+        .runtime_class_name
+        .as_deref()
+        .filter(|r| !r.is_empty());
     let field = ctx.field("spec.runtimeClassName");
     let target = match (requested, class_runtime) {
         // The class chooses for pods that do not.
@@ -62,30 +74,30 @@ pub(super) fn apply(ctx: &Context<'_>, class_runtime: Option<&(String, RuntimeCl
         },
     };
     let effective = target.map(RuntimeClassName::as_str).or(requested);
-    if let Some((class, c)) = class_runtime {
-        if effective != Some(c.as_str()) {
-            out.deny(
+    if let Some((class, c)) = class_runtime
+        && effective != Some(c.as_str())
+    {
+        out.deny(
                 Policy::RuntimeClass,
                 format!(
                     "{field}: isolation class '{class}' runs with RuntimeClass '{c}', but the pod asks for '{}'",
                     requested.unwrap_or_default()
                 ),
             );
-            return;
-        }
+        return;
     }
-    if let Some(t) = target {
-        if requested != Some(t.as_str()) {
-            let spec = super::entry(template_mut(ctx, object), "spec");
-            if let Value::Object(map) = spec {
-                map.insert("runtimeClassName".to_owned(), Value::String(t.to_string()));
-            }
-            let why = match requested {
-                Some(r) => format!("set {field} to '{t}' (runtime '{r}' is reserved)"),
-                None => format!("set {field} to '{t}'"),
-            };
-            out.changed(Policy::RuntimeClass, why);
+    if let Some(t) = target
+        && requested != Some(t.as_str())
+    {
+        let spec = super::entry(template_mut(ctx, object), "spec");
+        if let Value::Object(map) = spec {
+            map.insert("runtimeClassName".to_owned(), Value::String(t.to_string()));
         }
+        let why = match requested {
+            Some(r) => format!("set {field} to '{t}' (runtime '{r}' is reserved)"),
+            None => format!("set {field} to '{t}'"),
+        };
+        out.changed(Policy::RuntimeClass, why);
     }
 }
 
@@ -93,7 +105,11 @@ pub(super) fn apply(ctx: &Context<'_>, class_runtime: Option<&(String, RuntimeCl
 mod tests {
     use super::*;
 
-    fn policy(reserved: &[&str], fallback: Option<&str>, default_reserved: bool) -> RuntimeClassPolicy {
+    fn policy(
+        reserved: &[&str],
+        fallback: Option<&str>,
+        default_reserved: bool,
+    ) -> RuntimeClassPolicy {
         RuntimeClassPolicy {
             reserved_runtimes: reserved.iter().map(|r| r.parse().unwrap()).collect(),
             fallback_runtime: fallback.map(|f| f.parse().unwrap()),
@@ -113,16 +129,86 @@ mod tests {
             want: Result<Option<&'static str>, &'static str>,
         }
         let cases = [
-            Case { name: "reserved with fallback is rewritten", reserved: &["runc"], fallback: Some("gvisor"), default_reserved: false, requested: Some("runc"), want: Ok(Some("gvisor")) },
-            Case { name: "reserved without fallback is denied", reserved: &["runc"], fallback: None, default_reserved: false, requested: Some("runc"), want: Err("runtime 'runc' is reserved") },
-            Case { name: "reserved without fallback is denied even if default reserved", reserved: &["runc"], fallback: None, default_reserved: true, requested: Some("runc"), want: Err("runtime 'runc' is reserved") },
-            Case { name: "explicit non-reserved runtime is kept", reserved: &["runc"], fallback: Some("gvisor"), default_reserved: true, requested: Some("kata"), want: Ok(None) },
-            Case { name: "explicit runtime with no reservations is kept", reserved: &[], fallback: None, default_reserved: false, requested: Some("kata"), want: Ok(None) },
-            Case { name: "unset with fallback gets the fallback", reserved: &["runc"], fallback: Some("gvisor"), default_reserved: false, requested: None, want: Ok(Some("gvisor")) },
-            Case { name: "unset with fallback and default reserved gets the fallback", reserved: &[], fallback: Some("gvisor"), default_reserved: true, requested: None, want: Ok(Some("gvisor")) },
-            Case { name: "unset with default reserved and no fallback is denied", reserved: &["runc"], fallback: None, default_reserved: true, requested: None, want: Err("usage of the default runtime is reserved") },
-            Case { name: "unset otherwise is allowed", reserved: &["runc"], fallback: None, default_reserved: false, requested: None, want: Ok(None) },
-            Case { name: "names match exactly", reserved: &["runc"], fallback: None, default_reserved: false, requested: Some("runc-v2"), want: Ok(None) },
+            Case {
+                name: "reserved with fallback is rewritten",
+                reserved: &["runc"],
+                fallback: Some("gvisor"),
+                default_reserved: false,
+                requested: Some("runc"),
+                want: Ok(Some("gvisor")),
+            },
+            Case {
+                name: "reserved without fallback is denied",
+                reserved: &["runc"],
+                fallback: None,
+                default_reserved: false,
+                requested: Some("runc"),
+                want: Err("runtime 'runc' is reserved"),
+            },
+            Case {
+                name: "reserved without fallback is denied even if default reserved",
+                reserved: &["runc"],
+                fallback: None,
+                default_reserved: true,
+                requested: Some("runc"),
+                want: Err("runtime 'runc' is reserved"),
+            },
+            Case {
+                name: "explicit non-reserved runtime is kept",
+                reserved: &["runc"],
+                fallback: Some("gvisor"),
+                default_reserved: true,
+                requested: Some("kata"),
+                want: Ok(None),
+            },
+            Case {
+                name: "explicit runtime with no reservations is kept",
+                reserved: &[],
+                fallback: None,
+                default_reserved: false,
+                requested: Some("kata"),
+                want: Ok(None),
+            },
+            Case {
+                name: "unset with fallback gets the fallback",
+                reserved: &["runc"],
+                fallback: Some("gvisor"),
+                default_reserved: false,
+                requested: None,
+                want: Ok(Some("gvisor")),
+            },
+            Case {
+                name: "unset with fallback and default reserved gets the fallback",
+                reserved: &[],
+                fallback: Some("gvisor"),
+                default_reserved: true,
+                requested: None,
+                want: Ok(Some("gvisor")),
+            },
+            Case {
+                name: "unset with default reserved and no fallback is denied",
+                reserved: &["runc"],
+                fallback: None,
+                default_reserved: true,
+                requested: None,
+                want: Err("usage of the default runtime is reserved"),
+            },
+            Case {
+                name: "unset otherwise is allowed",
+                reserved: &["runc"],
+                fallback: None,
+                default_reserved: false,
+                requested: None,
+                want: Ok(None),
+            },
+            Case {
+                name: "names match exactly",
+                reserved: &["runc"],
+                fallback: None,
+                default_reserved: false,
+                requested: Some("runc-v2"),
+                want: Ok(None),
+            },
         ];
         for c in cases {
             let p = policy(c.reserved, c.fallback, c.default_reserved);

@@ -1,0 +1,345 @@
+//! `moat review` and `moat config` as a user runs them: the real binary, real files, exit codes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn moat() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_moat"))
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn run(args: &[&str]) -> Output {
+    moat().args(args).output().expect("moat runs")
+}
+
+fn run_stdin(args: &[&str], stdin: &str) -> Output {
+    let mut child = moat()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moat-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const GOOD_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: ok, namespace: shop}\nspec: {runtimeClassName: gvisor, containers: [{name: c, image: 'nginx:1.27'}]}\n";
+
+#[test]
+fn demo_refuses_rewrites_and_isolates_with_no_cluster() {
+    let o = run(&["review", repo("examples/demo.yaml").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("DENY  Pod shop/untagged"), "{text}");
+    assert!(text.contains("image 'nginx' has no tag"), "{text}");
+    assert!(text.contains("ALLOW Pod shop/wants-runc"), "{text}");
+    assert!(
+        text.contains("set spec.runtimeClassName to 'gvisor' (runtime 'runc' is reserved)"),
+        "{text}"
+    );
+    assert!(text.contains("ALLOW Pod shop/isolated"), "{text}");
+    assert!(
+        text.contains("keep pods of every class but 'untrusted' off this pod's node"),
+        "{text}"
+    );
+    assert!(text.contains("DENY  Deployment shop/api"), "{text}");
+    assert!(
+        text.contains("5 objects: 3 allowed, 2 denied, 0 errors"),
+        "{text}"
+    );
+}
+
+#[test]
+fn json_output_has_one_element_per_document() {
+    let o = run(&[
+        "review",
+        "--output",
+        "json",
+        repo("examples/demo.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let items = v.as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    for item in items {
+        for key in [
+            "kind",
+            "namespace",
+            "name",
+            "allowed",
+            "message",
+            "warnings",
+            "patch",
+            "object",
+        ] {
+            assert!(item.get(key).is_some(), "missing {key} in {item}");
+        }
+    }
+    let untagged = &items[1];
+    assert_eq!(untagged["allowed"], false);
+    assert!(untagged["message"].as_str().unwrap().contains("has no tag"));
+    assert_eq!(untagged["patch"], serde_json::json!([]));
+    let runc = &items[2];
+    assert_eq!(runc["allowed"], true);
+    assert_eq!(runc["message"], "");
+    assert_eq!(
+        runc["patch"],
+        serde_json::json!([{"op": "replace", "path": "/spec/runtimeClassName", "value": "gvisor"}])
+    );
+    assert_eq!(runc["object"]["spec"]["runtimeClassName"], "gvisor");
+    // The patch applied to the input is the printed object.
+    let isolated = &items[3];
+    assert!(
+        isolated["object"]["spec"]["tolerations"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    );
+}
+
+#[test]
+fn yaml_output_parses() {
+    let o = run(&[
+        "review",
+        "-o",
+        "yaml",
+        repo("examples/demo.yaml").to_str().unwrap(),
+    ]);
+    let v: Vec<Value> = serde_yaml::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.len(), 5);
+}
+
+#[test]
+fn all_allowed_exits_zero_and_reads_stdin() {
+    let o = run_stdin(&["review", "-"], GOOD_POD);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("ALLOW Pod shop/ok"));
+}
+
+#[test]
+fn a_broken_document_is_reported_and_the_others_reviewed() {
+    let text = format!("{GOOD_POD}---\nkind: [unclosed\n---\n- a list\n---\n{GOOD_POD}");
+    let path = temp_file("broken.yaml", &text);
+    let o = run(&["review", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("broken.yaml: document 2: does not parse as YAML or JSON"),
+        "{err}"
+    );
+    assert!(
+        err.contains("broken.yaml: document 3: is not an object"),
+        "{err}"
+    );
+    assert_eq!(
+        stdout(&o).matches("ALLOW Pod shop/ok").count(),
+        2,
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn malformed_pod_spec_is_a_parse_error_naming_the_document() {
+    let path = temp_file(
+        "malformed.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {template: {spec: {containers: 3}}}\n",
+    );
+    let o = run(&["review", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("malformed.yaml: document 1: Deployment default/d: Deployment 'spec.template.spec' does not parse"), "{}", stderr(&o));
+}
+
+#[test]
+fn json_input_and_lists_are_read() {
+    let list = r#"{"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b"}, "spec": {"runtimeClassName": "kata", "containers": [{"name": "c", "image": "busybox:1"}]}}
+    ]}"#;
+    let path = temp_file("list.json", list);
+    let o = run(&["review", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = stdout(&o);
+    assert!(
+        text.contains("DENY  Pod default/a") && text.contains("ALLOW Pod default/b"),
+        "{text}"
+    );
+}
+
+#[test]
+fn configuration_errors_exit_two_with_the_key_path() {
+    let cfg = temp_file(
+        "bad-config.yaml",
+        "isolation:\n  mode: class\n  clases: []\n",
+    );
+    let o = run(&[
+        "review",
+        "--config",
+        cfg.to_str().unwrap(),
+        repo("examples/demo.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("at 'isolation.clases': unknown field `clases`"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = temp_file(
+        "reserved-fallback.yaml",
+        "runtimeClass: {reservedRuntimes: [runc], fallbackRuntime: runc}\n",
+    );
+    let o = run(&["config", "check", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("fallback runtime 'runc' is itself in reservedRuntimes"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn usage_errors_exit_two() {
+    assert_eq!(run(&["review"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["review", "--output", "xml", "x"]).status.code(),
+        Some(2)
+    );
+    let o = run(&["review", "/nonexistent/moat.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/moat.yaml"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        run(&["review", "--namespace-label", "nocolon", "-"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn default_config_prints_and_round_trips() {
+    let o = run(&["config", "default"]);
+    assert_eq!(o.status.code(), Some(0));
+    let printed = temp_file("default.yaml", &stdout(&o));
+    let o = run(&["config", "check", printed.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn ipp_compatible_example_reproduces_class_mode_with_holes_closed() {
+    let cfg = repo("examples/ipp-compatible.yaml");
+    let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: team-a, labels: {ipp-class: blue}}\nspec: {containers: [{name: c, image: 'busybox:1.36'}]}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: sneaky, namespace: team-b}\nspec: {tolerations: [{key: ipp, operator: Exists}], containers: [{name: c, image: 'busybox:1.36'}]}\n";
+    let o = run_stdin(
+        &[
+            "review",
+            "-o",
+            "json",
+            "--config",
+            cfg.to_str().unwrap(),
+            "-",
+        ],
+        pods,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let spec = &v[0]["object"]["spec"];
+    assert_eq!(
+        spec["tolerations"][0],
+        serde_json::json!({"key": "ipp", "operator": "Equal", "value": "true", "effect": "NoSchedule"})
+    );
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0],
+        serde_json::json!({"key": "ipp", "operator": "In", "values": ["true"]})
+    );
+    let term =
+        &spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(term["namespaceSelector"], serde_json::json!({}));
+    assert_eq!(
+        term["labelSelector"]["matchExpressions"][1],
+        serde_json::json!({"key": "ipp-class", "operator": "NotIn", "values": ["blue"]})
+    );
+    assert_eq!(v[1]["allowed"], false);
+    assert!(
+        v[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tolerates moat's isolation taint 'ipp'")
+    );
+}
+
+#[test]
+fn namespace_labels_come_from_documents_and_flags() {
+    let cfg = temp_file(
+        "ns-binding.yaml",
+        "isolation: {mode: class, classes: [{name: gold, namespaceSelector: {matchLabels: {tier: gold}}}]}\n",
+    );
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: bank, labels: {moat.dev/class: gold}}\nspec: {containers: [{name: c, image: 'x:1'}]}\n";
+    let o = run_stdin(&["review", "--config", cfg.to_str().unwrap(), "-"], pod);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "unlabelled namespace may not use the class"
+    );
+    let o = run_stdin(
+        &[
+            "review",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--namespace-label",
+            "bank:tier=gold",
+            "-",
+        ],
+        pod,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let with_ns = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bank, labels: {{tier: gold}}}}\n---\n{pod}"
+    );
+    let o = run_stdin(
+        &["review", "--config", cfg.to_str().unwrap(), "-"],
+        &with_ns,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
