@@ -1,0 +1,310 @@
+//! Property tests over generated pods: the patch applies, reinvocation changes nothing, the
+//! validating stage accepts moat's own output, and no two pods that the invariant keeps apart
+//! can be placed on one node by a model of the scheduler's filters.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::collections::BTreeMap;
+
+use moat_core::config::Config;
+use moat_core::policy::{Decision, Operation, Request, Stage, decide};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+const CLASSES: &[&str] = &["gold", "silver", "untrusted"];
+const NAMESPACES: &[&str] = &["team-a", "team-b"];
+
+fn config(mode: &str, shared_pool: bool) -> Config {
+    let nodes = if shared_pool {
+        "nodes: {labelKey: ipp, labelValue: 'true', taintKey: ipp, taintValue: 'true'},"
+    } else {
+        ""
+    };
+    Config::from_yaml(&format!(
+        "runtimeClass: {{reservedRuntimes: [runc], fallbackRuntime: gvisor}}\n\
+         isolation: {{mode: {mode}, {nodes} classes: [{{name: '*', namespaces: ['*']}}]}}"
+    ))
+    .unwrap()
+}
+
+fn toleration() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({"key": "example.com/gpu", "operator": "Exists"})),
+        Just(
+            json!({"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"})
+        ),
+        Just(
+            json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300})
+        ),
+        // Attempts to reach isolated nodes: these must be denied for unisolated pods.
+        Just(json!({"operator": "Exists"})),
+        Just(json!({"key": "moat.dev/isolated", "operator": "Exists"})),
+        Just(json!({"key": "ipp", "operator": "Equal", "value": "true"})),
+    ]
+}
+
+fn node_term() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]})),
+        Just(json!({"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["b"]}]})),
+        Just(json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]})),
+        Just(
+            json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["plain-a", "gold-a", "silver-b"]}]})
+        ),
+    ]
+}
+
+fn anti_term() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": "zone"})),
+        Just(
+            json!({"labelSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]}, "topologyKey": "kubernetes.io/hostname"})
+        ),
+    ]
+}
+
+prop_compose! {
+    fn pod()(
+        class in prop::option::of(prop::sample::select(CLASSES)),
+        namespace in prop::sample::select(NAMESPACES),
+        app in prop::sample::select(&["web", "db", "batch"][..]),
+        tolerations in prop::collection::vec(toleration(), 0..3),
+        terms in prop::collection::vec(node_term(), 0..3),
+        anti in prop::collection::vec(anti_term(), 0..2),
+        selector in prop::option::of(Just(json!({"zone": "a"}))),
+        runtime in prop::option::of(prop::sample::select(&["runc", "gvisor", "kata"][..])),
+        containers in 1usize..4,
+    ) -> (String, Value) {
+        let mut labels = json!({"app": app});
+        if let Some(c) = class {
+            labels["moat.dev/class"] = json!(c);
+            labels["ipp-class"] = json!(c);
+        }
+        let mut spec = json!({
+            "containers": (0..containers).map(|i| json!({"name": format!("c{i}"), "image": format!("ghcr.io/acme/app{i}:1.{i}")})).collect::<Vec<_>>(),
+        });
+        if !tolerations.is_empty() { spec["tolerations"] = json!(tolerations); }
+        if !terms.is_empty() {
+            spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] = json!(terms);
+        }
+        if !anti.is_empty() {
+            spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = json!(anti);
+        }
+        if let Some(s) = selector { spec["nodeSelector"] = s; }
+        if let Some(r) = runtime { spec["runtimeClassName"] = json!(r); }
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": namespace, "labels": labels}, "spec": spec});
+        (namespace.to_owned(), pod)
+    }
+}
+
+fn decide_on(c: &Config, ns: &str, pod: &Value, stage: Stage) -> Decision {
+    let req = Request {
+        operation: Operation::Create,
+        stage,
+        object: pod,
+        old_object: None,
+        namespace: ns,
+        namespace_labels: None,
+        dry_run: false,
+        placement_seed: "seed",
+    };
+    decide(c, &req).unwrap()
+}
+
+// -------------------------------------------------------------------------------------------
+// A model of the scheduler's filters, written apart from moat's code: node affinity, node
+// selector, taints and tolerations, and required pod anti-affinity in both directions.
+
+struct Node {
+    name: String,
+    labels: BTreeMap<String, String>,
+    taints: Vec<(String, String, String)>,
+}
+
+fn nodes(c: &Config) -> Vec<Node> {
+    let n = &c.isolation.nodes;
+    let mut out = Vec::new();
+    for zone in ["a", "b"] {
+        out.push(Node {
+            name: format!("plain-{zone}"),
+            labels: [("zone".into(), zone.into())].into(),
+            taints: vec![],
+        });
+        for class in CLASSES {
+            let label = n.label_value.as_ref().map_or(*class, |v| v.as_str());
+            let taint = n.taint_value.as_ref().map_or(*class, |v| v.as_str());
+            let mut labels: BTreeMap<String, String> = [
+                ("zone".into(), zone.into()),
+                (n.label_key.to_string(), label.into()),
+            ]
+            .into();
+            // Dedicated nodes carry their id; the model gives each pool node every id it could be
+            // asked for by checking the class prefix in `selects`.
+            labels.insert(
+                c.isolation.dedicated_node_label.to_string(),
+                format!("{class}-*"),
+            );
+            out.push(Node {
+                name: format!("{class}-{zone}"),
+                labels,
+                taints: vec![(
+                    n.taint_key.to_string(),
+                    taint.into(),
+                    n.taint_effect.as_str().into(),
+                )],
+            });
+        }
+    }
+    out
+}
+
+fn expr_matches(e: &Value, get: impl Fn(&str) -> Option<String>) -> bool {
+    let got = get(e["key"].as_str().unwrap());
+    let values: Vec<&str> = e["values"]
+        .as_array()
+        .map(|v| v.iter().map(|x| x.as_str().unwrap()).collect())
+        .unwrap_or_default();
+    match e["operator"].as_str().unwrap() {
+        "In" => got.is_some_and(|g| values.contains(&g.as_str())),
+        "NotIn" => got.is_none_or(|g| !values.contains(&g.as_str())),
+        "Exists" => got.is_some(),
+        "DoesNotExist" => got.is_none(),
+        other => panic!("operator {other}"),
+    }
+}
+
+fn label_of(node: &Node, key: &str, want: Option<&str>) -> Option<String> {
+    let v = node.labels.get(key)?;
+    // The dedicated-node label stands for every id of its class.
+    match (v.strip_suffix('*'), want) {
+        (Some(prefix), Some(w)) if w.starts_with(prefix) => Some(w.to_owned()),
+        (Some(_), _) => Some(v.clone()),
+        (None, _) => Some(v.clone()),
+    }
+}
+
+fn selects(pod: &Value, node: &Node) -> bool {
+    let spec = &pod["spec"];
+    if let Some(sel) = spec["nodeSelector"].as_object() {
+        if !sel
+            .iter()
+            .all(|(k, v)| label_of(node, k, v.as_str()).as_deref() == v.as_str())
+        {
+            return false;
+        }
+    }
+    if let Some(terms) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"].as_array() {
+        let any = terms.iter().any(|t| {
+            let exprs = t["matchExpressions"].as_array().map_or(true, |es| es.iter().all(|e| expr_matches(e, |k| label_of(node, k, None))));
+            let fields = t["matchFields"].as_array().map_or(true, |fs| {
+                fs.iter().all(|f| expr_matches(f, |k| (k == "metadata.name").then(|| node.name.clone())))
+            });
+            exprs && fields
+        });
+        if !any {
+            return false;
+        }
+    }
+    node.taints.iter().all(|(key, value, effect)| {
+        spec["tolerations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| {
+                let op = t["operator"].as_str().unwrap_or("Equal");
+                let tkey = t["key"].as_str().unwrap_or("");
+                let teffect = t["effect"].as_str().unwrap_or("");
+                (teffect.is_empty() || teffect == effect)
+                    && ((tkey.is_empty() && op == "Exists") || tkey == key)
+                    && (op == "Exists" || t["value"].as_str().unwrap_or("") == value)
+            })
+    })
+}
+
+fn selector_matches(sel: &Value, labels: &Value) -> bool {
+    let get = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_owned);
+    sel["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| get(k).as_deref() == v.as_str()))
+        && sel["matchExpressions"]
+            .as_array()
+            .is_none_or(|es| es.iter().all(|e| expr_matches(e, get)))
+}
+
+/// Whether `a`'s required anti-affinity keeps `b` off a node shared by hostname.
+fn repels(a: &Value, b: &Value) -> bool {
+    a["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["topologyKey"] == "kubernetes.io/hostname")
+        .any(|t| {
+            // Without a namespaceSelector a term sees only its own namespace.
+            let same_ns = a["metadata"]["namespace"] == b["metadata"]["namespace"];
+            let ns_ok = t.get("namespaceSelector").is_some_and(|s| s == &json!({})) || same_ns;
+            ns_ok && selector_matches(&t["labelSelector"], &b["metadata"]["labels"])
+        })
+}
+
+fn class_of(pod: &Value, label: &str) -> Option<String> {
+    pod["metadata"]["labels"][label].as_str().map(str::to_owned)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn patch_applies_and_reinvocation_is_a_fixed_point(
+        mode in prop::sample::select(&["class", "pod", "dedicatedNode"][..]),
+        shared in any::<bool>(),
+        (ns, pod) in pod(),
+    ) {
+        let c = config(mode, shared);
+        let d = decide_on(&c, &ns, &pod, Stage::Mutate);
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &d.patch).unwrap();
+        prop_assert_eq!(&patched, &d.object);
+        if d.allowed() {
+            let again = decide_on(&c, &ns, &d.object, Stage::Mutate);
+            prop_assert!(again.allowed(), "{}", again.message());
+            prop_assert!(again.patch.0.is_empty(), "{:?}", again.patch);
+            let validated = decide_on(&c, &ns, &d.object, Stage::Validate);
+            prop_assert!(validated.allowed(), "{}", validated.message());
+        } else {
+            prop_assert!(d.patch.0.is_empty());
+        }
+    }
+
+    #[test]
+    fn isolated_pods_never_share_a_node_with_other_classes_or_unisolated_pods(
+        mode in prop::sample::select(&["class", "pod", "dedicatedNode"][..]),
+        shared in any::<bool>(),
+        (ns_a, a) in pod(),
+        (ns_b, b) in pod(),
+    ) {
+        // A shared pool keeps classes apart only by anti-affinity, which dedicatedNode mode
+        // does not use: that combination relies on the provisioner's per-pod nodes instead.
+        prop_assume!(!(shared && mode == "dedicatedNode"));
+        let c = config(mode, shared);
+        let label = c.isolation.pod_class_label.to_string();
+        let da = decide_on(&c, &ns_a, &a, Stage::Mutate);
+        let db = decide_on(&c, &ns_b, &b, Stage::Mutate);
+        prop_assume!(da.allowed() && db.allowed());
+        let (a, b) = (&da.object, &db.object);
+        let (ca, cb) = (class_of(a, &label), class_of(b, &label));
+        prop_assume!(ca.is_some());
+        let must_be_apart = match mode {
+            "pod" => true,
+            _ => ca != cb,
+        };
+        prop_assume!(must_be_apart);
+        for node in nodes(&c) {
+            let together = selects(a, &node) && selects(b, &node) && !repels(a, b) && !repels(b, a);
+            prop_assert!(!together, "{:?} and {:?} can share node {}", ca, cb, node.name);
+        }
+    }
+}
