@@ -2,8 +2,10 @@
 //! and reads it leniently (API servers add fields over time, so nothing here rejects unknown
 //! ones).
 
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -80,12 +82,58 @@ pub struct MalformedObject {
     pub message: String,
 }
 
+/// The metadata fields the policies read. Lenient: unknown fields are skipped.
+///
+/// moat reads views instead of `k8s_openapi`'s whole `ObjectMeta` and `PodSpec` because
+/// deserialising every probe, env var and managed field of a pod costs more than the decision
+/// itself; the placement types it does read (`Toleration`, `Affinity`, `OwnerReference`) are
+/// `k8s_openapi`'s own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaView {
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub owner_references: Option<Vec<OwnerReference>>,
+}
+
+/// One container of any kind: only what the image policy reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContainerView {
+    pub name: String,
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// The pod spec fields the policies read. Lenient: unknown fields are skipped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpecView {
+    pub containers: Vec<ContainerView>,
+    #[serde(default)]
+    pub init_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub ephemeral_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    #[serde(default)]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub runtime_class_name: Option<String>,
+}
+
 /// A pod template read from an object: typed views for deciding, plus its location for patching.
 #[derive(Debug, Clone)]
 pub struct Template {
     pub kind: Kind,
-    pub metadata: ObjectMeta,
-    pub spec: PodSpec,
+    pub metadata: MetaView,
+    pub spec: PodSpecView,
 }
 
 impl Template {
@@ -103,12 +151,12 @@ impl Template {
             .pointer(kind.template_pointer())
             .ok_or_else(|| err("", "pod template is missing".to_owned()))?;
         let metadata = match tpl.get("metadata") {
-            None | Some(Value::Null) => ObjectMeta::default(),
-            Some(m) => ObjectMeta::deserialize(m).map_err(|e| err("metadata", e.to_string()))?,
+            None | Some(Value::Null) => MetaView::default(),
+            Some(m) => MetaView::deserialize(m).map_err(|e| err("metadata", e.to_string()))?,
         };
         let spec = match tpl.get("spec") {
             None | Some(Value::Null) => return Err(err("spec", "pod spec is missing".to_owned())),
-            Some(s) => PodSpec::deserialize(s).map_err(|e| err("spec", e.to_string()))?,
+            Some(s) => PodSpecView::deserialize(s).map_err(|e| err("spec", e.to_string()))?,
         };
         Ok(Self {
             kind,

@@ -58,7 +58,20 @@ impl Default for Call<'_> {
     }
 }
 
-fn run(c: &Config, object: &Value, call: Call<'_>) -> Decision {
+/// A decision and the object after its patch.
+struct Checked {
+    d: Decision,
+    object: Value,
+}
+
+impl std::ops::Deref for Checked {
+    type Target = Decision;
+    fn deref(&self) -> &Decision {
+        &self.d
+    }
+}
+
+fn run(c: &Config, object: &Value, call: Call<'_>) -> Checked {
     let req = Request {
         operation: call.op,
         stage: call.stage,
@@ -69,10 +82,12 @@ fn run(c: &Config, object: &Value, call: Call<'_>) -> Decision {
         dry_run: call.dry_run,
         placement_seed: "uid-1",
     };
-    decide(c, &req).unwrap_or_else(|e| panic!("{e}"))
+    let d = decide(c, &req).unwrap_or_else(|e| panic!("{e}"));
+    let patched = d.patched(object).expect("the patch applies to its input");
+    Checked { d, object: patched }
 }
 
-fn create(c: &Config, object: &Value) -> Decision {
+fn create(c: &Config, object: &Value) -> Checked {
     run(c, object, Call::default())
 }
 
@@ -309,7 +324,7 @@ fn class_runtime_is_set_and_enforced() {
 // ---------------------------------------------------------------------------------------------
 // Isolation: the invariant and the earlier webhook's holes
 
-fn anti_affinity(d: &Decision) -> &Value {
+fn anti_affinity(d: &Checked) -> &Value {
     &d.object["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
 }
 

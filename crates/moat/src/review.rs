@@ -247,9 +247,18 @@ pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
             placement_seed: &seed,
         };
         match policy::decide(config, &req) {
-            Ok(decision) => report
-                .verdicts
-                .push(verdict(file, document, kind, namespace, name, decision)),
+            Ok(decision) => match decision.patched(&object) {
+                Ok(patched) => report.verdicts.push(verdict(
+                    file, document, kind, namespace, name, decision, patched,
+                )),
+                Err(e) => report.errors.push(DocumentError {
+                    file,
+                    document,
+                    message: format!(
+                        "{kind} {namespace}/{name}: internal error: moat's patch does not apply: {e}"
+                    ),
+                }),
+            },
             Err(e) => report.errors.push(DocumentError {
                 file,
                 document,
@@ -267,6 +276,7 @@ fn verdict(
     namespace: String,
     name: String,
     d: Decision,
+    object: Value,
 ) -> Verdict {
     Verdict {
         file,
@@ -300,7 +310,7 @@ fn verdict(
             .map(|c| format!("{}: {}", c.policy, c.description))
             .collect(),
         patch: d.patch,
-        object: d.object,
+        object,
     }
 }
 

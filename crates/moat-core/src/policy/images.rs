@@ -1,10 +1,9 @@
 //! Images: a tag other than `latest`, or a digest, for every container of every kind; optional
 //! registry allow-list and required digests. Never mutates.
 
-use k8s_openapi::api::core::v1::PodSpec;
-
 use super::{Context, Outcome, Policy};
 use crate::image::ImageRef;
+use crate::subject::PodSpecView;
 
 /// One container of any kind, with its field path.
 struct ContainerRef<'a> {
@@ -13,7 +12,7 @@ struct ContainerRef<'a> {
     image: Option<&'a str>,
 }
 
-fn all_containers(spec: &PodSpec) -> Vec<ContainerRef<'_>> {
+fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     let mut out = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
         out.push(ContainerRef {

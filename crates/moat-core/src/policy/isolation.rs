@@ -20,9 +20,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Toleration;
 use serde_json::{Value, json};
 
-use super::{
-    Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique, template_mut,
-};
+use super::{Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique};
 use crate::config::{IsolationMode, IsolationPolicy};
 use crate::names::{ClassName, RuntimeClassName};
 
@@ -312,7 +310,7 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         None
     };
 
-    let tpl = template_mut(ctx, object);
+    let tpl = object;
     let labels = entry(entry(tpl, "metadata"), "labels");
     if let Value::Object(map) = labels {
         let key = iso.pod_class_label.as_str();
@@ -362,11 +360,11 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
     );
     let expression = json!({"key": label_key, "operator": "In", "values": [node_value]});
     let terms = array_entry(required, "nodeSelectorTerms");
-    if terms.is_empty() {
-        terms.push(json!({}));
+    if terms.as_array().is_some_and(Vec::is_empty) {
+        *terms = json!([{}]);
     }
     let mut added = false;
-    for term in terms.iter_mut() {
+    for term in terms.as_array_mut().into_iter().flatten() {
         added |= push_unique(array_entry(term, "matchExpressions"), expression.clone());
     }
     if added {
@@ -395,16 +393,11 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         "namespaceSelector": {},
         "topologyKey": HOSTNAME_TOPOLOGY_KEY,
     });
-    let anti = entry(
+    let anti = array_entry(
         entry(affinity, "podAntiAffinity"),
         "requiredDuringSchedulingIgnoredDuringExecution",
     );
-    if !anti.is_array() {
-        *anti = Value::Array(Vec::new());
-    }
-    if let Value::Array(terms) = anti
-        && push_unique(terms, term)
-    {
+    if push_unique(anti, term) {
         out.changed(Policy::Isolation, description);
     }
 }

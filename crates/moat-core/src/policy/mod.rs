@@ -143,11 +143,9 @@ pub struct Decision {
     pub exemptions: Vec<Exemption>,
     /// What the patch does, in words (empty at the validate stage).
     pub changes: Vec<Change>,
-    /// RFC 6902 patch from the input object to [`Decision::object`] (empty when denied or at the
-    /// validate stage).
+    /// RFC 6902 patch to apply to the input object (empty when denied, at the validate stage,
+    /// and for workloads).
     pub patch: json_patch::Patch,
-    /// The object after the patch.
-    pub object: Value,
 }
 
 impl Decision {
@@ -162,7 +160,17 @@ impl Decision {
         msgs.join("; ")
     }
 
-    fn untouched(kind: Option<Kind>, object: &Value, reason: ExemptionReason) -> Self {
+    /// The input object with the patch applied.
+    ///
+    /// # Errors
+    /// Only if `original` is not the object this decision was made on.
+    pub fn patched(&self, original: &Value) -> Result<Value, json_patch::PatchError> {
+        let mut object = original.clone();
+        json_patch::patch(&mut object, &self.patch)?;
+        Ok(object)
+    }
+
+    fn untouched(kind: Option<Kind>, reason: ExemptionReason) -> Self {
         Self {
             kind,
             denials: Vec::new(),
@@ -173,7 +181,6 @@ impl Decision {
             }],
             changes: Vec::new(),
             patch: json_patch::Patch(Vec::new()),
-            object: object.clone(),
         }
     }
 }
@@ -213,18 +220,10 @@ impl Outcome {
 pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedObject> {
     let kind = type_of(req.object);
     let Some(kind) = kind else {
-        return Ok(Decision::untouched(
-            None,
-            req.object,
-            ExemptionReason::UnsupportedKind,
-        ));
+        return Ok(Decision::untouched(None, ExemptionReason::UnsupportedKind));
     };
     if matches!(req.operation, Operation::Delete | Operation::Connect) {
-        return Ok(Decision::untouched(
-            Some(kind),
-            req.object,
-            ExemptionReason::Operation,
-        ));
+        return Ok(Decision::untouched(Some(kind), ExemptionReason::Operation));
     }
     if config
         .exemptions
@@ -232,11 +231,7 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         .iter()
         .any(|p| p.matches(req.namespace))
     {
-        return Ok(Decision::untouched(
-            Some(kind),
-            req.object,
-            ExemptionReason::Namespace,
-        ));
+        return Ok(Decision::untouched(Some(kind), ExemptionReason::Namespace));
     }
     let template = Template::read(kind, req.object)?;
     // Only pods are updated in place; a workload's template change rolls out new pods, which
@@ -247,7 +242,10 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
     };
 
     let mut out = Outcome::default();
-    let mut object = req.object.clone();
+    // Policies mutate a copy of only the fields they may change, and the patch is the diff of
+    // that copy: cloning and diffing the whole object would cost more than the decision.
+    let before = scratch(req.object.pointer(kind.template_pointer()));
+    let mut object = before.clone();
     let ctx = Context {
         config,
         req,
@@ -267,7 +265,7 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         isolation::apply(&ctx, p, &mut out, &mut object);
     }
 
-    let patch = json_patch::diff(req.object, &object);
+    let patch = json_patch::diff(&before, &object);
     let mut decision = Decision {
         kind: Some(kind),
         denials: out.denials,
@@ -275,7 +273,6 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         exemptions: out.exemptions,
         changes: out.changes,
         patch,
-        object,
     };
     // Workload templates are decided, not patched: their pods are patched when created.
     let patched = kind == Kind::Pod;
@@ -292,7 +289,6 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
     }
     if !decision.allowed() || req.stage == Stage::Validate || !patched {
         decision.patch = json_patch::Patch(Vec::new());
-        decision.object = req.object.clone();
     }
     Ok(decision)
 }
@@ -326,63 +322,76 @@ impl Context<'_> {
     }
 }
 
-/// Mutable access to the template inside the object being patched.
-pub(crate) fn template_mut<'v>(ctx: &Context<'_>, object: &'v mut Value) -> &'v mut Value {
-    let ptr = ctx.template.kind.template_pointer();
-    // `Template::read` succeeded on the same object, so the pointer resolves.
-    match object.pointer_mut(ptr) {
-        Some(v) => v,
-        None => unreachable_template(),
+/// The fields of a pod template that a policy may change, copied: `metadata.labels` and
+/// `spec.{runtimeClassName, tolerations, affinity, nodeSelector}`, each only if present, so a diff
+/// of the copy is a patch of the template.
+fn scratch(template: Option<&Value>) -> Value {
+    const SPEC_FIELDS: [&str; 4] = [
+        "runtimeClassName",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+    ];
+    let mut root = serde_json::Map::new();
+    let Some(template) = template else {
+        return Value::Object(root);
+    };
+    match template.get("metadata") {
+        Some(Value::Object(meta)) => {
+            let mut m = serde_json::Map::new();
+            if let Some(labels) = meta.get("labels") {
+                m.insert("labels".to_owned(), labels.clone());
+            }
+            root.insert("metadata".to_owned(), Value::Object(m));
+        }
+        Some(other) => {
+            root.insert("metadata".to_owned(), other.clone());
+        }
+        None => {}
     }
+    if let Some(Value::Object(spec)) = template.get("spec") {
+        let mut s = serde_json::Map::new();
+        for field in SPEC_FIELDS {
+            if let Some(v) = spec.get(field) {
+                s.insert(field.to_owned(), v.clone());
+            }
+        }
+        root.insert("spec".to_owned(), Value::Object(s));
+    }
+    Value::Object(root)
 }
 
-#[expect(
-    clippy::panic,
-    reason = "Template::read checked the pointer on this very object"
-)]
-fn unreachable_template() -> ! {
-    panic!("pod template vanished between read and patch")
-}
-
-/// `value[key]`, inserting an empty object when absent or null.
+/// `value[key]`, made an empty object when absent, null, or not an object.
 pub(crate) fn entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Value {
     if !value.is_object() {
         *value = Value::Object(serde_json::Map::new());
     }
-    let Value::Object(map) = value else {
-        unreachable_template()
-    };
-    let slot = map.entry(key.to_owned()).or_insert(Value::Null);
-    if slot.is_null() {
+    let slot = &mut value[key];
+    if !slot.is_object() {
         *slot = Value::Object(serde_json::Map::new());
     }
     slot
 }
 
-/// `value[key]` as an array, inserting an empty one when absent or null.
-pub(crate) fn array_entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Vec<Value> {
+/// `value[key]`, made an empty array when absent, null, or not an array.
+pub(crate) fn array_entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Value {
     if !value.is_object() {
         *value = Value::Object(serde_json::Map::new());
     }
-    let Value::Object(map) = value else {
-        unreachable_template()
-    };
-    let slot = map.entry(key.to_owned()).or_insert(Value::Null);
+    let slot = &mut value[key];
     if !slot.is_array() {
         *slot = Value::Array(Vec::new());
     }
-    match slot {
-        Value::Array(a) => a,
-        _ => unreachable_template(),
-    }
+    slot
 }
 
-/// Appends `item` unless an equal one is there; returns whether it appended.
-pub(crate) fn push_unique(array: &mut Vec<Value>, item: Value) -> bool {
-    if array.contains(&item) {
-        false
-    } else {
-        array.push(item);
-        true
+/// Appends `item` to an array unless an equal one is there; returns whether it appended.
+pub(crate) fn push_unique(array: &mut Value, item: Value) -> bool {
+    match array {
+        Value::Array(items) if !items.contains(&item) => {
+            items.push(item);
+            true
+        }
+        _ => false,
     }
 }

@@ -14,7 +14,7 @@
 
 use serde_json::Value;
 
-use super::{Context, Outcome, Policy, template_mut};
+use super::{Context, Outcome, Policy};
 use crate::config::RuntimeClassPolicy;
 use crate::names::RuntimeClassName;
 
@@ -89,7 +89,7 @@ pub(super) fn apply(
     if let Some(t) = target
         && requested != Some(t.as_str())
     {
-        let spec = super::entry(template_mut(ctx, object), "spec");
+        let spec = super::entry(object, "spec");
         if let Value::Object(map) = spec {
             map.insert("runtimeClassName".to_owned(), Value::String(t.to_string()));
         }
