@@ -189,18 +189,17 @@ fn label_of(node: &Node, key: &str, want: Option<&str>) -> Option<String> {
 
 fn selects(pod: &Value, node: &Node) -> bool {
     let spec = &pod["spec"];
-    if let Some(sel) = spec["nodeSelector"].as_object() {
-        if !sel
+    if let Some(sel) = spec["nodeSelector"].as_object()
+        && !sel
             .iter()
             .all(|(k, v)| label_of(node, k, v.as_str()).as_deref() == v.as_str())
-        {
-            return false;
-        }
+    {
+        return false;
     }
     if let Some(terms) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"].as_array() {
         let any = terms.iter().any(|t| {
-            let exprs = t["matchExpressions"].as_array().map_or(true, |es| es.iter().all(|e| expr_matches(e, |k| label_of(node, k, None))));
-            let fields = t["matchFields"].as_array().map_or(true, |fs| {
+            let exprs = t["matchExpressions"].as_array().is_none_or(|es| es.iter().all(|e| expr_matches(e, |k| label_of(node, k, None))));
+            let fields = t["matchFields"].as_array().is_none_or(|fs| {
                 fs.iter().all(|f| expr_matches(f, |k| (k == "metadata.name").then(|| node.name.clone())))
             });
             exprs && fields
