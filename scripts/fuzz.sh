@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 60): image references, the configuration
 # loader and the whole decision. Installs cargo-fuzz when missing. A crash leaves its input in
-# fuzz/artifacts/<target>/ and fails the script.
+# fuzz/artifacts/<target>/ and fails the script; copy it to fuzz/seeds/<target>/ so the
+# regression test (crates/moat-core/tests/fuzz_seeds.rs) replays it on every test run.
 #
 #   scripts/fuzz.sh [SECONDS]
 set -euo pipefail
@@ -11,13 +12,16 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 # cargo-fuzz builds with sanitizer flags that only nightly accepts; the machine has one stable
 # toolchain, which accepts them when bootstrapping is allowed.
 export RUSTC_BOOTSTRAP=1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for target in image_ref config decide; do
   mkdir -p "fuzz/corpus/$target"
   echo "== fuzz $target for ${seconds}s"
-  cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
-    -max_total_time="$seconds" -max_len=8192 -print_final_stats=1 2>&1 | grep -E '^(==|#[0-9]+ *DONE|stat::number_of_executed_units|INFO: Running|SUMMARY|.*panicked)' || true
-  if [ -n "$(ls -A "fuzz/artifacts/$target" 2>/dev/null)" ]; then
-    echo "fuzz $target: crash inputs in fuzz/artifacts/$target" >&2
+  if ! cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+      -max_total_time="$seconds" -max_len=8192 -print_final_stats=1 >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "fuzz $target failed; crash inputs are in fuzz/artifacts/$target" >&2
     exit 1
   fi
+  grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+.*(DONE|cov:))' "$log" | tail -3
 done

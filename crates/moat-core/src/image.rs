@@ -138,9 +138,6 @@ impl FromStr for ImageRef {
         if name.is_empty() {
             return Err(ImageRefError::Empty);
         }
-        if name.len() > MAX_NAME_LEN_CHARS {
-            return Err(ImageRefError::NameTooLong);
-        }
         let (domain, path) = split_domain(name);
         if !valid_domain(domain) {
             return Err(ImageRefError::InvalidDomain(domain.to_owned()));
@@ -166,6 +163,11 @@ impl FromStr for ImageRef {
         } else {
             path.to_owned()
         };
+        // The limit applies to the normalised name, as in Docker: `a…` may fit where
+        // `docker.io/library/a…` does not.
+        if domain.len() + 1 + path.len() > MAX_NAME_LEN_CHARS {
+            return Err(ImageRefError::NameTooLong);
+        }
         Ok(Self {
             domain: domain.to_owned(),
             path,
@@ -479,6 +481,12 @@ mod tests {
         }
         let long = format!("{}:1", "a".repeat(MAX_NAME_LEN_CHARS + 1));
         assert_eq!(long.parse::<ImageRef>(), Err(ImageRefError::NameTooLong));
+        // The limit is on the normalised name.
+        let fits_raw = format!("{}:1", "a".repeat(MAX_NAME_LEN_CHARS - 4));
+        assert_eq!(
+            fits_raw.parse::<ImageRef>(),
+            Err(ImageRefError::NameTooLong)
+        );
         let long_tag = format!("a:{}", "t".repeat(MAX_TAG_LEN_CHARS + 1));
         assert!(matches!(
             long_tag.parse::<ImageRef>(),
