@@ -3,7 +3,7 @@
 //! `cargo bench -p moat --bench review`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use moat::review::{Input, Options, OutputFormat, render, review};
+use moat::review::{Input, Options, OutputFormat, review};
 use moat_core::config::Config;
 
 const PODS: usize = 10_000;
@@ -52,9 +52,17 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(PODS as u64));
     group.bench_function("10000 pods, json output", |b| {
         b.iter(|| {
-            let report = review(&config, &inputs, &options);
             let mut out = Vec::with_capacity(64 << 20);
-            render(&report, OutputFormat::Json, &mut out).map(|()| out.len())
+            let mut errors = Vec::new();
+            review(
+                &config,
+                &inputs,
+                &options,
+                OutputFormat::Json,
+                &mut out,
+                &mut errors,
+            )
+            .map(|s| s.allowed)
         })
     });
     group.finish();

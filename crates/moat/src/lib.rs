@@ -79,13 +79,17 @@ impl Args {
     /// Parses the command line and runs the command.
     pub fn parse_and_run() -> ExitCode {
         let args = Self::parse();
-        let stdout = std::io::stdout();
-        let stderr = std::io::stderr();
-        ExitCode::from(args.run(
-            &mut std::io::stdin().lock(),
-            &mut stdout.lock(),
-            &mut stderr.lock(),
-        ))
+        // Verdicts stream out one by one: buffer them rather than write a line at a time.
+        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut stderr = std::io::stderr().lock();
+        let code = args.run(&mut std::io::stdin().lock(), &mut stdout, &mut stderr);
+        match stdout.flush() {
+            Ok(()) => ExitCode::from(code),
+            Err(e) => {
+                let _ = writeln!(stderr, "moat: writing output: {e}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        }
     }
 
     /// Runs the command with the given streams; returns the exit status.
@@ -188,14 +192,11 @@ fn run_review(
             }
         }
     }
-    let report = review::review(&config, &inputs, &options);
-    for e in &report.errors {
-        let _ = writeln!(stderr, "moat: {e}");
-    }
-    review::render(&report, output, stdout).map_err(|e| format!("writing output: {e}"))?;
+    let summary = review::review(&config, &inputs, &options, output, stdout, stderr)
+        .map_err(|e| format!("writing output: {e}"))?;
     Ok(if failed {
         EXIT_ERROR
     } else {
-        report.exit_code()
+        summary.exit_code()
     })
 }

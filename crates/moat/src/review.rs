@@ -92,19 +92,21 @@ pub struct Reason {
     pub message: String,
 }
 
-/// The outcome of a run: verdicts in input order, and the documents that failed.
-#[derive(Debug, Default)]
-pub struct Report {
-    pub verdicts: Vec<Verdict>,
-    pub errors: Vec<DocumentError>,
+/// Counts of a run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub allowed: usize,
+    pub denied: usize,
+    /// Documents that could not be reviewed.
+    pub errors: usize,
 }
 
-impl Report {
+impl Summary {
     /// 0 when every object is allowed, 1 when any is denied, 2 when any document failed.
     pub fn exit_code(&self) -> u8 {
-        if !self.errors.is_empty() {
+        if self.errors > 0 {
             2
-        } else if self.verdicts.iter().any(|v| !v.allowed) {
+        } else if self.denied > 0 {
             1
         } else {
             0
@@ -139,73 +141,53 @@ fn is_blank(doc: &str) -> bool {
     })
 }
 
-/// Parses every document of every input. `List` kinds are expanded into their items.
-fn parse_inputs(inputs: &[Input], errors: &mut Vec<DocumentError>) -> Vec<(String, usize, Value)> {
-    let mut objects = Vec::new();
-    for input in inputs {
-        let docs = split_documents(&input.text);
-        for (i, doc) in docs.iter().enumerate() {
-            if is_blank(doc) {
-                continue;
-            }
-            let err = |message: String| DocumentError {
-                file: input.name.clone(),
-                document: i + 1,
-                message,
-            };
-            let value: Value = match serde_yaml::from_str::<Value>(doc) {
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(err(format!("does not parse as YAML or JSON: {e}")));
-                    continue;
-                }
-            };
-            if !value.is_object() {
-                errors.push(err(
-                    "is not an object (expected a Kubernetes manifest)".to_owned()
-                ));
-                continue;
-            }
-            let kind = value
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if kind.is_empty() || value.get("apiVersion").and_then(Value::as_str).is_none() {
-                errors.push(err("has no apiVersion or kind".to_owned()));
-                continue;
-            }
-            if kind.ends_with("List")
-                && let Some(Value::Array(items)) = value.get("items")
-            {
-                objects.extend(
-                    items
-                        .iter()
-                        .cloned()
-                        .map(|item| (input.name.clone(), i + 1, item)),
-                );
-                continue;
-            }
-            objects.push((input.name.clone(), i + 1, value));
-        }
+/// Parses one document into the objects it holds (`List` kinds are expanded into their items).
+fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
+    let value: Value =
+        serde_yaml::from_str(doc).map_err(|e| format!("does not parse as YAML or JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("is not an object (expected a Kubernetes manifest)".to_owned());
     }
-    objects
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if kind.is_empty() || value.get("apiVersion").and_then(Value::as_str).is_none() {
+        return Err("has no apiVersion or kind".to_owned());
+    }
+    if kind.ends_with("List")
+        && let Some(Value::Array(items)) = value.get("items")
+    {
+        return Ok(items.clone());
+    }
+    Ok(vec![value])
 }
 
-fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
-    object.get("metadata")?.get(key)?.as_str()
+/// Every non-blank document of every input, with its file name and 1-based index.
+fn documents(inputs: &[Input]) -> impl Iterator<Item = (&str, usize, &str)> {
+    inputs.iter().flat_map(|input| {
+        split_documents(&input.text)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, doc)| !is_blank(doc))
+            .map(|(i, doc)| (input.name.as_str(), i + 1, doc))
+    })
 }
 
-/// Reviews every document of `inputs`.
-pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
-    let mut report = Report::default();
-    let objects = parse_inputs(inputs, &mut report.errors);
-
+/// Labels of the `Namespace` objects in the input, over those given by flag.
+fn namespace_labels(
+    inputs: &[Input],
+    options: &Options,
+) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut namespaces = options.namespace_labels.clone();
-    for (_, _, object) in &objects {
-        if object.get("kind").and_then(Value::as_str) == Some("Namespace")
-            && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
-            && let Some(name) = metadata_str(object, "name")
-        {
+    // Only documents that can hold a Namespace are parsed in this first pass.
+    for (_, _, doc) in documents(inputs).filter(|(_, _, d)| d.contains("Namespace")) {
+        for object in parse_document(doc).unwrap_or_default() {
+            let is_namespace = object.get("kind").and_then(Value::as_str) == Some("Namespace")
+                && object.get("apiVersion").and_then(Value::as_str) == Some("v1");
+            let Some(name) = metadata_str(&object, "name").filter(|_| is_namespace) else {
+                continue;
+            };
             let labels = namespaces.entry(name.to_owned()).or_default();
             if let Some(Value::Object(l)) = object.get("metadata").and_then(|m| m.get("labels")) {
                 for (k, v) in l {
@@ -216,57 +198,124 @@ pub fn review(config: &Config, inputs: &[Input], options: &Options) -> Report {
             }
         }
     }
+    namespaces
+}
 
-    for (file, document, object) in objects {
-        let kind = object
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        // Namespaces are cluster-scoped; every kind moat reviews is namespaced.
-        let namespace = match metadata_str(&object, "namespace") {
-            Some(ns) => ns.to_owned(),
-            None if kind == "Namespace" => String::new(),
-            None => options.default_namespace.clone(),
+fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
+    object.get("metadata")?.get(key)?.as_str()
+}
+
+/// Reviews every document of `inputs`, writing each verdict to `out` as it is decided (memory
+/// stays flat however many objects there are) and each document error to `errors`.
+///
+/// # Errors
+/// Only the writers' errors.
+pub fn review(
+    config: &Config,
+    inputs: &[Input],
+    options: &Options,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    errors: &mut dyn Write,
+) -> std::io::Result<Summary> {
+    let namespaces = namespace_labels(inputs, options);
+    let mut summary = Summary::default();
+    let mut renderer = Renderer::new(format);
+    for (file, document, doc) in documents(inputs) {
+        let objects = match parse_document(doc) {
+            Ok(objects) => objects,
+            Err(message) => {
+                summary.errors += 1;
+                writeln!(
+                    errors,
+                    "moat: {}",
+                    DocumentError {
+                        file: file.to_owned(),
+                        document,
+                        message
+                    }
+                )?;
+                continue;
+            }
         };
-        let name = metadata_str(&object, "name")
-            .or_else(|| metadata_str(&object, "generateName"))
-            .unwrap_or_default()
-            .to_owned();
-        let mut labels = namespaces.get(&namespace).cloned().unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
-        let seed = format!("{kind}/{name}");
-        let req = Request {
-            operation: Operation::Create,
-            stage: Stage::Mutate,
-            object: &object,
-            old_object: None,
-            namespace: &namespace,
-            namespace_labels: Some(&labels),
-            dry_run: false,
-            placement_seed: &seed,
-        };
-        match policy::decide(config, &req) {
-            Ok(decision) => match decision.patched(&object) {
-                Ok(patched) => report.verdicts.push(verdict(
-                    file, document, kind, namespace, name, decision, patched,
-                )),
-                Err(e) => report.errors.push(DocumentError {
-                    file,
-                    document,
-                    message: format!(
-                        "{kind} {namespace}/{name}: internal error: moat's patch does not apply: {e}"
-                    ),
-                }),
-            },
-            Err(e) => report.errors.push(DocumentError {
-                file,
-                document,
-                message: format!("{kind} {namespace}/{name}: {e}"),
-            }),
+        for object in objects {
+            match review_object(config, options, &namespaces, file, document, &object) {
+                Ok(v) => {
+                    if v.allowed {
+                        summary.allowed += 1;
+                    } else {
+                        summary.denied += 1;
+                    }
+                    renderer.write(&v, out)?;
+                }
+                Err(e) => {
+                    summary.errors += 1;
+                    writeln!(errors, "moat: {e}")?;
+                }
+            }
         }
     }
-    report
+    renderer.finish(&summary, out)?;
+    Ok(summary)
+}
+
+fn review_object(
+    config: &Config,
+    options: &Options,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    file: &str,
+    document: usize,
+    object: &Value,
+) -> Result<Verdict, DocumentError> {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    // Namespaces are cluster-scoped; every kind moat reviews is namespaced.
+    let namespace = match metadata_str(object, "namespace") {
+        Some(ns) => ns.to_owned(),
+        None if kind == "Namespace" => String::new(),
+        None => options.default_namespace.clone(),
+    };
+    let name = metadata_str(object, "name")
+        .or_else(|| metadata_str(object, "generateName"))
+        .unwrap_or_default()
+        .to_owned();
+    let mut labels = namespaces.get(&namespace).cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+    let seed = format!("{kind}/{name}");
+    let req = Request {
+        operation: Operation::Create,
+        stage: Stage::Mutate,
+        object,
+        old_object: None,
+        namespace: &namespace,
+        namespace_labels: Some(&labels),
+        dry_run: false,
+        placement_seed: &seed,
+    };
+    let error = |message: String| DocumentError {
+        file: file.to_owned(),
+        document,
+        message,
+    };
+    let decision = policy::decide(config, &req)
+        .map_err(|e| error(format!("{kind} {namespace}/{name}: {e}")))?;
+    let patched = decision.patched(object).map_err(|e| {
+        error(format!(
+            "{kind} {namespace}/{name}: internal error: moat's patch does not apply: {e}"
+        ))
+    })?;
+    Ok(verdict(
+        file.to_owned(),
+        document,
+        kind,
+        namespace,
+        name,
+        decision,
+        patched,
+    ))
 }
 
 fn verdict(
@@ -314,74 +363,94 @@ fn verdict(
     }
 }
 
-/// Writes the report in the chosen format.
-///
-/// # Errors
-/// Only the writer's errors.
-pub fn render(report: &Report, format: OutputFormat, out: &mut dyn Write) -> std::io::Result<()> {
-    match format {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &report.verdicts)?;
-            writeln!(out)
+/// Writes verdicts one at a time in the chosen format.
+struct Renderer {
+    format: OutputFormat,
+    first: bool,
+}
+
+impl Renderer {
+    fn new(format: OutputFormat) -> Self {
+        Self {
+            format,
+            first: true,
         }
-        OutputFormat::Yaml => {
-            let text = serde_yaml::to_string(&report.verdicts).map_err(std::io::Error::other)?;
-            out.write_all(text.as_bytes())
+    }
+
+    fn write(&mut self, v: &Verdict, out: &mut dyn Write) -> std::io::Result<()> {
+        let first = std::mem::replace(&mut self.first, false);
+        match self.format {
+            OutputFormat::Json => {
+                out.write_all(if first { b"[\n" } else { b",\n" })?;
+                serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::other)
+            }
+            OutputFormat::Yaml => {
+                let text = serde_yaml::to_string(std::slice::from_ref(v))
+                    .map_err(std::io::Error::other)?;
+                out.write_all(text.as_bytes())
+            }
+            OutputFormat::Text => render_text(v, out),
         }
-        OutputFormat::Text => render_text(report, out),
+    }
+
+    fn finish(self, summary: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
+        match self.format {
+            OutputFormat::Json => out.write_all(if self.first { b"[]\n" } else { b"\n]\n" }),
+            OutputFormat::Yaml if self.first => out.write_all(b"[]\n"),
+            OutputFormat::Yaml => Ok(()),
+            OutputFormat::Text => writeln!(
+                out,
+                "{} objects: {} allowed, {} denied, {} errors",
+                summary.allowed + summary.denied,
+                summary.allowed,
+                summary.denied,
+                summary.errors
+            ),
+        }
     }
 }
 
-fn render_text(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
-    for v in &report.verdicts {
-        let verb = match (v.reviewed, v.allowed) {
-            (false, _) => "SKIP ",
-            (true, true) => "ALLOW",
-            (true, false) => "DENY ",
-        };
-        let mut line = if v.namespace.is_empty() {
-            format!("{verb} {} {}", v.kind, v.name)
+fn render_text(v: &Verdict, out: &mut dyn Write) -> std::io::Result<()> {
+    let verb = match (v.reviewed, v.allowed) {
+        (false, _) => "SKIP ",
+        (true, true) => "ALLOW",
+        (true, false) => "DENY ",
+    };
+    let mut line = if v.namespace.is_empty() {
+        format!("{verb} {} {}", v.kind, v.name)
+    } else {
+        format!("{verb} {} {}/{}", v.kind, v.namespace, v.name)
+    };
+    if !v.reviewed {
+        line.push_str(" (not a kind moat reviews)");
+    } else if !v.exemptions.is_empty() {
+        line.push_str(&format!(" (exempt: {})", v.exemptions.join(", ")));
+    }
+    writeln!(out, "{line}")?;
+    for r in &v.reasons {
+        writeln!(out, "  - {}: {}", r.policy, r.message)?;
+    }
+    for w in &v.warnings {
+        writeln!(out, "  ! {w}")?;
+    }
+    if v.allowed {
+        let prefix = if v.kind == "Pod" {
+            "+"
         } else {
-            format!("{verb} {} {}/{}", v.kind, v.namespace, v.name)
+            "+ at pod creation:"
         };
-        if !v.reviewed {
-            line.push_str(" (not a kind moat reviews)");
-        } else if !v.exemptions.is_empty() {
-            line.push_str(&format!(" (exempt: {})", v.exemptions.join(", ")));
+        for c in &v.changes {
+            writeln!(out, "  {prefix} {c}")?;
         }
-        writeln!(out, "{line}")?;
-        for r in &v.reasons {
-            writeln!(out, "  - {}: {}", r.policy, r.message)?;
-        }
-        for w in &v.warnings {
-            writeln!(out, "  ! {w}")?;
-        }
-        if v.allowed {
-            let prefix = if v.kind == "Pod" {
-                "+"
-            } else {
-                "+ at pod creation:"
-            };
-            for c in &v.changes {
-                writeln!(out, "  {prefix} {c}")?;
-            }
-            for op in &v.patch.0 {
-                writeln!(
-                    out,
-                    "    {}",
-                    serde_json::to_string(op).map_err(std::io::Error::other)?
-                )?;
-            }
+        for op in &v.patch.0 {
+            writeln!(
+                out,
+                "    {}",
+                serde_json::to_string(op).map_err(std::io::Error::other)?
+            )?;
         }
     }
-    let denied = report.verdicts.iter().filter(|v| !v.allowed).count();
-    writeln!(
-        out,
-        "{} objects: {} allowed, {denied} denied, {} errors",
-        report.verdicts.len(),
-        report.verdicts.len() - denied,
-        report.errors.len()
-    )
+    Ok(())
 }
 
 #[cfg(test)]

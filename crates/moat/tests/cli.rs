@@ -343,3 +343,14 @@ fn namespace_labels_come_from_documents_and_flags() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }
+
+#[test]
+fn empty_input_is_an_empty_array() {
+    let o = run_stdin(&["review", "-o", "json", "-"], "# nothing here\n---\n");
+    assert_eq!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([]));
+    let o = run_stdin(&["review", "-o", "yaml", "-"], "");
+    let v: Vec<Value> = serde_yaml::from_slice(&o.stdout).unwrap();
+    assert!(v.is_empty());
+}
