@@ -55,6 +55,43 @@ pub struct Config {
     /// What the policies do not apply to.
     #[serde(default)]
     pub exemptions: Exemptions,
+    /// Enforce or only audit each policy.
+    #[serde(default)]
+    pub enforcement: EnforcementModes,
+}
+
+/// Whether a policy's decisions take effect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Enforcement {
+    /// Denials deny and mutations are applied.
+    #[default]
+    Enforce,
+    /// Allow: denials become warnings (and are counted), mutations are only described.
+    Audit,
+}
+
+/// `enforcement`: a mode per policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnforcementModes {
+    #[serde(default)]
+    pub images: Enforcement,
+    #[serde(default)]
+    pub runtime_class: Enforcement,
+    #[serde(default)]
+    pub isolation: Enforcement,
+}
+
+impl EnforcementModes {
+    /// The mode of one policy.
+    pub fn of(&self, policy: crate::policy::Policy) -> Enforcement {
+        match policy {
+            crate::policy::Policy::Images => self.images,
+            crate::policy::Policy::RuntimeClass => self.runtime_class,
+            crate::policy::Policy::Isolation => self.isolation,
+        }
+    }
 }
 
 /// `images`: every container's image must carry a tag other than `latest`, or a digest.

@@ -988,3 +988,61 @@ fn embedded_default_refuses_isolates_and_rewrites() {
     );
     assert_allowed(&d);
 }
+
+#[test]
+fn audit_mode_allows_warns_and_changes_nothing() {
+    let c = config(&format!(
+        "runtimeClass: {{reservedRuntimes: [runc], fallbackRuntime: gvisor}}\n{CLASS_MODE}\n\
+         enforcement: {{images: audit, runtimeClass: audit, isolation: audit}}"
+    ));
+    let d = create(&c, &labelled("gold", app("busybox")));
+    assert_allowed(&d);
+    assert!(d.patch.0.is_empty(), "{:?}", d.patch);
+    assert_eq!(d.audited.len(), 1);
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.starts_with("audit: moat would deny:") && w.contains("has no tag")),
+        "{:?}",
+        d.warnings
+    );
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w == "audit: moat would set spec.runtimeClassName to 'gvisor'"),
+        "{:?}",
+        d.warnings
+    );
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.starts_with("audit: moat would add toleration")),
+        "{:?}",
+        d.warnings
+    );
+    // Audit of one policy leaves the others enforced.
+    let c = config(&format!("{CLASS_MODE}\nenforcement: {{images: audit}}"));
+    let d = create(&c, &labelled("gold", app("busybox")));
+    assert_allowed(&d);
+    assert!(!d.patch.0.is_empty(), "isolation is still enforced");
+    let d = create(
+        &c,
+        &pod(
+            json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "a", "image": "x"}]}),
+        ),
+    );
+    assert_denied(&d, "tolerates");
+    assert!(!d.message().contains("has no tag"));
+}
+
+#[test]
+fn image_review_applies_the_image_rule_alone() {
+    let c = config("images: {allowedRegistries: [ghcr.io]}");
+    let got =
+        moat_core::policy::review_images(&c, ["ghcr.io/a/b:1", "busybox", "", "ghcr.io/x:latest"]);
+    let indices: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indices, vec![1, 1, 2, 3], "{got:?}");
+    assert!(got[0].1.contains("not an allowed registry"));
+    assert!(got[1].1.contains("has no tag"));
+    assert!(got[3].1.contains("mutable tag 'latest'"));
+}

@@ -2,6 +2,7 @@
 //! registry allow-list and required digests. Never mutates.
 
 use super::{Context, Outcome, Policy};
+use crate::config::ImagePolicy;
 use crate::image::ImageRef;
 use crate::subject::PodSpecView;
 
@@ -49,7 +50,6 @@ fn unchanged(ctx: &Context<'_>, name: &str, image: &str) -> bool {
 }
 
 pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
-    let policy = &ctx.config.images;
     for c in all_containers(&ctx.template.spec) {
         let who = format!("container '{}' ({})", c.name, ctx.field(&c.field));
         let Some(raw) = c.image.filter(|i| !i.is_empty()) else {
@@ -59,53 +59,50 @@ pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
         if unchanged(ctx, c.name, raw) {
             continue;
         }
-        let image: ImageRef = match raw.parse() {
-            Ok(i) => i,
-            Err(e) => {
-                out.deny(
-                    Policy::Images,
-                    format!("{who}: image '{raw}' is not a valid reference: {e}"),
-                );
-                continue;
-            }
-        };
-        if !policy.allowed_registries.is_empty()
-            && !policy.allowed_registries.iter().any(|r| r.contains(&image))
-        {
-            let allowed: Vec<String> = policy
-                .allowed_registries
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            out.deny(
-                Policy::Images,
-                format!(
-                    "{who}: image '{raw}' is from '{}', which is not an allowed registry ({})",
-                    image.repository(),
-                    allowed.join(", ")
-                ),
-            );
-        }
-        if image.digest().is_some() {
-            continue;
-        }
-        if policy.require_digest {
-            out.deny(
-                Policy::Images,
-                format!("{who}: image '{raw}' must be pinned by digest (@sha256:…)"),
-            );
-            continue;
-        }
-        match image.tag() {
-            None => out.deny(
-                Policy::Images,
-                format!("{who}: image '{raw}' has no tag, which means 'latest'; pin a version tag or a digest"),
-            ),
-            Some("latest") => out.deny(
-                Policy::Images,
-                format!("{who}: image '{raw}' uses the mutable tag 'latest'; pin a version tag or a digest"),
-            ),
-            Some(_) => {}
+        for problem in judge(&ctx.config.images, raw) {
+            out.deny(Policy::Images, format!("{who}: {problem}"));
         }
     }
+}
+
+/// What is wrong with one image reference under `policy` (empty: nothing).
+pub(crate) fn judge(policy: &ImagePolicy, raw: &str) -> Vec<String> {
+    let image: ImageRef = match raw.parse() {
+        Ok(i) => i,
+        Err(e) => return vec![format!("image '{raw}' is not a valid reference: {e}")],
+    };
+    let mut problems = Vec::new();
+    if !policy.allowed_registries.is_empty()
+        && !policy.allowed_registries.iter().any(|r| r.contains(&image))
+    {
+        let allowed: Vec<String> = policy
+            .allowed_registries
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        problems.push(format!(
+            "image '{raw}' is from '{}', which is not an allowed registry ({})",
+            image.repository(),
+            allowed.join(", ")
+        ));
+    }
+    if image.digest().is_some() {
+        return problems;
+    }
+    if policy.require_digest {
+        problems.push(format!(
+            "image '{raw}' must be pinned by digest (@sha256:…)"
+        ));
+        return problems;
+    }
+    match image.tag() {
+        None => problems.push(format!(
+            "image '{raw}' has no tag, which means 'latest'; pin a version tag or a digest"
+        )),
+        Some("latest") => problems.push(format!(
+            "image '{raw}' uses the mutable tag 'latest'; pin a version tag or a digest"
+        )),
+        Some(_) => {}
+    }
+    problems
 }

@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, Enforcement};
 use crate::subject::{Kind, MalformedObject, Template};
 
 /// The admission operation.
@@ -139,6 +139,8 @@ pub struct Change {
 pub struct Decision {
     pub kind: Option<Kind>,
     pub denials: Vec<Denial>,
+    /// Denials of policies in audit mode: not enforced, reported as warnings and counted.
+    pub audited: Vec<Denial>,
     pub warnings: Vec<String>,
     pub exemptions: Vec<Exemption>,
     /// What the patch does, in words (empty at the validate stage).
@@ -174,6 +176,7 @@ impl Decision {
         Self {
             kind,
             denials: Vec::new(),
+            audited: Vec::new(),
             warnings: Vec::new(),
             exemptions: vec![Exemption {
                 policy: None,
@@ -253,27 +256,59 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         old: old.as_ref(),
     };
 
+    // An audited policy's mutations go to a copy that is thrown away.
+    let mut shadow = before.clone();
+    let enforced = config.enforcement;
     images::check(&ctx, &mut out);
     let placement = isolation::decide(&ctx, &mut out);
     runtime::apply(
         &ctx,
         placement.as_ref().and_then(|p| p.runtime.as_ref()),
         &mut out,
-        &mut object,
+        if enforced.runtime_class == Enforcement::Audit {
+            &mut shadow
+        } else {
+            &mut object
+        },
     );
     if let Some(p) = &placement {
-        isolation::apply(&ctx, p, &mut out, &mut object);
+        let target = if enforced.isolation == Enforcement::Audit {
+            &mut shadow
+        } else {
+            &mut object
+        };
+        isolation::apply(&ctx, p, &mut out, target);
     }
 
     let patch = json_patch::diff(&before, &object);
     let mut decision = Decision {
         kind: Some(kind),
-        denials: out.denials,
+        denials: Vec::new(),
+        audited: Vec::new(),
         warnings: out.warnings,
         exemptions: out.exemptions,
-        changes: out.changes,
+        changes: Vec::new(),
         patch,
     };
+    for denial in out.denials {
+        if enforced.of(denial.policy) == Enforcement::Audit {
+            decision
+                .warnings
+                .push(format!("audit: moat would deny: {}", denial.message));
+            decision.audited.push(denial);
+        } else {
+            decision.denials.push(denial);
+        }
+    }
+    for change in out.changes {
+        if enforced.of(change.policy) == Enforcement::Audit {
+            decision
+                .warnings
+                .push(format!("audit: moat would {}", change.description));
+        } else {
+            decision.changes.push(change);
+        }
+    }
     // Workload templates are decided, not patched: their pods are patched when created.
     let patched = kind == Kind::Pod;
     if req.stage == Stage::Validate && patched && !decision.changes.is_empty() {
@@ -291,6 +326,29 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         decision.patch = json_patch::Patch(Vec::new());
     }
     Ok(decision)
+}
+
+/// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`): what is wrong
+/// with each image, as `(index, message)`, in order. Empty: all images pass. The caller applies
+/// `enforcement.images`.
+pub fn review_images<'a>(
+    config: &Config,
+    images: impl IntoIterator<Item = &'a str>,
+) -> Vec<(usize, String)> {
+    images
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, raw)| {
+            if raw.is_empty() {
+                vec![(i, "has no image".to_owned())]
+            } else {
+                images::judge(&config.images, raw)
+                    .into_iter()
+                    .map(|m| (i, m))
+                    .collect()
+            }
+        })
+        .collect()
 }
 
 /// The kind of an object, from its `apiVersion` and `kind`.
