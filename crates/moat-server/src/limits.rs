@@ -1,0 +1,38 @@
+//! Every bound the server enforces, named with its unit. Each is covered by a test.
+
+use std::time::Duration;
+
+/// Largest request body. An AdmissionReview carries `object` and, on UPDATE, `oldObject`, each
+/// at most etcd's default 1.5 MiB request limit, plus JSON framing.
+pub const MAX_BODY_LEN_BYTES: usize = 4 * 1024 * 1024;
+
+/// Time a client has to send its request headers (HTTP/1.1) after connecting or between
+/// requests on a kept-alive connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a client has to send the whole body once the headers arrived.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time from the end of the headers to the response. The API server's own webhook timeout
+/// (`timeoutSeconds`, 10 s by default) is longer, so the client sees moat's answer, not its own
+/// timeout.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Requests decided at once; more wait for a slot, up to [`QUEUE_TIMEOUT`].
+pub const MAX_CONCURRENT_REQUESTS: usize = 512;
+
+/// Time a request may wait for a slot before it is answered 503.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Open connections at once; the accept loop waits when all are taken.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How often the TLS and configuration files are checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Time in-flight requests get to finish after SIGTERM (below the pod's default 30 s
+/// `terminationGracePeriodSeconds`).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);

@@ -1,0 +1,264 @@
+//! `moat serve`: TLS (HTTP/2 and HTTP/1.1 by ALPN) around [`crate::router`], a plain-HTTP
+//! metrics port, file reloads, connection limits and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use moat_core::config::Config;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::certs;
+use crate::limits::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, RELOAD_INTERVAL, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT};
+use crate::metrics::Metrics;
+use crate::namespaces::{self, NamespaceCache};
+use crate::tls::{CertStore, TlsError};
+use crate::{AppState, metrics_router, router};
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files, reloaded when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A CA and a certificate for `localhost`/`127.0.0.1` made in memory; the CA bundle (PEM) is
+    /// written to `ca_out` before the server becomes ready. For local use.
+    SelfSigned { ca_out: PathBuf },
+}
+
+/// Everything `moat serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub config: Config,
+    /// The file `config` came from, watched for changes; `None` for the embedded default.
+    pub config_path: Option<PathBuf>,
+    pub tls: TlsSource,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+    #[error("connecting to the Kubernetes API for the namespace cache: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("accepting connections: {0}")]
+    Accept(std::io::Error),
+}
+
+/// A bound, not yet running server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    state: Arc<AppState>,
+    registry: Arc<Registry>,
+    certs: Arc<CertStore>,
+    config_path: Option<PathBuf>,
+}
+
+impl Server {
+    /// Loads the TLS material, starts the namespace cache when the configuration needs it, and
+    /// binds both ports.
+    ///
+    /// # Errors
+    /// [`ServeError`] naming what failed.
+    pub async fn bind(options: ServeOptions) -> Result<Self, ServeError> {
+        let ServeOptions { addr, metrics_addr, config, config_path, tls } = options;
+        let certs = match tls {
+            TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
+            TlsSource::SelfSigned { ca_out } => {
+                let generated = certs::generate(&["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?;
+                certs::write_atomic(&ca_out, generated.ca_cert_pem.as_bytes(), 0o644)?;
+                CertStore::from_pem(&generated.cert_pem, &generated.key_pem)?
+            }
+        };
+        let namespaces = if namespaces::needed(&config) {
+            Some(NamespaceCache::start(kube::Client::try_default().await?))
+        } else {
+            None
+        };
+        let mut registry = Registry::default();
+        let state = Arc::new(AppState::new(config, namespaces, &mut registry));
+        state.set_tls_ready();
+        let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source }) };
+        Ok(Self {
+            listener: bind(addr).await?,
+            metrics_listener: bind(metrics_addr).await?,
+            state,
+            registry: Arc::new(registry),
+            certs: Arc::new(certs),
+            config_path,
+        })
+    }
+
+    /// The address the review port is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The address the metrics port is bound to.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.local_addr().ok()
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// (up to [`SHUTDOWN_GRACE`]) and returns.
+    ///
+    /// # Errors
+    /// [`ServeError::Accept`] if the listener fails.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let Self { listener, metrics_listener, state, registry, certs, config_path } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut shutdown = std::pin::pin!(shutdown);
+
+        let mut metrics_stop = stop_rx.clone();
+        let metrics = tokio::spawn(async move {
+            let app = metrics_router(registry);
+            let stopped = async move {
+                let _ = metrics_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(metrics_listener, app).with_graceful_shutdown(stopped).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        let reloads = tokio::spawn(reload_loop(state.clone(), certs.clone(), config_path, stop_rx.clone()));
+
+        let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
+        let graceful = GracefulShutdown::new();
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let app = router(state.clone());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving reviews");
+
+        loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                permit = connections.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, builder, app, watcher) = (acceptor.clone(), builder.clone(), app.clone(), graceful.watcher());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let service = TowerToHyperService::new(app);
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+
+        tracing::info!(open = graceful.count(), "shutting down: no new connections, finishing in-flight reviews");
+        drop(listener);
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+            tracing::warn!("in-flight reviews did not finish within the grace period");
+        }
+        let _ = metrics.await;
+        reloads.abort();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn modified(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
+}
+
+/// Checks the TLS files and the configuration file every [`RELOAD_INTERVAL`]. A file that does
+/// not load is logged and counted, and the one in force is kept.
+async fn reload_loop(
+    state: Arc<AppState>,
+    certs: Arc<CertStore>,
+    config_path: Option<PathBuf>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut config_stamp = config_path.as_ref().and_then(modified);
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match certs.reload_if_changed() {
+            Ok(false) => {}
+            Ok(true) => {
+                Metrics::reloaded(&state.metrics.tls_reloads, true);
+                tracing::info!("TLS certificate reloaded");
+            }
+            Err(e) => {
+                Metrics::reloaded(&state.metrics.tls_reloads, false);
+                tracing::error!(error = %e, "TLS reload failed; keeping the certificate in use");
+            }
+        }
+        let Some(path) = &config_path else { continue };
+        let now = modified(path);
+        if now == config_stamp {
+            continue;
+        }
+        config_stamp = now;
+        let loaded = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Config::from_yaml(&text).map_err(|e| e.to_string()))
+            .and_then(|config| state.set_config(config));
+        match loaded {
+            Ok(()) => {
+                Metrics::reloaded(&state.metrics.config_reloads, true);
+                tracing::info!(path = %path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                Metrics::reloaded(&state.metrics.config_reloads, false);
+                tracing::error!(path = %path.display(), error = %e, "configuration reload failed; keeping the configuration in force");
+            }
+        }
+    }
+}
