@@ -2,6 +2,7 @@
 //! and node agent build on the same policy core.
 
 pub mod review;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -33,6 +34,10 @@ enum Command {
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the admission server (HTTPS reviews, plain-HTTP metrics).
+    Serve(serve::ServeArgs),
+    /// Write a CA and a serving certificate for the webhook's service DNS names.
+    Certs(serve::CertsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,8 +85,10 @@ impl Args {
     pub fn parse_and_run() -> ExitCode {
         let args = Self::parse();
         // Verdicts stream out one by one: buffer them rather than write a line at a time.
-        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-        let mut stderr = std::io::stderr().lock();
+        // Unlocked handles: `moat serve` logs to stderr from other threads, and a lock held here
+        // for the whole run would block them forever.
+        let mut stdout = std::io::BufWriter::new(std::io::stdout());
+        let mut stderr = std::io::stderr();
         let code = args.run(&mut std::io::stdin().lock(), &mut stdout, &mut stderr);
         match stdout.flush() {
             Ok(()) => ExitCode::from(code),
@@ -97,6 +104,8 @@ impl Args {
         let Self { command } = self;
         let result = match command {
             Command::Review(args) => run_review(args, stdin, stdout, stderr),
+            Command::Serve(args) => serve::run_serve(args),
+            Command::Certs(args) => serve::run_certs(args, stdout),
             Command::Config(ConfigCommand::Default) => stdout
                 .write_all(DEFAULT_CONFIG_YAML.as_bytes())
                 .map(|()| 0)
@@ -131,7 +140,7 @@ fn read_limited(reader: &mut dyn Read, name: &str) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| format!("{name}: not UTF-8 text"))
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+pub(crate) fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
     let Some(path) = path else {
         return Ok(Config::embedded_default());
     };

@@ -1,0 +1,128 @@
+//! `moat serve` and `moat certs`: argument wiring around `moat-server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use moat_server::server::{ServeOptions, Server, TlsSource};
+
+use crate::load_config;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Least severe level logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    /// Includes whole objects: they can hold Secrets.
+    Trace,
+}
+
+/// Arguments of `moat serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (YAML or JSON), reloaded when it changes. Default: the embedded one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for reviews (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8443", value_name = "HOST:PORT")]
+    addr: SocketAddr,
+    /// Address for Prometheus metrics (plain HTTP, GET /metrics).
+    #[arg(long, default_value = "0.0.0.0:9090", value_name = "HOST:PORT")]
+    metrics_addr: SocketAddr,
+    /// Serving certificate chain (PEM), reloaded when it changes.
+    #[arg(long, value_name = "FILE", required_unless_present = "self_signed", requires = "tls_key", conflicts_with = "self_signed")]
+    tls_cert: Option<PathBuf>,
+    /// Serving key (PEM), reloaded when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Make a CA and a certificate for localhost/127.0.0.1 in memory (for local use).
+    #[arg(long, requires = "ca_out")]
+    self_signed: bool,
+    /// With --self-signed: where to write the CA bundle (PEM) before becoming ready.
+    #[arg(long, value_name = "PATH", requires = "self_signed")]
+    ca_out: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+}
+
+/// Arguments of `moat certs`.
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// DNS names (or IP addresses) the serving certificate is for, e.g. moat.moat-system.svc.
+    #[arg(long = "dns", required = true, value_name = "NAME")]
+    names: Vec<String>,
+    /// Directory for ca.crt, ca.key, tls.crt and tls.key (keys 0600).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn init_logging(format: LogFormat, level: LogLevel) {
+    let level = match level {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    };
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr);
+    // A second initialisation (tests calling run twice) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+/// Runs the admission server until SIGTERM or SIGINT.
+pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
+    let ServeArgs { config, addr, metrics_addr, tls_cert, tls_key, self_signed, ca_out, log_format, log_level } = args;
+    init_logging(log_format, log_level);
+    let tls = match (tls_cert, tls_key, self_signed, ca_out) {
+        (Some(cert), Some(key), false, None) => TlsSource::Files { cert, key },
+        (None, None, true, Some(ca_out)) => TlsSource::SelfSigned { ca_out },
+        _ => return Err("give --tls-cert and --tls-key, or --self-signed with --ca-out".to_owned()),
+    };
+    let options = ServeOptions { addr, metrics_addr, config: load_config(config.as_ref())?, config_path: config, tls };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let server = Server::bind(options).await.map_err(|e| e.to_string())?;
+        server.run(shutdown_signal()).await.map_err(|e| e.to_string())
+    })?;
+    Ok(0)
+}
+
+/// Completes on SIGTERM (what the kubelet sends) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Writes a CA and a serving certificate.
+pub fn run_certs(args: CertsArgs, stdout: &mut dyn std::io::Write) -> Result<u8, String> {
+    let CertsArgs { names, out } = args;
+    let generated = moat_server::certs::generate(&names).map_err(|e| e.to_string())?;
+    moat_server::certs::write_dir(&out, &generated).map_err(|e| e.to_string())?;
+    writeln!(stdout, "wrote {}/{{ca.crt,ca.key,tls.crt,tls.key}} for {}", out.display(), names.join(", "))
+        .map_err(|e| format!("writing output: {e}"))?;
+    Ok(0)
+}
