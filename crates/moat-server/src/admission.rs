@@ -12,17 +12,22 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use http_body_util::{BodyExt, Limited};
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation as KubeOperation};
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, Operation as KubeOperation,
+};
 use moat_core::policy::{self, Decision, Operation, Request, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::field::Empty;
 
-use crate::limits::{BODY_READ_TIMEOUT, MAX_BODY_LEN_BYTES};
-use crate::metrics::{Endpoint, EndpointLabels, ExemptionLabels, Outcome, PolicyLabels, RequestLabels};
 use crate::AppState;
+use crate::limits::{BODY_READ_TIMEOUT, MAX_BODY_LEN_BYTES};
+use crate::metrics::{
+    Endpoint, EndpointLabels, ExemptionLabels, Outcome, PolicyLabels, RequestLabels,
+};
 
 const ADMISSION_V1: &str = "admission.k8s.io/v1";
 const ADMISSION_V1BETA1: &str = "admission.k8s.io/v1beta1";
@@ -126,7 +131,11 @@ fn operation_name(op: &KubeOperation) -> &'static str {
 /// The object as JSON for the policy core: `apiVersion`, `kind`, the metadata it reads, and the
 /// rest of the object moved (not copied) out of the parsed request.
 fn object_value(object: DynamicObject) -> Value {
-    let DynamicObject { types, metadata, data } = object;
+    let DynamicObject {
+        types,
+        metadata,
+        data,
+    } = object;
     let mut value = match data {
         Value::Object(map) => map,
         _ => serde_json::Map::new(),
@@ -144,25 +153,55 @@ fn object_value(object: DynamicObject) -> Value {
     put("name", metadata.name.map(Value::String));
     put("generateName", metadata.generate_name.map(Value::String));
     put("namespace", metadata.namespace.map(Value::String));
-    put("labels", metadata.labels.and_then(|l| serde_json::to_value(l).ok()));
-    put("annotations", metadata.annotations.and_then(|a| serde_json::to_value(a).ok()));
-    put("ownerReferences", metadata.owner_references.and_then(|o| serde_json::to_value(o).ok()));
+    put(
+        "labels",
+        metadata.labels.and_then(|l| serde_json::to_value(l).ok()),
+    );
+    put(
+        "annotations",
+        metadata
+            .annotations
+            .and_then(|a| serde_json::to_value(a).ok()),
+    );
+    put(
+        "ownerReferences",
+        metadata
+            .owner_references
+            .and_then(|o| serde_json::to_value(o).ok()),
+    );
     value.insert("metadata".to_owned(), Value::Object(meta));
     Value::Object(value)
 }
 
-pub(crate) async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn mutate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     review(&state, Endpoint::mutate, Stage::Mutate, &headers, body).await
 }
 
-pub(crate) async fn validate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn validate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     review(&state, Endpoint::validate, Stage::Validate, &headers, body).await
 }
 
-async fn review(state: &AppState, endpoint: Endpoint, stage: Stage, headers: &HeaderMap, body: Body) -> Response {
+async fn review(
+    state: &AppState,
+    endpoint: Endpoint,
+    stage: Stage,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let _in_flight = state.in_flight();
-    let response = match read_body(headers, body).await.and_then(|b| parse_review(&b)) {
+    let response = match read_body(headers, body)
+        .await
+        .and_then(|b| parse_review(&b))
+    {
         Ok(req) => answer(state, endpoint, stage, req),
         Err(e) => {
             state.count(endpoint, "", Outcome::invalid);
@@ -170,15 +209,25 @@ async fn review(state: &AppState, endpoint: Endpoint, stage: Stage, headers: &He
             e.into_response()
         }
     };
-    state.metrics.duration.get_or_create(&EndpointLabels { endpoint }).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .duration
+        .get_or_create(&EndpointLabels { endpoint })
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
 fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, RequestError> {
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
-        .map_err(|e| RequestError::Malformed { kind: "AdmissionReview", message: e.to_string() })?;
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| RequestError::Malformed {
+            kind: "AdmissionReview",
+            message: e.to_string(),
+        })?;
     if review.types.kind != "AdmissionReview" {
-        return Err(RequestError::WrongKind { expected: "AdmissionReview", got: review.types.kind });
+        return Err(RequestError::WrongKind {
+            expected: "AdmissionReview",
+            got: review.types.kind,
+        });
     }
     if review.types.api_version != ADMISSION_V1 && review.types.api_version != ADMISSION_V1BETA1 {
         return Err(RequestError::UnsupportedVersion(review.types.api_version));
@@ -186,7 +235,12 @@ fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, RequestE
     review.try_into().map_err(|_| RequestError::NoRequest)
 }
 
-fn answer(state: &AppState, endpoint: Endpoint, stage: Stage, mut req: AdmissionRequest<DynamicObject>) -> Response {
+fn answer(
+    state: &AppState,
+    endpoint: Endpoint,
+    stage: Stage,
+    mut req: AdmissionRequest<DynamicObject>,
+) -> Response {
     let operation = operation_name(&req.operation);
     let span = tracing::info_span!(
         "review",
@@ -254,7 +308,10 @@ fn answer(state: &AppState, endpoint: Endpoint, stage: Stage, mut req: Admission
                 Err(e) => {
                     tracing::error!(error = %e, "could not encode the patch");
                     state.count(endpoint, operation, Outcome::error);
-                    return error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode the patch".to_owned());
+                    return error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "could not encode the patch".to_owned(),
+                    );
                 }
             };
         } else {
@@ -271,8 +328,28 @@ fn answer(state: &AppState, endpoint: Endpoint, stage: Stage, mut req: Admission
     review_json(response)
 }
 
-fn review_json(response: AdmissionResponse) -> Response {
-    (StatusCode::OK, axum::Json(response.into_review())).into_response()
+/// The AdmissionReview answer. kube-core serialises `response.patch` (`Vec<u8>`) as an array of
+/// numbers; the API's documented wire form, and what Go's `[]byte` encodes to, is a base64
+/// string, so the patch is written that way (a third the size, too).
+fn review_json(mut response: AdmissionResponse) -> Response {
+    let patch = response.patch.take();
+    let mut review = match serde_json::to_value(response.into_review()) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "could not encode the review");
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not encode the review".to_owned(),
+            );
+        }
+    };
+    if let (Some(patch), Some(Value::Object(r))) = (patch, review.get_mut("response")) {
+        r.insert(
+            "patch".to_owned(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(patch)),
+        );
+    }
+    (StatusCode::OK, axum::Json(review)).into_response()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -321,15 +398,25 @@ pub struct ImageReviewStatus {
     pub audit_annotations: BTreeMap<String, String>,
 }
 
-pub(crate) async fn imagereview(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn imagereview(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let endpoint = Endpoint::imagereview;
     let _in_flight = state.in_flight();
     let parsed = read_body(&headers, body).await.and_then(|b| {
-        let review: ImageReview = serde_json::from_slice(&b)
-            .map_err(|e| RequestError::Malformed { kind: "ImageReview", message: e.to_string() })?;
+        let review: ImageReview =
+            serde_json::from_slice(&b).map_err(|e| RequestError::Malformed {
+                kind: "ImageReview",
+                message: e.to_string(),
+            })?;
         if review.kind != "ImageReview" {
-            return Err(RequestError::WrongKind { expected: "ImageReview", got: review.kind });
+            return Err(RequestError::WrongKind {
+                expected: "ImageReview",
+                got: review.kind,
+            });
         }
         if review.api_version != IMAGEPOLICY_V1ALPHA1 {
             return Err(RequestError::UnsupportedVersion(review.api_version));
@@ -343,23 +430,43 @@ pub(crate) async fn imagereview(State(state): State<Arc<AppState>>, headers: Hea
         }
         Ok(mut review) => {
             let config = state.config();
-            let problems = policy::review_images(&config, review.spec.containers.iter().map(|c| c.image.as_str()));
+            let problems = policy::review_images(
+                &config,
+                review.spec.containers.iter().map(|c| c.image.as_str()),
+            );
             let reasons: Vec<String> = problems
                 .iter()
                 .map(|(i, m)| format!("spec.containers[{i}]: {m}"))
                 .collect();
             let audit = config.enforcement.images == moat_core::config::Enforcement::Audit;
-            let mut status = ImageReviewStatus { allowed: reasons.is_empty() || audit, ..Default::default() };
+            let mut status = ImageReviewStatus {
+                allowed: reasons.is_empty() || audit,
+                ..Default::default()
+            };
             if !reasons.is_empty() {
                 let decision = if audit { "audited" } else { "denied" };
-                state.metrics.policy_decisions.get_or_create(&PolicyLabels { endpoint, policy: "images", decision }).inc();
+                state
+                    .metrics
+                    .policy_decisions
+                    .get_or_create(&PolicyLabels {
+                        endpoint,
+                        policy: "images",
+                        decision,
+                    })
+                    .inc();
                 if audit {
-                    status.audit_annotations.insert("moat.dev/audit".to_owned(), reasons.join("; "));
+                    status
+                        .audit_annotations
+                        .insert("moat.dev/audit".to_owned(), reasons.join("; "));
                 } else {
                     status.reason = reasons.join("; ");
                 }
             }
-            let outcome = if status.allowed { Outcome::allowed } else { Outcome::denied };
+            let outcome = if status.allowed {
+                Outcome::allowed
+            } else {
+                Outcome::denied
+            };
             state.count(endpoint, "", outcome);
             tracing::info!(namespace = %review.spec.namespace, images = review.spec.containers.len(), allowed = status.allowed, "image review");
             review.status = Some(status);
@@ -367,7 +474,11 @@ pub(crate) async fn imagereview(State(state): State<Arc<AppState>>, headers: Hea
             (StatusCode::OK, axum::Json(review)).into_response()
         }
     };
-    state.metrics.duration.get_or_create(&EndpointLabels { endpoint }).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .duration
+        .get_or_create(&EndpointLabels { endpoint })
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -375,20 +486,44 @@ impl AppState {
     fn count(&self, endpoint: Endpoint, operation: &str, decision: Outcome) {
         self.metrics
             .requests
-            .get_or_create(&RequestLabels { endpoint, operation: operation.to_owned(), decision })
+            .get_or_create(&RequestLabels {
+                endpoint,
+                operation: operation.to_owned(),
+                decision,
+            })
             .inc();
     }
 
     fn record_policies(&self, endpoint: Endpoint, d: &Decision) {
         for x in &d.denials {
-            self.metrics.policy_decisions.get_or_create(&PolicyLabels { endpoint, policy: x.policy.as_str(), decision: "denied" }).inc();
+            self.metrics
+                .policy_decisions
+                .get_or_create(&PolicyLabels {
+                    endpoint,
+                    policy: x.policy.as_str(),
+                    decision: "denied",
+                })
+                .inc();
         }
         for x in &d.audited {
-            self.metrics.policy_decisions.get_or_create(&PolicyLabels { endpoint, policy: x.policy.as_str(), decision: "audited" }).inc();
+            self.metrics
+                .policy_decisions
+                .get_or_create(&PolicyLabels {
+                    endpoint,
+                    policy: x.policy.as_str(),
+                    decision: "audited",
+                })
+                .inc();
         }
         for e in &d.exemptions {
             let policy = e.policy.map_or("all", |p| p.as_str());
-            self.metrics.exemptions.get_or_create(&ExemptionLabels { policy, reason: e.reason.as_str() }).inc();
+            self.metrics
+                .exemptions
+                .get_or_create(&ExemptionLabels {
+                    policy,
+                    reason: e.reason.as_str(),
+                })
+                .inc();
             tracing::debug!(policy, reason = e.reason.as_str(), "exempt");
         }
     }

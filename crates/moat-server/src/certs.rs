@@ -26,7 +26,10 @@ pub enum CertError {
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// PEM-encoded material.
@@ -41,7 +44,9 @@ pub struct Generated {
 impl std::fmt::Debug for Generated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Keys never reach a log.
-        f.debug_struct("Generated").field("ca_cert_pem", &self.ca_cert_pem).finish_non_exhaustive()
+        f.debug_struct("Generated")
+            .field("ca_cert_pem", &self.ca_cert_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,6 +55,21 @@ fn validity(params: &mut CertificateParams) {
     let days = std::time::Duration::from_secs(86_400 * CERT_VALIDITY_DAYS.unsigned_abs());
     params.not_before = (now - std::time::Duration::from_secs(300)).into();
     params.not_after = (now + days).into();
+}
+
+/// A DNS name: dot-separated labels of letters, digits and inner hyphens, optionally starting
+/// with a `*.` wildcard.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
 }
 
 /// A new CA, and a serving certificate it signs for `names` (DNS names or IP addresses).
@@ -65,7 +85,13 @@ pub fn generate(names: &[String]) -> Result<Generated, CertError> {
         if let Ok(ip) = name.parse::<IpAddr>() {
             sans.push(SanType::IpAddress(ip));
         } else {
-            let dns = name.clone().try_into().map_err(|_| CertError::InvalidName(name.clone()))?;
+            if !is_dns_name(name) {
+                return Err(CertError::InvalidName(name.clone()));
+            }
+            let dns = name
+                .clone()
+                .try_into()
+                .map_err(|_| CertError::InvalidName(name.clone()))?;
             sans.push(SanType::DnsName(dns));
         }
     }
@@ -73,15 +99,21 @@ pub fn generate(names: &[String]) -> Result<Generated, CertError> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name.push(DnType::CommonName, "moat webhook CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "moat webhook CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut ca);
     let ca_cert = ca.self_signed(&ca_key)?;
 
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::default();
     leaf.subject_alt_names = sans;
-    leaf.distinguished_name.push(DnType::CommonName, names[0].as_str());
+    leaf.distinguished_name
+        .push(DnType::CommonName, names[0].as_str());
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut leaf);
@@ -102,7 +134,10 @@ pub fn generate(names: &[String]) -> Result<Generated, CertError> {
 /// # Errors
 /// [`CertError::Write`] naming the file.
 pub fn write_dir(dir: &Path, g: &Generated) -> Result<(), CertError> {
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.display().to_string(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
     write_atomic(&dir.join("ca.crt"), g.ca_cert_pem.as_bytes(), 0o644)?;
     write_atomic(&dir.join("ca.key"), g.ca_key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join("tls.crt"), g.cert_pem.as_bytes(), 0o644)?;
@@ -116,11 +151,21 @@ pub fn write_dir(dir: &Path, g: &Generated) -> Result<(), CertError> {
 /// # Errors
 /// [`CertError::Write`] naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
-    let err = |source| CertError::Write { path: path.display().to_string(), source };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let err = |source| CertError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -141,13 +186,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("moat-certs-{}", std::process::id()));
         let g = generate(&["moat.moat-system.svc".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         write_dir(&dir, &g).unwrap();
-        for (file, mode) in [("ca.crt", 0o644), ("ca.key", 0o600), ("tls.crt", 0o644), ("tls.key", 0o600)] {
+        for (file, mode) in [
+            ("ca.crt", 0o644),
+            ("ca.key", 0o600),
+            ("tls.crt", 0o644),
+            ("tls.key", 0o600),
+        ] {
             let meta = std::fs::metadata(dir.join(file)).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
         }
         // Rewriting replaces whole files and leaves no temporary behind.
         write_dir(&dir, &g).unwrap();
-        let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names.len(), 4, "{names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -155,7 +208,10 @@ mod tests {
     #[test]
     fn rejects_empty_and_invalid_names() {
         assert!(matches!(generate(&[]), Err(CertError::NoNames)));
-        assert!(matches!(generate(&["bad name".to_owned()]), Err(CertError::InvalidName(_))));
+        assert!(matches!(
+            generate(&["bad name".to_owned()]),
+            Err(CertError::InvalidName(_))
+        ));
     }
 
     #[test]

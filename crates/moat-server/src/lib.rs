@@ -43,7 +43,11 @@ pub struct AppState {
 
 impl AppState {
     /// State for `config`. `namespaces` must be given when [`namespaces::needed`] says so.
-    pub fn new(config: Config, namespaces: Option<NamespaceCache>, registry: &mut Registry) -> Self {
+    pub fn new(
+        config: Config,
+        namespaces: Option<NamespaceCache>,
+        registry: &mut Registry,
+    ) -> Self {
         Self {
             config: RwLock::new(Arc::new(config)),
             namespaces,
@@ -55,7 +59,10 @@ impl AppState {
 
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the configuration. Refused when the new one reads namespace labels and no
@@ -67,7 +74,10 @@ impl AppState {
         if namespaces::needed(&config) && self.namespaces.is_none() {
             return Err("the new configuration reads namespace labels, which needs a restart to start the namespace cache".to_owned());
         }
-        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
         Ok(())
     }
 
@@ -132,11 +142,17 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// Bounds concurrent reviews and the time each may take.
 async fn limit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let Ok(Ok(_permit)) = tokio::time::timeout(QUEUE_TIMEOUT, state.slots.acquire()).await else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "too many reviews in progress".to_owned());
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many reviews in progress".to_owned(),
+        );
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "review timed out".to_owned()),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "review timed out".to_owned(),
+        ),
     }
 }
 
@@ -150,11 +166,17 @@ pub fn metrics_router(registry: Arc<Registry>) -> Router {
                 let mut text = String::new();
                 match prometheus_client::encoding::text::encode(&mut text, &registry) {
                     Ok(()) => (
-                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         text,
                     )
                         .into_response(),
-                    Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode metrics".to_owned()),
+                    Err(_) => error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "could not encode metrics".to_owned(),
+                    ),
                 }
             }
         }),

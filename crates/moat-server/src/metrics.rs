@@ -10,7 +10,10 @@ use prometheus_client::registry::Registry;
 
 /// An endpoint that decides.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types, reason = "label values are written as Prometheus shows them")]
+#[allow(
+    non_camel_case_types,
+    reason = "label values are written as Prometheus shows them"
+)]
 pub enum Endpoint {
     mutate,
     validate,
@@ -19,7 +22,10 @@ pub enum Endpoint {
 
 /// What a request came to.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types, reason = "label values are written as Prometheus shows them")]
+#[allow(
+    non_camel_case_types,
+    reason = "label values are written as Prometheus shows them"
+)]
 pub enum Outcome {
     /// Allowed (possibly with a patch or audit warnings).
     allowed,
@@ -77,8 +83,9 @@ pub struct Metrics {
 
 /// Latency buckets in seconds: a decision takes tens of microseconds, the API server gives up
 /// after seconds.
-const DURATION_BUCKETS_SECONDS: [f64; 12] =
-    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5];
+const DURATION_BUCKETS_SECONDS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
+];
 
 impl Metrics {
     /// Creates the instruments and registers them under `moat_`.
@@ -93,22 +100,50 @@ impl Metrics {
             config_reloads: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("moat");
-        r.register("admission_requests", "Reviews answered, by endpoint, operation and decision", m.requests.clone());
+        r.register(
+            "admission_requests",
+            "Reviews answered, by endpoint, operation and decision",
+            m.requests.clone(),
+        );
         r.register(
             "policy_decisions",
             "Denials by policy, enforced (denied) or only reported (audited)",
             m.policy_decisions.clone(),
         );
-        r.register("exemptions", "Policies skipped, by policy and reason", m.exemptions.clone());
-        r.register("admission_request_duration_seconds", "Time to answer a review", m.duration.clone());
-        r.register("admission_in_flight", "Reviews being answered", m.in_flight.clone());
-        r.register("tls_reloads", "Reloads of the TLS certificate and key", m.tls_reloads.clone());
-        r.register("config_reloads", "Reloads of the configuration file", m.config_reloads.clone());
+        r.register(
+            "exemptions",
+            "Policies skipped, by policy and reason",
+            m.exemptions.clone(),
+        );
+        r.register(
+            "admission_request_duration_seconds",
+            "Time to answer a review",
+            m.duration.clone(),
+        );
+        r.register(
+            "admission_in_flight",
+            "Reviews being answered",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate and key",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Reloads of the configuration file",
+            m.config_reloads.clone(),
+        );
         m
     }
 
     /// Counts a reload attempt.
     pub fn reloaded(family: &Family<ResultLabels, Counter>, ok: bool) {
-        family.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+        family
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 }

@@ -16,7 +16,8 @@ use moat_core::config::Config;
 /// Whether a configuration reads namespace labels: a class bound by a namespace label or selector.
 pub fn needed(config: &Config) -> bool {
     let iso = &config.isolation;
-    iso.namespace_class_label.is_some() || iso.classes.iter().any(|c| c.namespace_selector.is_some())
+    iso.namespace_class_label.is_some()
+        || iso.classes.iter().any(|c| c.namespace_selector.is_some())
 }
 
 /// A watched view of every namespace's labels.

@@ -18,7 +18,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::certs;
-use crate::limits::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, RELOAD_INTERVAL, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT};
+use crate::limits::{
+    HEADER_READ_TIMEOUT, MAX_CONNECTIONS, RELOAD_INTERVAL, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,
+};
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
 use crate::tls::{CertStore, TlsError};
@@ -50,7 +52,10 @@ pub struct ServeOptions {
 #[non_exhaustive]
 pub enum ServeError {
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -79,11 +84,21 @@ impl Server {
     /// # Errors
     /// [`ServeError`] naming what failed.
     pub async fn bind(options: ServeOptions) -> Result<Self, ServeError> {
-        let ServeOptions { addr, metrics_addr, config, config_path, tls } = options;
+        let ServeOptions {
+            addr,
+            metrics_addr,
+            config,
+            config_path,
+            tls,
+        } = options;
         let certs = match tls {
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
             TlsSource::SelfSigned { ca_out } => {
-                let generated = certs::generate(&["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?;
+                let generated = certs::generate(&[
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "::1".to_owned(),
+                ])?;
                 certs::write_atomic(&ca_out, generated.ca_cert_pem.as_bytes(), 0o644)?;
                 CertStore::from_pem(&generated.cert_pem, &generated.key_pem)?
             }
@@ -96,7 +111,11 @@ impl Server {
         let mut registry = Registry::default();
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
         state.set_tls_ready();
-        let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source }) };
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
         Ok(Self {
             listener: bind(addr).await?,
             metrics_listener: bind(metrics_addr).await?,
@@ -127,8 +146,18 @@ impl Server {
     ///
     /// # Errors
     /// [`ServeError::Accept`] if the listener fails.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Self { listener, metrics_listener, state, registry, certs, config_path } = self;
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Self {
+            listener,
+            metrics_listener,
+            state,
+            registry,
+            certs,
+            config_path,
+        } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
 
@@ -138,18 +167,29 @@ impl Server {
             let stopped = async move {
                 let _ = metrics_stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(metrics_listener, app).with_graceful_shutdown(stopped).await {
+            if let Err(e) = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
-        let reloads = tokio::spawn(reload_loop(state.clone(), certs.clone(), config_path, stop_rx.clone()));
+        let reloads = tokio::spawn(reload_loop(
+            state.clone(),
+            certs.clone(),
+            config_path,
+            stop_rx.clone(),
+        ));
 
         let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
         let graceful = GracefulShutdown::new();
         let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let app = router(state.clone());
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving reviews");
@@ -175,20 +215,26 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, builder, app, watcher) = (acceptor.clone(), builder.clone(), app.clone(), graceful.watcher());
+            let (acceptor, builder, app, watcher) = (
+                acceptor.clone(),
+                builder.clone(),
+                app.clone(),
+                graceful.watcher(),
+            );
             tokio::spawn(async move {
                 let _permit = permit;
-                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let service = TowerToHyperService::new(app);
                 let conn = builder.serve_connection(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -197,10 +243,16 @@ impl Server {
             });
         }
 
-        tracing::info!(open = graceful.count(), "shutting down: no new connections, finishing in-flight reviews");
+        tracing::info!(
+            open = graceful.count(),
+            "shutting down: no new connections, finishing in-flight reviews"
+        );
         drop(listener);
         let _ = stop_tx.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("in-flight reviews did not finish within the grace period");
         }
         let _ = metrics.await;
@@ -211,7 +263,9 @@ impl Server {
 }
 
 fn modified(path: &PathBuf) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
 }
 
 /// Checks the TLS files and the configuration file every [`RELOAD_INTERVAL`]. A file that does

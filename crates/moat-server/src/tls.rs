@@ -20,7 +20,10 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 #[non_exhaustive]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: String },
     #[error("{path}: {message}")]
@@ -29,13 +32,19 @@ pub enum TlsError {
     Key(rustls::Error),
 }
 
-/// Modification time and length of both files: a change in either means "reload".
+/// Inode, modification time and length of both files: a change in any means "reload". The inode
+/// catches a rename over the file (how Secret volumes and atomic writers replace files) even
+/// within the file system's timestamp granularity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp([(Option<SystemTime>, u64); 2]);
+pub(crate) struct Stamp([(u64, Option<SystemTime>, u64); 2]);
+
+pub(crate) fn file_stamp(p: &Path) -> (u64, Option<SystemTime>, u64) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map_or((0, None, 0), |m| (m.ino(), m.modified().ok(), m.len()))
+}
 
 fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let one = |p: &Path| std::fs::metadata(p).map_or((None, 0), |m| (m.modified().ok(), m.len()));
-    Stamp([one(cert), one(key)])
+    Stamp([file_stamp(cert), file_stamp(key)])
 }
 
 /// The current certificate and key, and where they come from.
@@ -46,20 +55,36 @@ pub struct CertStore {
     stamp: Mutex<Option<Stamp>>,
 }
 
-fn certified_key(cert_pem: &[u8], cert_name: &str, key_pem: &[u8], key_name: &str) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    cert_pem: &[u8],
+    cert_name: &str,
+    key_pem: &[u8],
+    key_name: &str,
+) -> Result<CertifiedKey, TlsError> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { path: cert_name.to_owned(), message: e.to_string() })?;
+        .map_err(|e| TlsError::Pem {
+            path: cert_name.to_owned(),
+            message: e.to_string(),
+        })?;
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate { path: cert_name.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: cert_name.to_owned(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| TlsError::Pem { path: key_name.to_owned(), message: e.to_string() })?;
-    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider()).map_err(TlsError::Key)
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        path: key_name.to_owned(),
+        message: e.to_string(),
+    })?;
+    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map_err(TlsError::Key)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl CertStore {
@@ -68,8 +93,17 @@ impl CertStore {
     /// # Errors
     /// [`TlsError`] when the PEM does not parse or the key does not match.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = certified_key(cert_pem.as_bytes(), "certificate", key_pem.as_bytes(), "key")?;
-        Ok(Self { current: RwLock::new(Arc::new(key)), files: None, stamp: Mutex::new(None) })
+        let key = certified_key(
+            cert_pem.as_bytes(),
+            "certificate",
+            key_pem.as_bytes(),
+            "key",
+        )?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(key)),
+            files: None,
+            stamp: Mutex::new(None),
+        })
     }
 
     /// A store loaded from PEM files, reloaded by [`CertStore::reload_if_changed`].
@@ -78,7 +112,12 @@ impl CertStore {
     /// [`TlsError`] naming the file at fault.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let before = stamp(cert, key);
-        let loaded = certified_key(&read(cert)?, &cert.display().to_string(), &read(key)?, &key.display().to_string())?;
+        let loaded = certified_key(
+            &read(cert)?,
+            &cert.display().to_string(),
+            &read(key)?,
+            &key.display().to_string(),
+        )?;
         Ok(Self {
             current: RwLock::new(Arc::new(loaded)),
             files: Some((cert.to_owned(), key.to_owned())),
@@ -93,40 +132,63 @@ impl CertStore {
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let Some((cert, key)) = &self.files else { return Ok(false) };
+        let Some((cert, key)) = &self.files else {
+            return Ok(false);
+        };
         let now = stamp(cert, key);
         {
-            let mut last = self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = self
+                .stamp
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.as_ref() == Some(&now) {
                 return Ok(false);
             }
             *last = Some(now);
         }
-        let loaded = certified_key(&read(cert)?, &cert.display().to_string(), &read(key)?, &key.display().to_string())?;
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
+        let loaded = certified_key(
+            &read(cert)?,
+            &cert.display().to_string(),
+            &read(key)?,
+            &key.display().to_string(),
+        )?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
         Ok(true)
     }
 
     /// A rustls server configuration that asks this store for the key on every handshake.
     pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|_| unreachable_versions())
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable_versions())
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
         config
     }
 }
 
-#[expect(clippy::panic, reason = "ring's provider supports the safe default versions by construction")]
+#[expect(
+    clippy::panic,
+    reason = "ring's provider supports the safe default versions by construction"
+)]
 fn unreachable_versions() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier> {
     panic!("the ring provider rejected the default TLS versions")
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 
@@ -146,7 +208,10 @@ mod tests {
         let store = CertStore::from_files(&cert, &key).unwrap();
         let fingerprint = |s: &CertStore| s.current.read().unwrap().cert[0].to_vec();
         let original = fingerprint(&store);
-        assert!(!store.reload_if_changed().unwrap(), "unchanged files are not reloaded");
+        assert!(
+            !store.reload_if_changed().unwrap(),
+            "unchanged files are not reloaded"
+        );
 
         // A certificate whose key does not match: rejected, the old pair stays.
         let second = generate(&["localhost".to_owned()]).unwrap();
@@ -159,13 +224,20 @@ mod tests {
         assert_ne!(fingerprint(&store), original);
 
         write_atomic(&cert, b"not pem", 0o644).unwrap();
-        assert!(matches!(store.reload_if_changed(), Err(TlsError::NoCertificate { .. })));
+        assert!(matches!(
+            store.reload_if_changed(),
+            Err(TlsError::NoCertificate { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn missing_files_name_the_path() {
-        let e = CertStore::from_files(Path::new("/nonexistent/tls.crt"), Path::new("/nonexistent/tls.key")).unwrap_err();
+        let e = CertStore::from_files(
+            Path::new("/nonexistent/tls.crt"),
+            Path::new("/nonexistent/tls.key"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/tls.crt"), "{e}");
     }
 }

@@ -40,7 +40,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:9090", value_name = "HOST:PORT")]
     metrics_addr: SocketAddr,
     /// Serving certificate chain (PEM), reloaded when it changes.
-    #[arg(long, value_name = "FILE", required_unless_present = "self_signed", requires = "tls_key", conflicts_with = "self_signed")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "self_signed",
+        requires = "tls_key",
+        conflicts_with = "self_signed"
+    )]
     tls_cert: Option<PathBuf>,
     /// Serving key (PEM), reloaded when it changes.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
@@ -78,28 +84,58 @@ fn init_logging(format: LogFormat, level: LogLevel) {
         LogLevel::Debug => tracing::Level::DEBUG,
         LogLevel::Trace => tracing::Level::TRACE,
     };
-    let builder = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr);
     // A second initialisation (tests calling run twice) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
 }
 
 /// Runs the admission server until SIGTERM or SIGINT.
 pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
-    let ServeArgs { config, addr, metrics_addr, tls_cert, tls_key, self_signed, ca_out, log_format, log_level } = args;
+    let ServeArgs {
+        config,
+        addr,
+        metrics_addr,
+        tls_cert,
+        tls_key,
+        self_signed,
+        ca_out,
+        log_format,
+        log_level,
+    } = args;
     init_logging(log_format, log_level);
     let tls = match (tls_cert, tls_key, self_signed, ca_out) {
         (Some(cert), Some(key), false, None) => TlsSource::Files { cert, key },
         (None, None, true, Some(ca_out)) => TlsSource::SelfSigned { ca_out },
-        _ => return Err("give --tls-cert and --tls-key, or --self-signed with --ca-out".to_owned()),
+        _ => {
+            return Err("give --tls-cert and --tls-key, or --self-signed with --ca-out".to_owned());
+        }
     };
-    let options = ServeOptions { addr, metrics_addr, config: load_config(config.as_ref())?, config_path: config, tls };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting the runtime: {e}"))?;
+    let options = ServeOptions {
+        addr,
+        metrics_addr,
+        config: load_config(config.as_ref())?,
+        config_path: config,
+        tls,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async {
         let server = Server::bind(options).await.map_err(|e| e.to_string())?;
-        server.run(shutdown_signal()).await.map_err(|e| e.to_string())
+        server
+            .run(shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
     })?;
     Ok(0)
 }
@@ -107,7 +143,10 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
 /// Completes on SIGTERM (what the kubelet sends) or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot listen for signals; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -122,7 +161,12 @@ pub fn run_certs(args: CertsArgs, stdout: &mut dyn std::io::Write) -> Result<u8,
     let CertsArgs { names, out } = args;
     let generated = moat_server::certs::generate(&names).map_err(|e| e.to_string())?;
     moat_server::certs::write_dir(&out, &generated).map_err(|e| e.to_string())?;
-    writeln!(stdout, "wrote {}/{{ca.crt,ca.key,tls.crt,tls.key}} for {}", out.display(), names.join(", "))
-        .map_err(|e| format!("writing output: {e}"))?;
+    writeln!(
+        stdout,
+        "wrote {}/{{ca.crt,ca.key,tls.crt,tls.key}} for {}",
+        out.display(),
+        names.join(", ")
+    )
+    .map_err(|e| format!("writing output: {e}"))?;
     Ok(0)
 }
