@@ -1,6 +1,7 @@
 //! The `moat` command: offline review and configuration today; the admission server, installer
 //! and node agent build on the same policy core.
 
+pub mod install;
 pub mod review;
 pub mod serve;
 
@@ -38,6 +39,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Write a CA and a serving certificate for the webhook's service DNS names.
     Certs(serve::CertsArgs),
+    /// Print every manifest needed to run moat's admission webhooks (apply with kubectl).
+    Install(install::InstallArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,6 +109,7 @@ impl Args {
             Command::Review(args) => run_review(args, stdin, stdout, stderr),
             Command::Serve(args) => serve::run_serve(args),
             Command::Certs(args) => serve::run_certs(args, stdout),
+            Command::Install(args) => install::run_install(args, stdout),
             Command::Config(ConfigCommand::Default) => stdout
                 .write_all(DEFAULT_CONFIG_YAML.as_bytes())
                 .map(|()| 0)

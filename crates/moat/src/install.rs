@@ -1,0 +1,452 @@
+//! `moat install`: every manifest an operator applies, from the same configuration the server
+//! will run with.
+//!
+//! Each object is written as JSON and passed through its `k8s_openapi` type: a field the type
+//! does not know would be dropped on the way, so [`typed`] refuses any object that does not come
+//! back unchanged. The output is valid Kubernetes objects only.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use moat_core::config::Config;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+const NAME: &str = "moat";
+const REVIEW_PORT: u16 = 8443;
+const METRICS_PORT: u16 = 9090;
+/// The webhook timeout the API server applies, in seconds: above moat's p99.9 by orders of
+/// magnitude, below the API server's own request budget.
+const WEBHOOK_TIMEOUT_SECONDS: i32 = 5;
+/// An unprivileged uid/gid with no account in the image.
+const RUN_AS_ID: i64 = 65532;
+
+/// What the API server does when moat cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Refuse the request (fail closed). The default: an unavailable moat admits nothing it
+    /// would have refused. Its own namespace and kube-system are never sent to it, so the
+    /// cluster can always recover.
+    Fail,
+    /// Admit the request unreviewed (fail open).
+    Ignore,
+}
+
+/// Arguments of `moat install`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Configuration file (YAML or JSON) to install. Default: the embedded one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Namespace moat runs in (exempt from its own webhooks).
+    #[arg(long, default_value = "moat-system", value_name = "NS")]
+    namespace: String,
+    /// Container image of moat.
+    #[arg(long, default_value = concat!("moat:", env!("CARGO_PKG_VERSION")), value_name = "IMAGE")]
+    image: String,
+    /// Server replicas (at least 2, so a node drain never leaves the webhook unanswered).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    replicas: i32,
+    /// What the API server does when moat cannot answer.
+    #[arg(long, value_enum, default_value_t = FailurePolicy::Fail)]
+    failure_policy: FailurePolicy,
+    /// Let cert-manager issue the serving certificate and inject the CA, instead of a Secret
+    /// generated now (which puts a private key in the output).
+    #[arg(long)]
+    cert_manager: bool,
+    /// Also write the API server's ImagePolicyWebhook admission configuration and kubeconfig
+    /// into this directory.
+    #[arg(long, value_name = "DIR")]
+    image_policy_dir: Option<PathBuf>,
+    /// The URL the API server calls for ImageReview (ImagePolicyWebhook runs in the API server,
+    /// which often cannot resolve cluster DNS: give a Service IP or node address then).
+    #[arg(long, value_name = "URL")]
+    image_policy_url: Option<String>,
+}
+
+/// Converts `v` through `T` and back; refuses it if anything changed (an unknown or misspelt
+/// field, a wrong type).
+fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
+    let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+    let t: T = serde_json::from_value(v.clone()).map_err(|e| format!("{kind}: {e}"))?;
+    let back = serde_json::to_value(&t).map_err(|e| format!("{kind}: {e}"))?;
+    if back != v {
+        return Err(format!(
+            "{kind}: object does not round-trip through its Kubernetes type"
+        ));
+    }
+    Ok(back)
+}
+
+/// The manifests and, when asked, the API server files.
+#[derive(Debug)]
+pub struct Install {
+    pub objects: Vec<Value>,
+    /// (file name, contents) for `--image-policy-dir`.
+    pub image_policy_files: Vec<(String, String)>,
+}
+
+/// Builds every manifest.
+///
+/// # Errors
+/// A message naming what is wrong with the arguments or configuration.
+pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String> {
+    let InstallArgs {
+        namespace: ns,
+        image,
+        replicas,
+        failure_policy,
+        cert_manager,
+        image_policy_url,
+        ..
+    } = args;
+    if *replicas < 2 {
+        return Err(format!(
+            "--replicas {replicas}: at least 2, so a drained node never leaves the webhook unanswered"
+        ));
+    }
+    if ns.parse::<moat_core::names::NamespacePattern>().is_err() || ns.contains('*') {
+        return Err(format!("--namespace '{ns}' is not a namespace name"));
+    }
+    let service_dns = [
+        format!("{NAME}.{ns}.svc"),
+        format!("{NAME}.{ns}.svc.cluster.local"),
+        format!("{NAME}.{ns}"),
+    ];
+    let labels =
+        json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "admission"});
+    let config_yaml = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
+    let watch_namespaces = moat_server::namespaces::needed(config);
+
+    let mut objects = vec![
+        typed::<Namespace>(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }},
+        }))?,
+        typed::<ServiceAccount>(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+            "automountServiceAccountToken": watch_namespaces,
+        }))?,
+    ];
+    if watch_namespaces {
+        // Least privilege: read namespace metadata, nothing else, and only when the
+        // configuration binds classes by namespace label.
+        objects.push(typed::<ClusterRole>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": format!("{NAME}-namespace-reader"), "labels": labels},
+            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}],
+        }))?);
+        objects.push(typed::<ClusterRoleBinding>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": format!("{NAME}-namespace-reader"), "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{NAME}-namespace-reader")},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
+        }))?);
+    }
+    objects.push(typed::<ConfigMap>(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": format!("{NAME}-config"), "namespace": ns, "labels": labels},
+        "data": {"config.yaml": config_yaml},
+    }))?);
+
+    let (ca_pem, tls_objects) = if *cert_manager {
+        let objects = vec![
+            json!({
+                "apiVersion": "cert-manager.io/v1", "kind": "Issuer",
+                "metadata": {"name": format!("{NAME}-selfsigned"), "namespace": ns, "labels": labels},
+                "spec": {"selfSigned": {}},
+            }),
+            json!({
+                "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+                "metadata": {"name": format!("{NAME}-tls"), "namespace": ns, "labels": labels},
+                "spec": {
+                    "secretName": format!("{NAME}-tls"),
+                    "dnsNames": service_dns,
+                    "duration": "2160h", "renewBefore": "720h",
+                    "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                    "issuerRef": {"name": format!("{NAME}-selfsigned"), "kind": "Issuer"},
+                },
+            }),
+        ];
+        (None, objects)
+    } else {
+        let g = moat_server::certs::generate(&service_dns).map_err(|e| e.to_string())?;
+        let secret = typed::<Secret>(json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": format!("{NAME}-tls"), "namespace": ns, "labels": labels},
+            "stringData": {"tls.crt": g.cert_pem, "tls.key": g.key_pem, "ca.crt": g.ca_cert_pem},
+        }))?;
+        (Some(g.ca_cert_pem), vec![secret])
+    };
+    objects.extend(tls_objects);
+
+    objects.push(typed::<Deployment>(deployment(
+        ns,
+        image,
+        *replicas,
+        &labels,
+        watch_namespaces,
+    ))?);
+    objects.push(typed::<PodDisruptionBudget>(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+    }))?);
+    objects.push(typed::<Service>(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }))?);
+
+    let (mutating, validating) = webhooks(
+        ns,
+        config,
+        ca_pem.as_deref(),
+        *failure_policy,
+        *cert_manager,
+        &labels,
+    );
+    objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
+    objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
+
+    let image_policy_files = match (&args.image_policy_dir, &ca_pem) {
+        (None, _) => Vec::new(),
+        (Some(_), None) => return Err(
+            "--image-policy-dir needs the generated CA; it cannot be combined with --cert-manager"
+                .to_owned(),
+        ),
+        (Some(dir), Some(ca)) => {
+            let url = image_policy_url
+                .clone()
+                .unwrap_or_else(|| format!("https://{NAME}.{ns}.svc:443/imagereview"));
+            image_policy(dir, &url, ca)?
+        }
+    };
+    Ok(Install {
+        objects,
+        image_policy_files,
+    })
+}
+
+fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: bool) -> Value {
+    let probe = |path: &str, period: i32| json!({"httpGet": {"path": path, "port": "https", "scheme": "HTTPS"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": 3});
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "automountServiceAccountToken": api_access,
+                    // Spread across nodes so one node's loss never takes every replica.
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"},
+                    }]}},
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": labels},
+                    }],
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": RUN_AS_ID, "runAsGroup": RUN_AS_ID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": NAME,
+                        "image": image,
+                        "args": [
+                            "serve",
+                            "--config", "/etc/moat/config/config.yaml",
+                            "--tls-cert", "/etc/moat/tls/tls.crt",
+                            "--tls-key", "/etc/moat/tls/tls.key",
+                            "--addr", format!("0.0.0.0:{REVIEW_PORT}"),
+                            "--metrics-addr", format!("0.0.0.0:{METRICS_PORT}"),
+                            "--log-format", "json",
+                        ],
+                        "ports": [
+                            {"name": "https", "containerPort": REVIEW_PORT, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                        ],
+                        "readinessProbe": probe("/readyz", 5),
+                        "livenessProbe": probe("/healthz", 10),
+                        "resources": {
+                            "requests": {"cpu": "100m", "memory": "32Mi"},
+                            "limits": {"memory": "128Mi"},
+                        },
+                        "securityContext": {
+                            "readOnlyRootFilesystem": true,
+                            "allowPrivilegeEscalation": false,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [
+                            {"name": "tls", "mountPath": "/etc/moat/tls", "readOnly": true},
+                            {"name": "config", "mountPath": "/etc/moat/config", "readOnly": true},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "tls", "secret": {"secretName": format!("{NAME}-tls")}},
+                        {"name": "config", "configMap": {"name": format!("{NAME}-config")}},
+                    ],
+                },
+            },
+        },
+    })
+}
+
+fn webhooks(
+    ns: &str,
+    config: &Config,
+    ca_pem: Option<&str>,
+    failure_policy: FailurePolicy,
+    cert_manager: bool,
+    labels: &Value,
+) -> (Value, Value) {
+    // Never send moat its own namespace or kube-system, so the cluster cannot lock itself out;
+    // exact exempt names from the configuration are skipped here too (patterns are applied by
+    // moat itself).
+    let mut exempt: Vec<String> = vec![ns.to_owned(), "kube-system".to_owned()];
+    for p in &config.exemptions.namespaces {
+        if !p.as_str().contains('*') && !exempt.iter().any(|e| e == p.as_str()) {
+            exempt.push(p.to_string());
+        }
+    }
+    let namespace_selector = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": exempt}]});
+    let client = |path: &str| {
+        let mut c = json!({"service": {"name": NAME, "namespace": ns, "path": path, "port": 443}});
+        if let Some(ca) = ca_pem {
+            // ByteString: base64 on the wire.
+            c["caBundle"] = json!(base64_encode(ca.as_bytes()));
+        }
+        c
+    };
+    let failure = match failure_policy {
+        FailurePolicy::Fail => "Fail",
+        FailurePolicy::Ignore => "Ignore",
+    };
+    let mut metadata = json!({"name": NAME, "labels": labels});
+    if cert_manager {
+        metadata["annotations"] =
+            json!({"cert-manager.io/inject-ca-from": format!("{ns}/{NAME}-tls")});
+    }
+    let pods = json!({"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"], "scope": "Namespaced"});
+    let mutating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": metadata,
+        "webhooks": [{
+            "name": "mutate.moat.dev",
+            "clientConfig": client("/mutate"),
+            "rules": [pods],
+            "namespaceSelector": namespace_selector,
+            "failurePolicy": failure,
+            "matchPolicy": "Equivalent",
+            "sideEffects": "None",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+            "admissionReviewVersions": ["v1"],
+            // Re-run after other webhooks changed the pod, so moat's additions survive them.
+            "reinvocationPolicy": "IfNeeded",
+        }],
+    });
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": metadata,
+        "webhooks": [{
+            "name": "validate.moat.dev",
+            "clientConfig": client("/validate"),
+            "rules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers", "replicationcontrollers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+                {"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+                {"apiGroups": ["batch"], "apiVersions": ["v1"], "resources": ["jobs", "cronjobs"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+            ],
+            "namespaceSelector": namespace_selector,
+            "failurePolicy": failure,
+            "matchPolicy": "Equivalent",
+            "sideEffects": "None",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+            "admissionReviewVersions": ["v1"],
+        }],
+    });
+    (mutating, validating)
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The ImagePolicyWebhook admission configuration and the kubeconfig it names.
+fn image_policy(
+    dir: &std::path::Path,
+    url: &str,
+    ca_pem: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let kubeconfig_path = dir.join("imagepolicy-kubeconfig.yaml");
+    let admission = json!({
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "AdmissionConfiguration",
+        "plugins": [{
+            "name": "ImagePolicyWebhook",
+            "configuration": {"imagePolicy": {
+                "kubeConfigFile": kubeconfig_path.display().to_string(),
+                "allowTTL": 50,
+                "denyTTL": 50,
+                "retryBackoff": 500,
+                // Fail closed when moat cannot answer.
+                "defaultAllow": false,
+            }},
+        }],
+    });
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": NAME, "cluster": {"server": url, "certificate-authority-data": base64_encode(ca_pem.as_bytes())}}],
+        "users": [{"name": "kube-apiserver", "user": {}}],
+        "contexts": [{"name": NAME, "context": {"cluster": NAME, "user": "kube-apiserver"}}],
+        "current-context": NAME,
+    });
+    let yaml = |v: &Value| serde_yaml::to_string(v).map_err(|e| e.to_string());
+    Ok(vec![
+        ("admission-config.yaml".to_owned(), yaml(&admission)?),
+        ("imagepolicy-kubeconfig.yaml".to_owned(), yaml(&kubeconfig)?),
+    ])
+}
+
+/// Runs `moat install`: manifests to `out` as a YAML stream, API server files to disk.
+pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8, String> {
+    let config = crate::load_config(args.config.as_ref())?;
+    let install = manifests(&args, &config)?;
+    if let Some(dir) = &args.image_policy_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for (name, text) in &install.image_policy_files {
+            let path = dir.join(name);
+            moat_server::certs::write_atomic(&path, text.as_bytes(), 0o644)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    for object in &install.objects {
+        let text = serde_yaml::to_string(object).map_err(|e| e.to_string())?;
+        write!(out, "---\n{text}").map_err(|e| format!("writing output: {e}"))?;
+    }
+    Ok(0)
+}
