@@ -45,6 +45,9 @@ pub struct ServeOptions {
     /// The file `config` came from, watched for changes; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
     pub tls: TlsSource,
+    /// Kubeconfig for the namespace cache; `None`: in-cluster, else `KUBECONFIG` or
+    /// `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Why the server could not start or stopped.
@@ -90,6 +93,7 @@ impl Server {
             config,
             config_path,
             tls,
+            kubeconfig,
         } = options;
         let certs = match tls {
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
@@ -104,7 +108,21 @@ impl Server {
             }
         };
         let namespaces = if namespaces::needed(&config) {
-            Some(NamespaceCache::start(kube::Client::try_default().await?))
+            let client = match &kubeconfig {
+                None => kube::Client::try_default().await?,
+                Some(path) => {
+                    let file = kube::config::Kubeconfig::read_from(path)
+                        .map_err(kube::Error::InferKubeconfig)?;
+                    let config = kube::Config::from_custom_kubeconfig(
+                        file,
+                        &kube::config::KubeConfigOptions::default(),
+                    )
+                    .await
+                    .map_err(kube::Error::InferKubeconfig)?;
+                    kube::Client::try_from(config)?
+                }
+            };
+            Some(NamespaceCache::start(client))
         } else {
             None
         };

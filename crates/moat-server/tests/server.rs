@@ -76,6 +76,7 @@ async fn start(
         config,
         config_path,
         tls,
+        kubeconfig: None,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());

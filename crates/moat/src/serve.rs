@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// With --self-signed: where to write the CA bundle (PEM) before becoming ready.
     #[arg(long, value_name = "PATH", requires = "self_signed")]
     ca_out: Option<PathBuf>,
+    /// Kubeconfig for the namespace cache (only used when the configuration reads namespace
+    /// labels). Default: in-cluster, else KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -108,6 +112,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         tls_key,
         self_signed,
         ca_out,
+        kubeconfig,
         log_format,
         log_level,
     } = args;
@@ -125,6 +130,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         config: load_config(config.as_ref())?,
         config_path: config,
         tls,
+        kubeconfig,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
