@@ -202,7 +202,7 @@ async fn review(
         .await
         .and_then(|b| parse_review(&b))
     {
-        Ok(req) => answer(state, endpoint, stage, req),
+        Ok(req) => answer(state, endpoint, stage, req, started),
         Err(e) => {
             state.count(endpoint, "", Outcome::invalid);
             tracing::info!(endpoint = ?endpoint, error = %e, "rejected an unreadable review");
@@ -240,6 +240,7 @@ fn answer(
     endpoint: Endpoint,
     stage: Stage,
     mut req: AdmissionRequest<DynamicObject>,
+    started: Instant,
 ) -> Response {
     let operation = operation_name(&req.operation);
     let span = tracing::info_span!(
@@ -252,7 +253,12 @@ fn answer(
         operation,
         dry_run = req.dry_run,
         decision = Empty,
+        duration_us = Empty,
     );
+    let decided = |decision: &'static str| {
+        span.record("decision", decision);
+        span.record("duration_us", started.elapsed().as_micros() as u64);
+    };
     let _enter = span.enter();
     let config = state.config();
     let namespace = req.namespace.clone().unwrap_or_default();
@@ -263,7 +269,7 @@ fn answer(
     let Some(object) = object.or_else(|| old_object.clone()) else {
         // DELETE without an old object, CONNECT: nothing to decide.
         state.count(endpoint, operation, Outcome::allowed);
-        span.record("decision", "allowed");
+        decided("allowed");
         return review_json(response);
     };
     let request = Request {
@@ -287,7 +293,7 @@ fn answer(
             // The API server sent something that is not a pod moat can read: refuse, with the
             // reason, rather than hand the decision to failurePolicy.
             state.count(endpoint, operation, Outcome::denied);
-            span.record("decision", "denied");
+            decided("denied");
             tracing::info!(reason = %e, "denied an unreadable object");
             response = response.deny(e.to_string());
             response.result.code = DENIED_STATUS_CODE;
@@ -300,7 +306,7 @@ fn answer(
     }
     if decision.allowed() {
         state.count(endpoint, operation, Outcome::allowed);
-        span.record("decision", "allowed");
+        decided("allowed");
         if !decision.patch.0.is_empty() {
             tracing::debug!(changes = decision.changes.len(), "allowed with a patch");
             response = match response.with_patch(decision.patch) {
@@ -319,7 +325,7 @@ fn answer(
         }
     } else {
         state.count(endpoint, operation, Outcome::denied);
-        span.record("decision", "denied");
+        decided("denied");
         let message = decision.message();
         tracing::info!(reasons = decision.denials.len(), %message, "denied");
         response = response.deny(message);
