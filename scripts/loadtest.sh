@@ -19,7 +19,8 @@ if [ -z "$oha" ]; then
   cargo install --locked oha
   oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 fi
-cargo build --release --locked -p moat -p moat-server --example ceiling
+cargo build --release --locked -p moat --bin moat
+cargo build --release --locked -p moat-server --example ceiling
 
 dir=$(mktemp -d)
 pids=()

@@ -278,6 +278,25 @@ proptest! {
     }
 
     #[test]
+    fn deciding_on_the_pruned_object_gives_the_same_answer(
+        mode in prop::sample::select(&["class", "pod", "dedicatedNode"][..]),
+        (ns, mut pod) in pod(),
+    ) {
+        // Fields no policy reads, as the API server sends them.
+        pod["metadata"]["managedFields"] = json!([{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]);
+        pod["spec"]["volumes"] = json!([{"name": "v", "emptyDir": {}}]);
+        pod["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "b"}]);
+        pod["status"] = json!({"phase": "Pending"});
+        let c = config(mode, false);
+        let full = decide_on(&c, &ns, &pod, Stage::Mutate);
+        let pruned: moat_core::subject::Pruned = serde_json::from_value(pod.clone()).unwrap();
+        let lean = decide_on(&c, &ns, &pruned.0, Stage::Mutate);
+        prop_assert_eq!(&full, &lean);
+        let patched = lean.patched(&pod).unwrap();
+        prop_assert_eq!(patched, full.patched(&pod).unwrap());
+    }
+
+    #[test]
     fn isolated_pods_never_share_a_node_with_other_classes_or_unisolated_pods(
         mode in prop::sample::select(&["class", "pod", "dedicatedNode"][..]),
         shared in any::<bool>(),

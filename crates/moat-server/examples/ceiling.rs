@@ -11,6 +11,10 @@
 
 use std::sync::Arc;
 
+/// The same allocator as the `moat` binary, so the ratio measures moat's work, not malloc's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;

@@ -14,11 +14,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use http_body_util::{BodyExt, Limited};
-use kube::core::DynamicObject;
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, Operation as KubeOperation,
 };
 use moat_core::policy::{self, Decision, Operation, Request, Stage};
+use moat_core::subject::Pruned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::field::Empty;
@@ -128,51 +131,6 @@ fn operation_name(op: &KubeOperation) -> &'static str {
     }
 }
 
-/// The object as JSON for the policy core: `apiVersion`, `kind`, the metadata it reads, and the
-/// rest of the object moved (not copied) out of the parsed request.
-fn object_value(object: DynamicObject) -> Value {
-    let DynamicObject {
-        types,
-        metadata,
-        data,
-    } = object;
-    let mut value = match data {
-        Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    if let Some(t) = types {
-        value.insert("apiVersion".to_owned(), Value::String(t.api_version));
-        value.insert("kind".to_owned(), Value::String(t.kind));
-    }
-    let mut meta = serde_json::Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            meta.insert(k.to_owned(), v);
-        }
-    };
-    put("name", metadata.name.map(Value::String));
-    put("generateName", metadata.generate_name.map(Value::String));
-    put("namespace", metadata.namespace.map(Value::String));
-    put(
-        "labels",
-        metadata.labels.and_then(|l| serde_json::to_value(l).ok()),
-    );
-    put(
-        "annotations",
-        metadata
-            .annotations
-            .and_then(|a| serde_json::to_value(a).ok()),
-    );
-    put(
-        "ownerReferences",
-        metadata
-            .owner_references
-            .and_then(|o| serde_json::to_value(o).ok()),
-    );
-    value.insert("metadata".to_owned(), Value::Object(meta));
-    Value::Object(value)
-}
-
 pub(crate) async fn mutate(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -217,12 +175,71 @@ async fn review(
     response
 }
 
-fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, RequestError> {
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| RequestError::Malformed {
-            kind: "AdmissionReview",
-            message: e.to_string(),
-        })?;
+/// An object in a review, as the policy core reads it: pruned to the fields policies read
+/// ([`moat_core::subject::Pruned`]) while the body is parsed, so no JSON tree of the whole pod
+/// is built. kube-core's `AdmissionReview<T>` needs `T: Resource`; moat reads metadata from the
+/// JSON, so `meta()` is an empty `ObjectMeta` no code reads.
+#[derive(Debug, Clone)]
+pub struct ReviewedObject {
+    value: Value,
+    meta: ObjectMeta,
+}
+
+impl<'de> Deserialize<'de> for ReviewedObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        // A kept field of the wrong type fails the pruned read; the whole object is then read,
+        // so the policy core reports exactly what is malformed.
+        let value = match serde_json::from_str::<Pruned>(raw.get()) {
+            Ok(pruned) => pruned.0,
+            Err(_) => serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Self {
+            value,
+            meta: ObjectMeta::default(),
+        })
+    }
+}
+
+impl Serialize for ReviewedObject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(s)
+    }
+}
+
+impl kube::Resource for ReviewedObject {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Object")
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("objects")
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.meta
+    }
+}
+
+/// Parses the body once: kube-core's typed envelope (uid, kind, operation, userInfo, …), with
+/// the objects pruned on the way.
+fn parse_review(body: &[u8]) -> Result<AdmissionRequest<ReviewedObject>, RequestError> {
+    let malformed = |e: serde_json::Error| RequestError::Malformed {
+        kind: "AdmissionReview",
+        message: e.to_string(),
+    };
+    let review: AdmissionReview<ReviewedObject> =
+        serde_json::from_slice(body).map_err(malformed)?;
     if review.types.kind != "AdmissionReview" {
         return Err(RequestError::WrongKind {
             expected: "AdmissionReview",
@@ -232,16 +249,31 @@ fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, RequestE
     if review.types.api_version != ADMISSION_V1 && review.types.api_version != ADMISSION_V1BETA1 {
         return Err(RequestError::UnsupportedVersion(review.types.api_version));
     }
-    review.try_into().map_err(|_| RequestError::NoRequest)
+    let req: AdmissionRequest<ReviewedObject> =
+        review.try_into().map_err(|_| RequestError::NoRequest)?;
+    if req
+        .object
+        .as_ref()
+        .or(req.old_object.as_ref())
+        .is_some_and(|o| !o.value.is_object())
+    {
+        return Err(RequestError::Malformed {
+            kind: "AdmissionReview",
+            message: "request.object is not an object".to_owned(),
+        });
+    }
+    Ok(req)
 }
 
 fn answer(
     state: &AppState,
     endpoint: Endpoint,
     stage: Stage,
-    mut req: AdmissionRequest<DynamicObject>,
+    mut req: AdmissionRequest<ReviewedObject>,
     started: Instant,
 ) -> Response {
+    let object = req.object.take().map(|o| o.value);
+    let old_object = req.old_object.take().map(|o| o.value);
     let operation = operation_name(&req.operation);
     let span = tracing::info_span!(
         "review",
@@ -263,8 +295,6 @@ fn answer(
     let config = state.config();
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels: Option<BTreeMap<String, String>> = state.namespace_labels(&namespace);
-    let object = req.object.take().map(object_value);
-    let old_object = req.old_object.take().map(object_value);
     let mut response = AdmissionResponse::from(&req);
     let Some(object) = object.or_else(|| old_object.clone()) else {
         // DELETE without an old object, CONNECT: nothing to decide.
