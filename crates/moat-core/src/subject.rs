@@ -200,8 +200,8 @@ impl Template {
 /// Deciding on this instead of the whole object gives the same decision and a patch that applies
 /// to the whole object (every field a patch touches is kept whole), at a fraction of the cost of
 /// building a JSON tree of every probe, env var and managed field. Deserialisation fails where
-/// a kept field has the wrong type; callers then read the whole object, so the error message is
-/// the usual [`MalformedObject`].
+/// a kept field has the wrong type (a caller that wants [`MalformedObject`]'s message reads the
+/// whole object instead).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pruned(pub Value);
 

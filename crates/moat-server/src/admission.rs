@@ -187,13 +187,10 @@ pub struct ReviewedObject {
 
 impl<'de> Deserialize<'de> for ReviewedObject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        // A kept field of the wrong type fails the pruned read; the whole object is then read,
-        // so the policy core reports exactly what is malformed.
-        let value = match serde_json::from_str::<Pruned>(raw.get()) {
-            Ok(pruned) => pruned.0,
-            Err(_) => serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?,
-        };
+        // Read in one pass with the envelope. A kept field of the wrong type makes the whole
+        // review unreadable (400); the API server, which decoded the object before calling,
+        // never sends one.
+        let Pruned(value) = Pruned::deserialize(d)?;
         Ok(Self {
             value,
             meta: ObjectMeta::default(),

@@ -453,6 +453,17 @@ async fn bad_input_gets_a_clear_4xx_while_a_good_client_keeps_working() {
             400,
             "not a valid AdmissionReview",
         ),
+        (
+            "object of the wrong shape",
+            "application/json",
+            review(
+                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE", "userInfo": {}, "object": {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": "nope"}}}}),
+            ),
+            400,
+            "not a valid AdmissionReview",
+        ),
     ];
     for (name, content_type, body, want_status, want_message) in cases {
         for proto in [Proto::H1, Proto::H2] {
