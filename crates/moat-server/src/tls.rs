@@ -80,6 +80,15 @@ fn certified_key(
         .map_err(TlsError::Key)
 }
 
+fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    certified_key(
+        &read(cert)?,
+        &cert.display().to_string(),
+        &read(key)?,
+        &key.display().to_string(),
+    )
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.display().to_string(),
@@ -112,12 +121,7 @@ impl CertStore {
     /// [`TlsError`] naming the file at fault.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let before = stamp(cert, key);
-        let loaded = certified_key(
-            &read(cert)?,
-            &cert.display().to_string(),
-            &read(key)?,
-            &key.display().to_string(),
-        )?;
+        let loaded = load_files(cert, key)?;
         Ok(Self {
             current: RwLock::new(Arc::new(loaded)),
             files: Some((cert.to_owned(), key.to_owned())),
@@ -146,12 +150,7 @@ impl CertStore {
             }
             *last = Some(now);
         }
-        let loaded = certified_key(
-            &read(cert)?,
-            &cert.display().to_string(),
-            &read(key)?,
-            &key.display().to_string(),
-        )?;
+        let loaded = load_files(cert, key)?;
         *self
             .current
             .write()
