@@ -170,6 +170,15 @@ impl Template {
         self.metadata.labels.as_ref()?.get(key).map(String::as_str)
     }
 
+    /// A value of the pod spec's `nodeSelector`.
+    pub fn node_selector(&self, key: &str) -> Option<&str> {
+        self.spec
+            .node_selector
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
     /// A template annotation.
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.metadata

@@ -284,12 +284,7 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
     let taint_value = iso.nodes.taint_value.as_ref().map_or(class, |v| v.as_str());
     let label_key = iso.nodes.label_key.as_str();
 
-    if let Some(v) = ctx
-        .template
-        .spec
-        .node_selector
-        .as_ref()
-        .and_then(|s| s.get(label_key))
+    if let Some(v) = ctx.template.node_selector(label_key)
         && v != node_value
     {
         out.deny(
@@ -406,13 +401,7 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
 /// `<class>-<10 hex>` derived from the namespace and the request's placement seed.
 fn dedicated_node(ctx: &Context<'_>, class: &str) -> Result<String, String> {
     let key = ctx.config.isolation.dedicated_node_label.as_str();
-    if let Some(existing) = ctx
-        .template
-        .spec
-        .node_selector
-        .as_ref()
-        .and_then(|s| s.get(key))
-    {
+    if let Some(existing) = ctx.template.node_selector(key) {
         let ok = existing
             .strip_prefix(class)
             .and_then(|r| r.strip_prefix('-'))
@@ -422,7 +411,7 @@ fn dedicated_node(ctx: &Context<'_>, class: &str) -> Result<String, String> {
                         .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             });
         return if ok {
-            Ok(existing.clone())
+            Ok(existing.to_owned())
         } else {
             Err(format!(
                 "spec.nodeSelector['{key}']: '{existing}' is not a dedicated node of class '{class}'; moat sets this key"

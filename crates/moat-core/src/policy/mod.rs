@@ -256,9 +256,16 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         old: old.as_ref(),
     };
 
-    // An audited policy's mutations go to a copy that is thrown away.
-    let mut shadow = before.clone();
+    // An audited policy's mutations go to a copy that is thrown away (made only when needed:
+    // this is the admission hot path).
     let enforced = config.enforcement;
+    let audits_mutations =
+        enforced.runtime_class == Enforcement::Audit || enforced.isolation == Enforcement::Audit;
+    let mut shadow = if audits_mutations {
+        before.clone()
+    } else {
+        Value::Null
+    };
     images::check(&ctx, &mut out);
     let placement = isolation::decide(&ctx, &mut out);
     runtime::apply(
@@ -280,7 +287,6 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         isolation::apply(&ctx, p, &mut out, target);
     }
 
-    let patch = json_patch::diff(&before, &object);
     let mut decision = Decision {
         kind: Some(kind),
         denials: Vec::new(),
@@ -288,7 +294,7 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
         warnings: out.warnings,
         exemptions: out.exemptions,
         changes: Vec::new(),
-        patch,
+        patch: json_patch::Patch(Vec::new()),
     };
     for denial in out.denials {
         if enforced.of(denial.policy) == Enforcement::Audit {
@@ -322,8 +328,10 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Result<Decision, MalformedO
             });
         }
     }
-    if !decision.allowed() || req.stage == Stage::Validate || !patched {
-        decision.patch = json_patch::Patch(Vec::new());
+    // The patch is only ever returned for an allowed pod at the mutate stage; elsewhere the diff
+    // would be computed to be thrown away.
+    if decision.allowed() && req.stage == Stage::Mutate && patched {
+        decision.patch = json_patch::diff(&before, &object);
     }
     Ok(decision)
 }
