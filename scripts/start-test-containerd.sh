@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Starts a containerd of the tests' own (root, state, sockets and NRI socket under DIR), with NRI
 # enabled and the CRI plugin usable without CNI (host-network pods) and without
-# CAP_SYS_RESOURCE. Prints the PID; stop it with `kill PID`. Logs go to DIR/containerd.log.
+# CAP_SYS_RESOURCE. The CRI sandbox (pause) image is localhost/moat-test/pause:e2e, built by
+# scripts/build-test-images.sh; with IMAGEDIR, the archives IMAGEDIR/*.tar are imported into the
+# k8s.io namespace once the daemon is up. Prints the PID; stop it with `kill PID` (shims keep
+# running until their containers are removed). Logs go to DIR/containerd.log.
 #
-#   scripts/start-test-containerd.sh DIR
+#   scripts/start-test-containerd.sh DIR [IMAGEDIR]
 set -euo pipefail
-dir=${1:?usage: start-test-containerd.sh DIR}
+dir=${1:?usage: start-test-containerd.sh DIR [IMAGEDIR]}
+images=${2:-}
 mkdir -p "$dir"/{root,state,cni-conf,cni-bin}
 dir=$(cd "$dir" && pwd)
 cat >"$dir/config.toml" <<TOML
@@ -30,6 +34,7 @@ state = "$dir/state"
 
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = "localhost/moat-test/pause:e2e"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$dir/cni-bin"
     conf_dir = "$dir/cni-conf"
@@ -49,5 +54,14 @@ if [ ! -S "$dir/nri.sock" ]; then
   tail -20 "$dir/containerd.log" >&2
   kill "$pid"
   exit 1
+fi
+if [ -n "$images" ]; then
+  for image in "$images"/*.tar; do
+    if ! ctr --address "$dir/containerd.sock" -n k8s.io images import "$image" >&2; then
+      echo "start-test-containerd: importing $image failed" >&2
+      kill "$pid"
+      exit 1
+    fi
+  done
 fi
 echo "$pid"
