@@ -7,9 +7,13 @@
 //! StartContainer asks the SPIRE agent ([`spire`]) for the SVID of the container's PID and
 //! publishes it with [`files`]. [`metrics`] counts what happens.
 
+pub mod agent;
 pub mod annotations;
 pub mod files;
+pub mod metrics;
 pub mod mux;
+pub mod plugin;
 pub mod proto;
 pub mod spiffe;
+pub mod spire;
 pub mod ttrpc;

@@ -1,0 +1,708 @@
+//! What the agent does on each NRI event, independent of the transport.
+//!
+//! - CreateContainer: read the container's identity entries from the pod's annotations, make a
+//!   host directory per entry, and add a read-only bind mount of it at the entry's `cert_dir`.
+//!   A bad annotation fails this container's creation with the reason.
+//! - StartContainer: the container's process exists (runc has created it and it waits to exec
+//!   the workload), so its PID can be attested. Subscribe to its SVIDs, write the first one, and
+//!   answer; the container's command runs only after the answer. With no SVID within the wait,
+//!   answer with an error (the start fails) unless the entry chose `fail_open`. The stream stays
+//!   open: rotations and bundle changes replace the files while the container runs.
+//! - StopContainer: close the streams (the PID may be reused). RemoveContainer: delete the files.
+//! - Synchronize (after the agent or the runtime restarts): rebuild the same state from the
+//!   runtime's list, re-subscribe running containers, remove directories nobody owns.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::annotations::{Defaults, IdentityEntry, entries_for};
+use crate::files::{ArtifactRoot, Artifacts, FilesError, publish};
+use crate::metrics::{Failure, Metrics};
+use crate::proto::nri::{
+    ConfigureRequest, ConfigureResponse, Container, ContainerAdjustment, ContainerState,
+    CreateContainerResponse, Event, Mount, PodSandbox, SynchronizeRequest, SynchronizeResponse,
+};
+use crate::spiffe::pem;
+use crate::spire::{Bundles, SpireAgent, Svid, select_svid};
+use crate::ttrpc::{Code, RpcStatus};
+
+/// Default longest wait for a container's first SVID.
+pub const DEFAULT_SVID_WAIT: Duration = Duration::from_millis(1500);
+/// Kept free between the SVID wait and the runtime's request timeout, to write files and answer:
+/// a plugin that misses the timeout is disconnected and the container starts without it.
+pub const ANSWER_MARGIN: Duration = Duration::from_millis(300);
+/// The runtime's request timeout when Configure does not say (containerd's default).
+pub const DEFAULT_RUNTIME_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// First and longest pause before re-subscribing after a broken SVID stream.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The events the agent subscribes to: bit `e - 1` for each event `e`.
+#[must_use]
+pub fn event_mask() -> i32 {
+    [
+        Event::CreateContainer,
+        Event::StartContainer,
+        Event::StopContainer,
+        Event::RemoveContainer,
+    ]
+    .iter()
+    .fold(0, |mask, e| mask | 1 << (*e as i32 - 1))
+}
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Defaults for annotation fields and the SPIRE sockets annotations may name.
+    pub defaults: Defaults,
+    /// Host directory under which each container's files live.
+    pub artifact_root: PathBuf,
+    /// Longest wait for a container's first SVID (capped below the runtime's request timeout).
+    pub svid_wait: Duration,
+}
+
+/// The agent's state, shared by every call.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    defaults: Defaults,
+    root: ArtifactRoot,
+    svid_wait: Duration,
+    metrics: Metrics,
+    request_timeout: Mutex<Duration>,
+    spire: Mutex<HashMap<PathBuf, Arc<SpireAgent>>>,
+    containers: Mutex<HashMap<String, Tracked>>,
+    /// Synchronize chunks received so far (`more` set).
+    sync_pending: Mutex<SynchronizeRequest>,
+}
+
+/// A container with identity entries.
+#[derive(Debug)]
+struct Tracked {
+    /// `namespace/pod/container`, for messages.
+    label: String,
+    entries: Vec<(IdentityEntry, PathBuf)>,
+    streams: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.stop_streams();
+    }
+}
+
+impl Tracked {
+    fn stop_streams(&mut self) {
+        for stream in self.streams.drain(..) {
+            stream.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the maps consistent; a panic elsewhere must not stop the
+    // agent from answering the runtime.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn label(pod: &PodSandbox, container: &Container) -> String {
+    format!("{}/{}/{}", pod.namespace, pod.name, container.name)
+}
+
+/// The outcome of waiting for one entry's first SVID.
+type FirstResult = Result<(), (Failure, String)>;
+
+/// The last problem a follower met, reported if the wait runs out.
+type LastError = Arc<Mutex<String>>;
+
+/// One entry, the receiver of its first outcome, and its last problem.
+type FirstWait = (IdentityEntry, oneshot::Receiver<FirstResult>, LastError);
+
+impl Agent {
+    /// An agent writing under `config.artifact_root` (created if missing).
+    ///
+    /// # Errors
+    /// [`FilesError`] when the artifact root cannot be created.
+    pub fn new(config: AgentConfig, metrics: Metrics) -> Result<Self, FilesError> {
+        let AgentConfig {
+            defaults,
+            artifact_root,
+            svid_wait,
+        } = config;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                defaults,
+                root: ArtifactRoot::new(artifact_root)?,
+                svid_wait,
+                metrics,
+                request_timeout: Mutex::new(DEFAULT_RUNTIME_REQUEST_TIMEOUT),
+                spire: Mutex::default(),
+                containers: Mutex::default(),
+                sync_pending: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The agent's instruments.
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// How many containers the agent follows.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        lock(&self.inner.containers).len()
+    }
+
+    /// How long StartContainer waits for a first SVID, given the runtime's request timeout.
+    #[must_use]
+    pub fn effective_wait(&self) -> Duration {
+        let timeout = *lock(&self.inner.request_timeout);
+        self.inner
+            .svid_wait
+            .min(timeout.saturating_sub(ANSWER_MARGIN))
+    }
+
+    /// Configure: remember the runtime's request timeout; subscribe to the agent's events.
+    pub fn configure(&self, request: &ConfigureRequest) -> ConfigureResponse {
+        if let Ok(ms) = u64::try_from(request.request_timeout)
+            && ms > 0
+        {
+            *lock(&self.inner.request_timeout) = Duration::from_millis(ms);
+        }
+        let wait = self.effective_wait();
+        if wait < self.inner.svid_wait {
+            tracing::warn!(
+                runtime_timeout_ms = request.request_timeout,
+                wait_ms = wait.as_millis(),
+                "SVID wait capped below the runtime's request timeout"
+            );
+        }
+        tracing::info!(
+            runtime = %request.runtime_name,
+            version = %request.runtime_version,
+            request_timeout_ms = request.request_timeout,
+            "configured by the runtime"
+        );
+        ConfigureResponse {
+            events: event_mask(),
+            request_timeout: 0,
+        }
+    }
+
+    /// Synchronize: rebuild state from the runtime's containers. Chunks with `more` set are kept
+    /// until the last one.
+    pub fn synchronize(&self, request: SynchronizeRequest) -> SynchronizeResponse {
+        let more = request.more;
+        let whole = {
+            let mut pending = lock(&self.inner.sync_pending);
+            pending.pods.extend(request.pods);
+            pending.containers.extend(request.containers);
+            if more {
+                return SynchronizeResponse {
+                    update: Vec::new(),
+                    more,
+                };
+            }
+            std::mem::take(&mut *pending)
+        };
+        let pods: HashMap<&str, &PodSandbox> =
+            whole.pods.iter().map(|p| (p.id.as_str(), p)).collect();
+        let mut live = HashSet::new();
+        for container in &whole.containers {
+            live.insert(container.id.clone());
+            let Some(pod) = pods.get(container.pod_sandbox_id.as_str()) else {
+                continue;
+            };
+            let entries = match entries_for(&pod.annotations, &container.name, &self.inner.defaults)
+            {
+                Ok(Some(entries)) if !entries.is_empty() => entries,
+                Ok(_) => continue,
+                Err(e) => {
+                    // Created by an agent with other settings, or before one existed: it runs
+                    // already and cannot be failed now.
+                    tracing::warn!(container = %label(pod, container), error = %e, "running container has an unusable identity annotation");
+                    continue;
+                }
+            };
+            if lock(&self.inner.containers).contains_key(&container.id) {
+                continue;
+            }
+            match self.track(pod, container, entries) {
+                Ok(()) => {
+                    let running = container.state == ContainerState::ContainerRunning as i32;
+                    if running && container.pid > 0 {
+                        // No one waits: the container already runs with the files it has.
+                        drop(self.subscribe(&container.id, container.pid));
+                    }
+                }
+                Err(e) => tracing::warn!(container = %label(pod, container), error = %e, "cannot restore identity state"),
+            }
+        }
+        match self.inner.root.containers() {
+            Ok(on_disk) => {
+                for id in on_disk.into_iter().filter(|id| !live.contains(id)) {
+                    if let Err(e) = self.inner.root.remove_container(&id) {
+                        tracing::warn!(container_id = %id, error = %e, "cannot remove stale identity files");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list identity directories"),
+        }
+        self.update_gauge();
+        tracing::info!(
+            containers = whole.containers.len(),
+            tracked = self.tracked(),
+            "synchronized"
+        );
+        SynchronizeResponse {
+            update: Vec::new(),
+            more: false,
+        }
+    }
+
+    /// CreateContainer: mounts for the container's identity entries.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad annotation, `INTERNAL` when a directory cannot be made: the
+    /// container's creation fails with the message.
+    pub fn create_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+    ) -> Result<CreateContainerResponse, RpcStatus> {
+        let entries = match entries_for(&pod.annotations, &container.name, &self.inner.defaults) {
+            Ok(Some(entries)) if !entries.is_empty() => entries,
+            Ok(_) => return Ok(CreateContainerResponse::default()),
+            Err(e) => {
+                self.inner.metrics.fail(Failure::annotation);
+                tracing::warn!(container = %label(pod, container), error = %e, "identity annotation refused");
+                return Err(RpcStatus::new(
+                    Code::InvalidArgument,
+                    format!("moat identity: {e}"),
+                ));
+            }
+        };
+        let mounts = entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                Ok(Mount {
+                    destination: entry.cert_dir.display().to_string(),
+                    r#type: "bind".to_owned(),
+                    source: self
+                        .inner
+                        .root
+                        .entry_dir(&container.id, index)?
+                        .display()
+                        .to_string(),
+                    options: ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>, FilesError>>();
+        let result = mounts.and_then(|mounts| {
+            self.track(pod, container, entries)?;
+            Ok(mounts)
+        });
+        match result {
+            Ok(mounts) => {
+                self.update_gauge();
+                tracing::info!(container = %label(pod, container), container_id = %container.id, entries = mounts.len(), "identity directories mounted");
+                Ok(CreateContainerResponse {
+                    adjust: Some(ContainerAdjustment {
+                        annotations: HashMap::new(),
+                        mounts,
+                    }),
+                    update: Vec::new(),
+                })
+            }
+            Err(e) => {
+                self.inner.metrics.fail(Failure::write);
+                tracing::error!(container = %label(pod, container), error = %e, "cannot prepare identity directories");
+                Err(RpcStatus::new(
+                    Code::Internal,
+                    format!("moat identity: cannot prepare the identity directory: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// StartContainer: the first SVID on disk before the container's command runs.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` when an entry that does not fail open got no SVID in time: the
+    /// container's start fails with the reason.
+    pub async fn start_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+    ) -> Result<(), RpcStatus> {
+        let started = Instant::now();
+        let Some(firsts) = self.subscribe(&container.id, container.pid) else {
+            return Ok(());
+        };
+        let wait = self.effective_wait();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut failures = Vec::new();
+        // The followers run concurrently; waiting on each in turn against one deadline waits
+        // no longer than the slowest.
+        let mut results = Vec::with_capacity(firsts.len());
+        for (entry, first, last_error) in firsts {
+            let outcome = match tokio::time::timeout_at(deadline, first).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err((Failure::spire_unavailable, "the stream ended".to_owned())),
+                Err(_) => {
+                    let last = lock(&last_error).clone();
+                    let reason = if last.is_empty() {
+                        "no answer".to_owned()
+                    } else {
+                        last
+                    };
+                    Err((Failure::timeout, format!("none within {wait:?} ({reason})")))
+                }
+            };
+            results.push((entry, outcome));
+        }
+        let metrics = &self.inner.metrics;
+        for (entry, outcome) in results {
+            match outcome {
+                Ok(()) => {
+                    metrics.svids_issued.inc();
+                    metrics.svid_wait.observe(started.elapsed().as_secs_f64());
+                }
+                Err((reason, message)) => {
+                    metrics.fail(reason);
+                    let message = format!(
+                        "no SVID for cert_dir {} from the SPIRE agent at {}: {message}",
+                        entry.cert_dir.display(),
+                        entry.spire_agent_address.display()
+                    );
+                    if entry.fail_open {
+                        metrics.fail_open_starts.inc();
+                        tracing::warn!(container = %label(pod, container), %message, "starting without an SVID (fail_open)");
+                    } else {
+                        failures.push(message);
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            tracing::info!(container = %label(pod, container), pid = container.pid, elapsed_ms = started.elapsed().as_millis(), "identity ready");
+            return Ok(());
+        }
+        // The container will not run: nothing to follow.
+        if let Some(tracked) = lock(&self.inner.containers).get_mut(&container.id) {
+            tracked.stop_streams();
+        }
+        tracing::warn!(container = %label(pod, container), failures = ?failures, "container start refused");
+        Err(RpcStatus::new(
+            Code::FailedPrecondition,
+            format!("moat identity: container {}: {}", label(pod, container), failures.join("; ")),
+        ))
+    }
+
+    /// StopContainer: close the container's streams; its files stay until removal.
+    pub fn stop_container(&self, container: &Container) {
+        if let Some(tracked) = lock(&self.inner.containers).get_mut(&container.id) {
+            tracked.stop_streams();
+        }
+    }
+
+    /// RemoveContainer: forget the container and delete its files.
+    pub fn remove_container(&self, container: &Container) {
+        let removed = lock(&self.inner.containers).remove(&container.id);
+        if removed.is_some() || self.inner.root.entry_dir(&container.id, 0).is_ok_and(|d| d.exists()) {
+            if let Err(e) = self.inner.root.remove_container(&container.id) {
+                tracing::warn!(container_id = %container.id, error = %e, "cannot remove identity files");
+            }
+        }
+        drop(removed);
+        self.update_gauge();
+    }
+
+    fn update_gauge(&self) {
+        let n = i64::try_from(self.tracked()).unwrap_or(i64::MAX);
+        self.inner.metrics.containers_tracked.set(n);
+    }
+
+    fn track(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+        entries: Vec<IdentityEntry>,
+    ) -> Result<(), FilesError> {
+        let mut with_dirs = Vec::with_capacity(entries.len());
+        for (index, entry) in entries.into_iter().enumerate() {
+            let dir = self.inner.root.create_entry_dir(&container.id, index)?;
+            with_dirs.push((entry, dir));
+        }
+        // A repeated create replaces (and stops) what was there.
+        lock(&self.inner.containers).insert(
+            container.id.clone(),
+            Tracked {
+                label: label(pod, container),
+                entries: with_dirs,
+                streams: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn spire_agent(&self, socket: &Path) -> Arc<SpireAgent> {
+        let mut agents = lock(&self.inner.spire);
+        if let Some(agent) = agents.get(socket) {
+            return agent.clone();
+        }
+        let metrics = self.inner.metrics.clone();
+        let agent = Arc::new(SpireAgent::connect(socket, move |status| {
+            metrics.fail(classify(status));
+        }));
+        agents.insert(socket.to_owned(), agent.clone());
+        agent
+    }
+
+    /// Starts following every entry of a tracked container, replacing streams it had. Returns,
+    /// per entry, a receiver of the first SVID's outcome; `None` for an untracked container.
+    fn subscribe(&self, container_id: &str, pid: u32) -> Option<Vec<FirstWait>> {
+        let entries: Vec<(IdentityEntry, PathBuf)> = {
+            let containers = lock(&self.inner.containers);
+            containers.get(container_id)?.entries.clone()
+        };
+        let owner = owner_of(pid);
+        let mut firsts = Vec::with_capacity(entries.len());
+        let mut streams = Vec::with_capacity(entries.len());
+        for (entry, dir) in entries {
+            let (tx, rx) = oneshot::channel();
+            let last_error = LastError::default();
+            if pid == 0 || i32::try_from(pid).is_err() {
+                let _ = tx.send(Err((
+                    Failure::no_pid,
+                    "the runtime gave no PID for the container".to_owned(),
+                )));
+            } else {
+                let follower = Follower {
+                    spire: self.spire_agent(&entry.spire_agent_address),
+                    entry: entry.clone(),
+                    dir,
+                    pid: i32::try_from(pid).unwrap_or_default(),
+                    owner,
+                    metrics: self.inner.metrics.clone(),
+                    last_error: last_error.clone(),
+                };
+                streams.push(tokio::spawn(follower.run(tx)));
+            }
+            firsts.push((entry, rx, last_error));
+        }
+        let mut containers = lock(&self.inner.containers);
+        match containers.get_mut(container_id) {
+            Some(tracked) => {
+                tracked.stop_streams();
+                tracing::debug!(container = %tracked.label, streams = streams.len(), "following SVIDs");
+                tracked.streams = streams;
+            }
+            // Removed meanwhile: nothing to follow.
+            None => streams.iter().for_each(JoinHandle::abort),
+        }
+        Some(firsts)
+    }
+}
+
+/// The uid and gid the container's process runs as, from `/proc/<pid>/status` (effective ids,
+/// as seen from the host: the files are written on the host).
+fn owner_of(pid: u32) -> Option<(u32, u32)> {
+    if pid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+fn classify(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::PermissionDenied => Failure::permission_denied,
+        _ => Failure::spire_unavailable,
+    }
+}
+
+/// Follows one entry's SVIDs and bundles, publishing each new version.
+struct Follower {
+    spire: Arc<SpireAgent>,
+    entry: IdentityEntry,
+    dir: PathBuf,
+    pid: i32,
+    owner: Option<(u32, u32)>,
+    metrics: Metrics,
+    last_error: LastError,
+}
+
+/// What was last written, to skip repeats.
+#[derive(Default)]
+struct Published {
+    svid: Option<Svid>,
+    bundle: Option<Vec<Vec<u8>>>,
+}
+
+impl Follower {
+    async fn run(self, first: oneshot::Sender<FirstResult>) {
+        let mut first = Some(first);
+        let mut bundles = self.spire.bundles();
+        let mut current: Option<Svid> = None;
+        let mut published = Published::default();
+        let mut pause = RETRY_MIN;
+        loop {
+            let status = match self.spire.subscribe(self.pid).await {
+                Err(status) => status,
+                Ok(mut stream) => loop {
+                    tokio::select! {
+                        message = stream.message() => match message {
+                            Ok(Some(answer)) => {
+                                pause = RETRY_MIN;
+                                match select_svid(&answer, self.entry.spiffe_id.as_ref()) {
+                                    // Not attested yet: the agent answers again when it can.
+                                    Ok(None) => {
+                                        *lock(&self.last_error) = format!(
+                                            "the SPIRE agent has issued no SVID for PID {} yet",
+                                            self.pid
+                                        );
+                                    }
+                                    Ok(Some(svid)) => current = Some(svid),
+                                    Err(e) => {
+                                        self.metrics.fail(Failure::svid_invalid);
+                                        tracing::warn!(dir = %self.dir.display(), error = %e, "SVID refused");
+                                        if let Some(first) = first.take() {
+                                            let _ = first.send(Err((Failure::svid_invalid, e.to_string())));
+                                        }
+                                        continue;
+                                    }
+                                }
+                            }
+                            Ok(None) => break tonic::Status::unavailable("the SPIRE agent ended the stream"),
+                            Err(status) => break status,
+                        },
+                        changed = bundles.changed() => if changed.is_err() {
+                            break tonic::Status::unavailable("bundle follower stopped");
+                        },
+                    }
+                    self.publish_if_changed(&current, &bundles, &mut published, &mut first);
+                },
+            };
+            let reason = classify(&status);
+            let last_error = format!("{:?}: {}", status.code(), status.message());
+            lock(&self.last_error).clone_from(&last_error);
+            if first.is_none() {
+                // Already serving: keep the files, count, and re-subscribe.
+                self.metrics.fail(reason);
+                tracing::warn!(dir = %self.dir.display(), error = %last_error, "SVID stream broken; re-subscribing");
+            } else if reason == Failure::permission_denied {
+                // About the caller, not the container: no point retrying within the wait.
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err((reason, last_error)));
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_MAX);
+        }
+    }
+
+    fn publish_if_changed(
+        &self,
+        current: &Option<Svid>,
+        bundles: &watch::Receiver<Option<Arc<Bundles>>>,
+        published: &mut Published,
+        first: &mut Option<oneshot::Sender<FirstResult>>,
+    ) {
+        let Some(svid) = current else { return };
+        let bundle = {
+            let bundles = bundles.borrow();
+            let Some(bundle) = bundles
+                .as_ref()
+                .and_then(|b| b.by_trust_domain.get(svid.id.trust_domain_id()))
+            else {
+                // The SVID is of no use without its trust domain's roots: wait for them.
+                return;
+            };
+            bundle.clone()
+        };
+        if published.svid.as_ref() == Some(svid) && published.bundle.as_ref() == Some(&bundle) {
+            return;
+        }
+        let chain: Vec<&[u8]> = svid.chain.iter().map(Vec::as_slice).collect();
+        let roots: Vec<&[u8]> = bundle.iter().map(Vec::as_slice).collect();
+        let chain_pem = pem("CERTIFICATE", &chain);
+        let key_pem = key_pem(&svid.key);
+        let bundle_pem = pem("CERTIFICATE", &roots);
+        let e = &self.entry;
+        let result = publish(
+            &self.dir,
+            &Artifacts {
+                svid: (&e.svid_file_name, chain_pem.as_bytes()),
+                key: (&e.svid_key_file_name, key_pem.as_bytes()),
+                bundle: (&e.svid_bundle_file_name, bundle_pem.as_bytes()),
+                owner: self.owner,
+            },
+        );
+        match result {
+            Ok(()) => {
+                let rotation = published.svid.is_some();
+                published.svid = Some(svid.clone());
+                published.bundle = Some(bundle);
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                } else if rotation {
+                    self.metrics.rotations.inc();
+                    tracing::info!(dir = %self.dir.display(), id = %svid.id, expires_at = svid.expires_at, "SVID or bundle rotated");
+                }
+            }
+            Err(e) => {
+                self.metrics.fail(Failure::write);
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot write SVID files");
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err((Failure::write, e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// The PKCS#8 key as PEM.
+fn key_pem(key: &[u8]) -> String {
+    pem("PRIVATE KEY", &[key])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribes_to_exactly_the_events_it_handles() {
+        // CREATE_CONTAINER=4, START_CONTAINER=6, STOP_CONTAINER=10, REMOVE_CONTAINER=11.
+        assert_eq!(event_mask(), (1 << 3) | (1 << 5) | (1 << 9) | (1 << 10));
+    }
+
+    #[test]
+    fn reads_the_owner_of_a_live_process() {
+        let me = owner_of(std::process::id()).unwrap();
+        let meta = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+        assert_eq!(me.0, meta);
+        assert_eq!(owner_of(0), None);
+    }
+}

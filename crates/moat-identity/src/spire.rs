@@ -1,0 +1,248 @@
+//! The SPIRE agent's Delegated Identity API, on its admin socket.
+//!
+//! One [`SpireAgent`] per socket: a lazily connected gRPC channel that every subscription shares
+//! (one HTTP/2 stream each), and one `SubscribeToX509Bundles` stream whose latest answer every
+//! container's writer reads, so a thousand containers cost one bundle stream, not a thousand.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
+// prost's case conversion spells the "X509SVIDs" messages this way.
+pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
+use crate::proto::delegated::{
+    SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
+};
+use crate::spiffe::{DerError, SpiffeId, split_certificates, uri_sans};
+
+/// How long connecting to the admin socket may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// First and longest pause before re-opening a broken bundle stream.
+const BUNDLE_RETRY_MIN: Duration = Duration::from_millis(100);
+const BUNDLE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Trust bundles by trust domain ID (`spiffe://example.org`), each a list of DER certificates.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Bundles {
+    /// CA certificates (DER) per trust domain ID.
+    pub by_trust_domain: HashMap<String, Vec<Vec<u8>>>,
+}
+
+/// An X.509 SVID as moat writes it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Svid {
+    /// The SPIFFE ID, read from the leaf certificate.
+    pub id: SpiffeId,
+    /// Leaf first, DER.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER.
+    pub key: Vec<u8>,
+    /// Seconds since the Unix epoch.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("chain_len", &self.chain.len())
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an answer from the SPIRE agent could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SvidError {
+    #[error("the SPIRE agent issued {got:?}, not the expected {expected}")]
+    NotIssued { expected: String, got: Vec<String> },
+    #[error("the SVID has no certificate")]
+    EmptyChain,
+    #[error("the SVID has no private key")]
+    EmptyKey,
+    #[error("the SVID's leaf certificate cannot be read: {0}")]
+    Der(#[from] DerError),
+    #[error("the SVID's leaf certificate carries {0:?}, not one SPIFFE ID")]
+    BadSan(Vec<String>),
+    #[error("the SVID is labelled {label} but its certificate says {cert}")]
+    IdMismatch { label: String, cert: String },
+}
+
+/// Picks the SVID moat writes from an answer: the one with the expected ID if one is expected,
+/// else the first. `Ok(None)` when the answer carries none (the agent cannot attest the PID yet).
+///
+/// # Errors
+/// [`SvidError`] when the SVID is not the expected one or its certificate disagrees with it.
+pub fn select_svid(
+    response: &SvidsResponse,
+    expected: Option<&SpiffeId>,
+) -> Result<Option<Svid>, SvidError> {
+    let mut seen = Vec::new();
+    for with_key in &response.x509_svids {
+        let Some(svid) = &with_key.x509_svid else {
+            continue;
+        };
+        let leaf = svid.cert_chain.first().ok_or(SvidError::EmptyChain)?;
+        let sans = uri_sans(leaf)?;
+        let [san] = sans.as_slice() else {
+            return Err(SvidError::BadSan(sans));
+        };
+        let id: SpiffeId = san.parse().map_err(|_| SvidError::BadSan(sans.clone()))?;
+        if let Some(label) = &svid.id {
+            let label = format!("spiffe://{}{}", label.trust_domain, label.path);
+            if label != id.as_str() {
+                return Err(SvidError::IdMismatch {
+                    label,
+                    cert: id.to_string(),
+                });
+            }
+        }
+        if expected.is_some_and(|want| *want != id) {
+            seen.push(id.to_string());
+            continue;
+        }
+        if with_key.x509_svid_key.is_empty() {
+            return Err(SvidError::EmptyKey);
+        }
+        return Ok(Some(Svid {
+            id,
+            chain: svid.cert_chain.clone(),
+            key: with_key.x509_svid_key.clone(),
+            expires_at: svid.expires_at,
+        }));
+    }
+    match expected {
+        Some(want) if !seen.is_empty() => Err(SvidError::NotIssued {
+            expected: want.to_string(),
+            got: seen,
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// One SPIRE agent admin socket.
+#[derive(Debug)]
+pub struct SpireAgent {
+    socket: PathBuf,
+    client: DelegatedIdentityClient<Channel>,
+    bundles: watch::Receiver<Option<Arc<Bundles>>>,
+    bundle_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SpireAgent {
+    fn drop(&mut self) {
+        self.bundle_task.abort();
+    }
+}
+
+impl SpireAgent {
+    /// A client for the agent at `socket` (connected on first use, reconnected after loss), and
+    /// a task that follows its bundles. `on_bundle_error` is called each time the bundle
+    /// stream fails (for metrics).
+    #[must_use]
+    pub fn connect(socket: &Path, on_bundle_error: impl Fn(&tonic::Status) + Send + 'static) -> Self {
+        let path = socket.to_owned();
+        // The URI is never dialled: the connector below opens the Unix socket.
+        let channel = Endpoint::from_static("http://spire-agent.invalid")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }));
+        let client = DelegatedIdentityClient::new(channel);
+        let (tx, bundles) = watch::channel(None);
+        let bundle_task = tokio::spawn(follow_bundles(client.clone(), tx, on_bundle_error));
+        Self {
+            socket: socket.to_owned(),
+            client,
+            bundles,
+            bundle_task,
+        }
+    }
+
+    /// The admin socket.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The latest bundles, and changes to them.
+    #[must_use]
+    pub fn bundles(&self) -> watch::Receiver<Option<Arc<Bundles>>> {
+        self.bundles.clone()
+    }
+
+    /// Opens `SubscribeToX509SVIDs` for the process `pid`.
+    ///
+    /// # Errors
+    /// The gRPC status: unreachable agent, PermissionDenied, ….
+    pub async fn subscribe(
+        &self,
+        pid: i32,
+    ) -> Result<tonic::Streaming<SvidsResponse>, tonic::Status> {
+        let request = SvidsRequest {
+            selectors: Vec::new(),
+            pid,
+        };
+        Ok(self
+            .client
+            .clone()
+            .subscribe_to_x509svi_ds(request)
+            .await?
+            .into_inner())
+    }
+}
+
+async fn follow_bundles(
+    mut client: DelegatedIdentityClient<Channel>,
+    tx: watch::Sender<Option<Arc<Bundles>>>,
+    on_error: impl Fn(&tonic::Status),
+) {
+    let mut pause = BUNDLE_RETRY_MIN;
+    loop {
+        let status = match client
+            .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
+            .await
+        {
+            Err(status) => status,
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(answer)) => {
+                            pause = BUNDLE_RETRY_MIN;
+                            let mut bundles = Bundles::default();
+                            for (td, der) in answer.ca_certificates {
+                                match split_certificates(&der) {
+                                    Ok(certs) => {
+                                        let certs = certs.into_iter().map(<[u8]>::to_vec).collect();
+                                        bundles.by_trust_domain.insert(td, certs);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(trust_domain = %td, error = %e, "unreadable bundle skipped");
+                                    }
+                                }
+                            }
+                            tx.send_replace(Some(Arc::new(bundles)));
+                        }
+                        Ok(None) => break tonic::Status::unavailable("bundle stream ended"),
+                        Err(status) => break status,
+                    }
+                }
+            }
+        };
+        on_error(&status);
+        tracing::warn!(code = ?status.code(), message = status.message(), "SPIRE bundle stream broken; reopening");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(BUNDLE_RETRY_MAX);
+    }
+}
