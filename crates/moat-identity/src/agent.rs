@@ -246,7 +246,9 @@ impl Agent {
                         drop(self.subscribe(&container.id, container.pid));
                     }
                 }
-                Err(e) => tracing::warn!(container = %label(pod, container), error = %e, "cannot restore identity state"),
+                Err(e) => {
+                    tracing::warn!(container = %label(pod, container), error = %e, "cannot restore identity state")
+                }
             }
         }
         match self.inner.root.containers() {
@@ -409,8 +411,20 @@ impl Agent {
         tracing::warn!(container = %label(pod, container), failures = ?failures, "container start refused");
         Err(RpcStatus::new(
             Code::FailedPrecondition,
-            format!("moat identity: container {}: {}", label(pod, container), failures.join("; ")),
+            format!(
+                "moat identity: container {}: {}",
+                label(pod, container),
+                failures.join("; ")
+            ),
         ))
+    }
+
+    /// Stops following every container (the agent is exiting); files stay for the next agent.
+    pub fn shutdown(&self) {
+        let containers = std::mem::take(&mut *lock(&self.inner.containers));
+        drop(containers);
+        lock(&self.inner.spire).clear();
+        self.update_gauge();
     }
 
     /// StopContainer: close the container's streams; its files stay until removal.
@@ -423,7 +437,13 @@ impl Agent {
     /// RemoveContainer: forget the container and delete its files.
     pub fn remove_container(&self, container: &Container) {
         let removed = lock(&self.inner.containers).remove(&container.id);
-        if removed.is_some() || self.inner.root.entry_dir(&container.id, 0).is_ok_and(|d| d.exists()) {
+        if removed.is_some()
+            || self
+                .inner
+                .root
+                .entry_dir(&container.id, 0)
+                .is_ok_and(|d| d.exists())
+        {
             if let Err(e) = self.inner.root.remove_container(&container.id) {
                 tracing::warn!(container_id = %container.id, error = %e, "cannot remove identity files");
             }

@@ -9,6 +9,8 @@
 
 pub mod agent;
 pub mod annotations;
+#[cfg(feature = "doubles")]
+pub mod doubles;
 pub mod files;
 pub mod metrics;
 pub mod mux;

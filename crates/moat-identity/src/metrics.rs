@@ -125,7 +125,11 @@ impl Metrics {
             "Containers with identity entries the agent is following",
             m.containers_tracked.clone(),
         );
-        r.register("nri_calls", "NRI calls answered, by call and result", m.calls.clone());
+        r.register(
+            "nri_calls",
+            "NRI calls answered, by call and result",
+            m.calls.clone(),
+        );
         r.register(
             "nri_call_duration_seconds",
             "Time to answer an NRI call",

@@ -82,10 +82,11 @@ where
     let (plugin_rx, mut plugin_tx) = tokio::io::split(plugin_mux);
     let (runtime_rx, mut runtime_tx) = tokio::io::split(runtime_mux);
 
-    let pumps = [
+    let pumps = AbortOnDrop([
         tokio::spawn(pump_out(PLUGIN_SERVICE_CONN, plugin_rx, writer.clone())),
         tokio::spawn(pump_out(RUNTIME_SERVICE_CONN, runtime_rx, writer)),
-    ];
+    ]);
+    // The pumps hold the socket's write half: they end with this task, even when it is aborted.
     let done = tokio::spawn(async move {
         let result = async {
             loop {
@@ -121,9 +122,7 @@ where
             }
         }
         .await;
-        for pump in pumps {
-            pump.abort();
-        }
+        drop(pumps);
         // Dropping the mux halves makes both connections read EOF.
         drop(plugin_tx);
         drop(runtime_tx);
@@ -133,6 +132,16 @@ where
         plugin_service: plugin_user,
         runtime_service: runtime_user,
         done,
+    }
+}
+
+struct AbortOnDrop([JoinHandle<io::Result<()>>; 2]);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 

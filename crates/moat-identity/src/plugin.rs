@@ -15,9 +15,8 @@ use crate::metrics::{Call, CallLabels, CallOnlyLabels};
 use crate::mux;
 use crate::proto::nri::{
     ConfigureRequest, CreateContainerRequest, Empty, Event, RegisterPluginRequest,
-    RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest,
-    StartContainerResponse, StateChangeEvent, StopContainerRequest, StopContainerResponse,
-    SynchronizeRequest,
+    RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest, StartContainerResponse,
+    StateChangeEvent, StopContainerRequest, StopContainerResponse, SynchronizeRequest,
 };
 use crate::ttrpc::{self, Code, Handler, HandlerFuture, NoService, Peer, RpcStatus};
 
@@ -105,15 +104,23 @@ pub async fn run(
             source,
         })?;
     let conns = mux::split(stream);
-    let (_server, _served) = Peer::start(conns.plugin_service, Arc::new(Dispatch { agent }));
-    let (client, _client_task) = Peer::start(conns.runtime_service, Arc::new(NoService));
+    let (_server, served) = Peer::start(conns.plugin_service, Arc::new(Dispatch { agent }));
+    let (client, client_task) = Peer::start(conns.runtime_service, Arc::new(NoService));
+    // However run() ends (returned or dropped), the connection closes with it.
+    let _guard = AbortOnDrop(vec![served.abort_handle(), client_task.abort_handle()]);
     let register = RegisterPluginRequest {
         plugin_name: name.clone(),
         plugin_idx: index.to_string(),
         nri_version: String::new(),
     };
-    let registered = client.call::<_, Empty>(RUNTIME_SERVICE, "RegisterPlugin", &register, REGISTRATION_TIMEOUT);
+    let registered = client.call::<_, Empty>(
+        RUNTIME_SERVICE,
+        "RegisterPlugin",
+        &register,
+        REGISTRATION_TIMEOUT,
+    );
     let mut done = conns.done;
+    let _done_guard = AbortOnDrop(vec![done.abort_handle()]);
     tokio::select! {
         result = registered => drop(result.map_err(PluginError::Register)?),
         result = &mut done => return Err(ended(result)),
@@ -122,6 +129,16 @@ pub async fn run(
     tokio::select! {
         result = &mut done => Err(ended(result)),
         () = shutdown => Ok(()),
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -141,7 +158,8 @@ pub struct Dispatch {
 }
 
 fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, RpcStatus> {
-    M::decode(payload).map_err(|e| RpcStatus::new(Code::InvalidArgument, format!("undecodable request: {e}")))
+    M::decode(payload)
+        .map_err(|e| RpcStatus::new(Code::InvalidArgument, format!("undecodable request: {e}")))
 }
 
 impl Handler for Dispatch {
@@ -157,7 +175,13 @@ impl Handler for Dispatch {
             let (call, result) = dispatch(&agent, &method, &payload).await;
             let metrics = agent.metrics();
             let outcome = if result.is_ok() { "ok" } else { "error" };
-            metrics.calls.get_or_create(&CallLabels { call, result: outcome }).inc();
+            metrics
+                .calls
+                .get_or_create(&CallLabels {
+                    call,
+                    result: outcome,
+                })
+                .inc();
             metrics
                 .call_duration
                 .get_or_create(&CallOnlyLabels { call })
@@ -181,8 +205,11 @@ async fn dispatch(agent: &Agent, method: &str, payload: &[u8]) -> (Call, ttrpc::
             Call::create_container,
             match decode::<CreateContainerRequest>(payload) {
                 Ok(r) => {
-                    let (pod, container) = (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
-                    agent.create_container(&pod, &container).map(|a| a.encode_to_vec())
+                    let (pod, container) =
+                        (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
+                    agent
+                        .create_container(&pod, &container)
+                        .map(|a| a.encode_to_vec())
                 }
                 Err(e) => Err(e),
             },
@@ -191,7 +218,8 @@ async fn dispatch(agent: &Agent, method: &str, payload: &[u8]) -> (Call, ttrpc::
             Call::start_container,
             match decode::<StartContainerRequest>(payload) {
                 Ok(r) => {
-                    let (pod, container) = (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
+                    let (pod, container) =
+                        (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
                     agent
                         .start_container(&pod, &container)
                         .await
@@ -246,7 +274,10 @@ async fn dispatch(agent: &Agent, method: &str, payload: &[u8]) -> (Call, ttrpc::
         }
         other => (
             Call::other,
-            Err(RpcStatus::new(Code::Unimplemented, format!("{PLUGIN_SERVICE}/{other}"))),
+            Err(RpcStatus::new(
+                Code::Unimplemented,
+                format!("{PLUGIN_SERVICE}/{other}"),
+            )),
         ),
     }
 }

@@ -149,7 +149,10 @@ impl SpireAgent {
     /// a task that follows its bundles. `on_bundle_error` is called each time the bundle
     /// stream fails (for metrics).
     #[must_use]
-    pub fn connect(socket: &Path, on_bundle_error: impl Fn(&tonic::Status) + Send + 'static) -> Self {
+    pub fn connect(
+        socket: &Path,
+        on_bundle_error: impl Fn(&tonic::Status) + Send + 'static,
+    ) -> Self {
         let path = socket.to_owned();
         // The URI is never dialled: the connector below opens the Unix socket.
         let channel = Endpoint::from_static("http://spire-agent.invalid")

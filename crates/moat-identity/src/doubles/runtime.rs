@@ -1,0 +1,259 @@
+//! The runtime side of an NRI socket, as containerd runs it: it listens, accepts a plugin,
+//! serves `Runtime.RegisterPlugin` on connection 2, and calls the plugin's `Plugin` service on
+//! connection 1 with containerd's request timeout. Calls can use containerd 1.7's `StateChange`
+//! form or the newer dedicated calls.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::io::DuplexStream;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use crate::mux;
+use crate::plugin::{PLUGIN_SERVICE, RUNTIME_SERVICE};
+use crate::proto::nri::{
+    ConfigureRequest, ConfigureResponse, Container, CreateContainerRequest,
+    CreateContainerResponse, Empty, Event, PodSandbox, RegisterPluginRequest,
+    RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest, StartContainerResponse,
+    StateChangeEvent, StopContainerRequest, StopContainerResponse, SynchronizeRequest,
+    SynchronizeResponse,
+};
+use crate::ttrpc::{CallError, Code, Handler, HandlerFuture, Peer, RpcStatus};
+
+/// containerd's default NRI request timeout.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How lifecycle events reach the plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// containerd 1.7 (NRI 0.6): StartContainer and RemoveContainer as `StateChange`.
+    StateChange,
+    /// Newer NRI: a call per event.
+    Dedicated,
+}
+
+/// A listening runtime double.
+#[derive(Debug)]
+pub struct RuntimeDouble {
+    listener: UnixListener,
+}
+
+struct Registrar(mpsc::Sender<RegisterPluginRequest>);
+
+impl Handler for Registrar {
+    fn handle(&self, service: &str, method: &str, payload: Vec<u8>) -> HandlerFuture {
+        let tx = self.0.clone();
+        let known = service == RUNTIME_SERVICE && method == "RegisterPlugin";
+        Box::pin(async move {
+            if !known {
+                return Err(RpcStatus::new(Code::Unimplemented, "not served"));
+            }
+            let request = RegisterPluginRequest::decode(payload.as_slice())
+                .map_err(|e| RpcStatus::new(Code::InvalidArgument, e.to_string()))?;
+            let _ = tx.send(request).await;
+            Ok(Empty {}.encode_to_vec())
+        })
+    }
+}
+
+/// A plugin connected to the double.
+#[derive(Debug)]
+pub struct PluginConn {
+    plugin: Arc<Peer<DuplexStream>>,
+    /// What the plugin registered as.
+    pub registration: RegisterPluginRequest,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The request timeout calls use.
+    pub timeout: Duration,
+}
+
+impl RuntimeDouble {
+    /// Listens at `socket`.
+    ///
+    /// # Errors
+    /// The bind error.
+    pub fn bind(socket: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        Ok(Self {
+            listener: UnixListener::bind(socket)?,
+        })
+    }
+
+    /// Accepts the next plugin and waits for it to register.
+    ///
+    /// # Errors
+    /// An I/O error, or the plugin closing before it registered.
+    pub async fn accept(&self) -> std::io::Result<PluginConn> {
+        let (stream, _) = self.listener.accept().await?;
+        let conns = mux::split(stream);
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_runtime_side, _) = Peer::start(conns.runtime_service, Arc::new(Registrar(tx)));
+        let (plugin, _) = Peer::start(conns.plugin_service, Arc::new(crate::ttrpc::NoService));
+        let registration = rx
+            .recv()
+            .await
+            .ok_or_else(|| std::io::Error::other("the plugin closed before registering"))?;
+        Ok(PluginConn {
+            plugin,
+            registration,
+            done: conns.done,
+            timeout: REQUEST_TIMEOUT,
+        })
+    }
+}
+
+impl PluginConn {
+    async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, CallError> {
+        self.plugin
+            .call(PLUGIN_SERVICE, method, request, self.timeout)
+            .await
+    }
+
+    /// Configure, telling the plugin the request timeout.
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn configure(&self) -> Result<ConfigureResponse, CallError> {
+        let request = ConfigureRequest {
+            runtime_name: "runtime-double".into(),
+            runtime_version: "1.7".into(),
+            registration_timeout: 5000,
+            request_timeout: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        self.call("Configure", &request).await
+    }
+
+    /// Synchronize with the given pods and containers (one chunk).
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn synchronize(
+        &self,
+        pods: Vec<PodSandbox>,
+        containers: Vec<Container>,
+    ) -> Result<SynchronizeResponse, CallError> {
+        let request = SynchronizeRequest {
+            pods,
+            containers,
+            more: false,
+        };
+        self.call("Synchronize", &request).await
+    }
+
+    /// CreateContainer.
+    ///
+    /// # Errors
+    /// [`CallError`], including the plugin's refusal.
+    pub async fn create_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+    ) -> Result<CreateContainerResponse, CallError> {
+        let request = CreateContainerRequest {
+            pod: Some(pod.clone()),
+            container: Some(container.clone()),
+        };
+        self.call("CreateContainer", &request).await
+    }
+
+    /// StartContainer, in the given style.
+    ///
+    /// # Errors
+    /// [`CallError`], including the plugin's refusal.
+    pub async fn start_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+        style: Style,
+    ) -> Result<(), CallError> {
+        match style {
+            Style::StateChange => {
+                self.state_change(Event::StartContainer, pod, container)
+                    .await
+            }
+            Style::Dedicated => {
+                let request = StartContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(container.clone()),
+                };
+                self.call::<_, StartContainerResponse>("StartContainer", &request)
+                    .await
+                    .map(drop)
+            }
+        }
+    }
+
+    /// StopContainer.
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn stop_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+    ) -> Result<(), CallError> {
+        let request = StopContainerRequest {
+            pod: Some(pod.clone()),
+            container: Some(container.clone()),
+        };
+        self.call::<_, StopContainerResponse>("StopContainer", &request)
+            .await
+            .map(drop)
+    }
+
+    /// RemoveContainer, in the given style.
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn remove_container(
+        &self,
+        pod: &PodSandbox,
+        container: &Container,
+        style: Style,
+    ) -> Result<(), CallError> {
+        match style {
+            Style::StateChange => {
+                self.state_change(Event::RemoveContainer, pod, container)
+                    .await
+            }
+            Style::Dedicated => {
+                let request = RemoveContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(container.clone()),
+                };
+                self.call::<_, RemoveContainerResponse>("RemoveContainer", &request)
+                    .await
+                    .map(drop)
+            }
+        }
+    }
+
+    async fn state_change(
+        &self,
+        event: Event,
+        pod: &PodSandbox,
+        container: &Container,
+    ) -> Result<(), CallError> {
+        let request = StateChangeEvent {
+            event: event as i32,
+            pod: Some(pod.clone()),
+            container: Some(container.clone()),
+        };
+        self.call::<_, Empty>("StateChange", &request)
+            .await
+            .map(drop)
+    }
+
+    /// Closes the socket, as a runtime that goes away.
+    pub fn close(self) {
+        self.done.abort();
+    }
+}

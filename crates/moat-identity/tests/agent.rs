@@ -1,0 +1,561 @@
+//! The agent driven through its real NRI socket by the runtime double (containerd's side of the
+//! protocol), fetching SVIDs from the SPIRE double over a real Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
+use moat_identity::annotations::Defaults;
+use moat_identity::doubles::runtime::{PluginConn, RuntimeDouble, Style};
+use moat_identity::doubles::spire::{Mode, SpireDouble};
+use moat_identity::metrics::Metrics;
+use moat_identity::plugin::{self, PluginError, PluginOptions};
+use moat_identity::proto::nri::{Container, ContainerState, PodSandbox};
+use moat_identity::spiffe::{split_certificates, uri_sans};
+use moat_identity::ttrpc::CallError;
+use prometheus_client::registry::Registry;
+
+/// Removes a test's directory when the test ends.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Harness {
+    _guard: DirGuard,
+    dir: PathBuf,
+    spire: SpireDouble,
+    runtime: RuntimeDouble,
+    conn: PluginConn,
+    agent: Agent,
+    registry: Registry,
+    plugin: tokio::task::JoinHandle<Result<(), PluginError>>,
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moat-agent-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
+    let config = AgentConfig {
+        defaults: Defaults {
+            spire_agent_address: spire.to_owned(),
+            ..Defaults::default()
+        },
+        artifact_root: dir.join("artifacts"),
+        svid_wait: DEFAULT_SVID_WAIT,
+    };
+    Agent::new(config, Metrics::register(registry)).unwrap()
+}
+
+async fn connect(
+    agent: &Agent,
+    runtime: &RuntimeDouble,
+    socket: &Path,
+) -> (PluginConn, tokio::task::JoinHandle<Result<(), PluginError>>) {
+    let options = PluginOptions {
+        socket: socket.to_owned(),
+        name: "moat-identity".into(),
+        index: "10".parse().unwrap(),
+    };
+    let task = tokio::spawn(plugin::run(agent.clone(), options, std::future::pending()));
+    let conn = runtime.accept().await.unwrap();
+    conn.configure().await.unwrap();
+    (conn, task)
+}
+
+async fn harness(name: &str) -> Harness {
+    let dir = test_dir(name);
+    let spire = SpireDouble::start(&dir.join("spire.sock"), "example.org").unwrap();
+    let runtime = RuntimeDouble::bind(&dir.join("nri.sock")).unwrap();
+    let mut registry = Registry::default();
+    let agent = new_agent(&dir, spire.socket(), &mut registry);
+    let (conn, plugin) = connect(&agent, &runtime, &dir.join("nri.sock")).await;
+    conn.synchronize(vec![], vec![]).await.unwrap();
+    Harness {
+        _guard: DirGuard(dir.clone()),
+        dir,
+        spire,
+        runtime,
+        conn,
+        agent,
+        registry,
+        plugin,
+    }
+}
+
+/// A real process to stand for the container's (its PID is what SPIRE attests).
+struct Workload(Child);
+
+impl Workload {
+    fn spawn() -> Self {
+        Self(Command::new("sleep").arg("60").spawn().unwrap())
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pod(annotations: &[(&str, &str)]) -> PodSandbox {
+    PodSandbox {
+        id: "pod-1".into(),
+        name: "web".into(),
+        uid: "uid-1".into(),
+        namespace: "shop".into(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn container(id: &str, name: &str, pid: u32) -> Container {
+    Container {
+        id: id.into(),
+        pod_sandbox_id: "pod-1".into(),
+        name: name.into(),
+        pid,
+        state: ContainerState::ContainerCreated as i32,
+        ..Default::default()
+    }
+}
+
+const WEB: &str = "identity.noderesource.dev/container.web";
+
+fn spiffe_id_of(pem: &str) -> String {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    uri_sans(&der).unwrap().remove(0)
+}
+
+fn pem_blocks(pem: &str) -> usize {
+    pem.matches("-----BEGIN CERTIFICATE-----").count()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn metrics_text(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[tokio::test]
+async fn an_annotated_container_gets_its_svid_before_it_starts_and_rotations_reach_it() {
+    let h = harness("happy").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/ns/shop/sa/web");
+    let pod = pod(&[(
+        WEB,
+        "[{cert_dir: /run/spiffe, spiffe_id: 'spiffe://example.org/ns/shop/sa/web'}]",
+    )]);
+    let ctr = container("c1", "web", workload.pid());
+
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let mounts = created.adjust.unwrap().mounts;
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].destination, "/run/spiffe");
+    assert_eq!(mounts[0].r#type, "bind");
+    assert!(mounts[0].options.contains(&"ro".to_owned()));
+    let dir = PathBuf::from(&mounts[0].source);
+    assert!(dir.starts_with(h.dir.join("artifacts")));
+
+    h.conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    // On disk when StartContainer returns: before the workload's first instruction.
+    let svid = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    assert_eq!(spiffe_id_of(&svid), "spiffe://example.org/ns/shop/sa/web");
+    let key = std::fs::read_to_string(dir.join("svid_key.pem")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+    assert_eq!(pem_blocks(&bundle), 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("svid_key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Rotation: a new SVID replaces the files while the container runs.
+    h.spire.rotate();
+    eventually("rotated SVID on disk", || {
+        std::fs::read_to_string(dir.join("svid.pem")).unwrap() != svid
+    })
+    .await;
+    assert_ne!(
+        std::fs::read_to_string(dir.join("svid_key.pem")).unwrap(),
+        key
+    );
+
+    // A CA rotation: both roots in the bundle.
+    h.spire.add_root().unwrap();
+    eventually("two roots in the bundle", || {
+        pem_blocks(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap()) == 2
+    })
+    .await;
+
+    let text = metrics_text(&h.registry);
+    assert!(
+        text.contains("moat_identity_svids_issued_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("moat_identity_containers_tracked 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("moat_identity_svid_rotations_total 0"),
+        "{text}"
+    );
+
+    // Stop closes the stream; remove deletes the files.
+    assert_eq!(h.spire.open_svid_streams(), 1);
+    h.conn.stop_container(&pod, &ctr).await.unwrap();
+    eventually("stream closed", || h.spire.open_svid_streams() == 0).await;
+    assert!(dir.join("svid.pem").exists(), "files stay until removal");
+    h.conn
+        .remove_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    assert!(!dir.exists());
+    assert_eq!(h.agent.tracked(), 0);
+}
+
+#[tokio::test]
+async fn newer_runtimes_dedicated_calls_work_too() {
+    let h = harness("dedicated").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/web");
+    let pod = pod(&[("identity.noderesource.dev/pod", "[{}]")]);
+    let ctr = container("c1", "anything", workload.pid());
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    h.conn
+        .start_container(&pod, &ctr, Style::Dedicated)
+        .await
+        .unwrap();
+    assert!(dir.join("svid.pem").exists());
+    h.conn
+        .remove_container(&pod, &ctr, Style::Dedicated)
+        .await
+        .unwrap();
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn a_container_without_the_annotation_is_left_alone() {
+    let h = harness("plain").await;
+    let pod = pod(&[("other", "x")]);
+    let ctr = container("c1", "web", 1);
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    assert!(created.adjust.is_none());
+    h.conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    assert_eq!(h.spire.open_svid_streams(), 0);
+    assert_eq!(h.agent.tracked(), 0);
+    assert_eq!(
+        std::fs::read_dir(h.dir.join("artifacts")).unwrap().count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_bad_annotation_fails_only_its_own_container() {
+    let h = harness("bad").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/web");
+    let pod = pod(&[
+        (WEB, "[{cert_dir: ../../etc}]"),
+        ("identity.noderesource.dev/container.side", "[{}]"),
+    ]);
+    let err = h
+        .conn
+        .create_container(&pod, &container("c1", "web", 0))
+        .await
+        .unwrap_err();
+    let CallError::Status(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code, 3, "INVALID_ARGUMENT");
+    assert!(
+        status.message.contains("annotation identity.noderesource.dev/container.web, entry 0: cert_dir '../../etc' must be an absolute path"),
+        "{}",
+        status.message
+    );
+    // The agent is still answering, and the pod's other container gets its identity.
+    let side = container("c2", "side", workload.pid());
+    h.conn.create_container(&pod, &side).await.unwrap();
+    h.conn
+        .start_container(&pod, &side, Style::StateChange)
+        .await
+        .unwrap();
+    assert!(
+        metrics_text(&h.registry).contains("moat_identity_failures_total{reason=\"annotation\"} 1")
+    );
+    assert!(h.plugin.is_finished().then_some(()).is_none());
+}
+
+#[tokio::test]
+async fn no_svid_in_time_fails_the_start_before_the_runtime_timeout() {
+    let h = harness("stall").await;
+    h.spire.set_mode(Mode::Stall);
+    let workload = Workload::spawn();
+    let pod = pod(&[(WEB, "[{}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    h.conn.create_container(&pod, &ctr).await.unwrap();
+    let started = Instant::now();
+    let err = h
+        .conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap_err();
+    // An answer, not a runtime-side timeout (which would start the container without us).
+    let CallError::Status(status) = err else {
+        panic!("expected an error status, got {err}")
+    };
+    assert_eq!(status.code, 9, "FAILED_PRECONDITION");
+    assert!(status.message.contains("no SVID"), "{}", status.message);
+    assert!(started.elapsed() < h.conn.timeout);
+    assert!(h.agent.effective_wait() <= h.conn.timeout - moat_identity::agent::ANSWER_MARGIN);
+    assert!(
+        metrics_text(&h.registry).contains("moat_identity_failures_total{reason=\"timeout\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn fail_open_starts_without_an_svid_and_is_counted_then_catches_up() {
+    let h = harness("failopen").await;
+    let workload = Workload::spawn();
+    let pod = pod(&[(WEB, "[{fail_open: true}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    // Not attested: the double answers with no SVID.
+    h.conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    assert!(!dir.join("svid.pem").exists());
+    assert!(metrics_text(&h.registry).contains("moat_identity_fail_open_starts_total 1"));
+    // The stream stays open: once SPIRE attests the PID, the files appear.
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/late");
+    eventually("late SVID", || dir.join("svid.pem").exists()).await;
+}
+
+#[tokio::test]
+async fn an_unattested_pid_gets_its_svid_when_spire_catches_up_within_the_wait() {
+    let h = harness("late").await;
+    let workload = Workload::spawn();
+    let pod = pod(&[(WEB, "[{}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    h.conn.create_container(&pod, &ctr).await.unwrap();
+    let pid = workload.pid();
+    let register = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.spire.register_pid(pid, "spiffe://example.org/web");
+    };
+    let (started, ()) = tokio::join!(
+        h.conn.start_container(&pod, &ctr, Style::StateChange),
+        register
+    );
+    started.unwrap();
+}
+
+#[tokio::test]
+async fn permission_denied_fails_the_start_at_once_with_spires_reason() {
+    let h = harness("denied").await;
+    h.spire.set_mode(Mode::Deny);
+    let workload = Workload::spawn();
+    let pod = pod(&[(WEB, "[{}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    h.conn.create_container(&pod, &ctr).await.unwrap();
+    let started = Instant::now();
+    let err = h
+        .conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    assert!(err.to_string().contains("authorized delegate"), "{err}");
+    assert!(metrics_text(&h.registry).contains("reason=\"permission_denied\""));
+}
+
+#[tokio::test]
+async fn an_svid_with_another_spiffe_id_is_refused() {
+    let h = harness("mismatch").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/someone-else");
+    let pod = pod(&[(WEB, "[{spiffe_id: 'spiffe://example.org/web'}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    let err = h
+        .conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not the expected spiffe://example.org/web"),
+        "{err}"
+    );
+    assert!(!dir.join("svid.pem").exists());
+}
+
+#[tokio::test]
+async fn a_broken_stream_keeps_the_files_and_recovers() {
+    let h = harness("recover").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/web");
+    let pod = pod(&[(WEB, "[{}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    h.conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    let first = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    // PermissionDenied on an open stream: the files stay, the failure is counted.
+    h.spire.set_mode(Mode::Deny);
+    eventually("denial counted", || {
+        metrics_text(&h.registry).contains("reason=\"permission_denied\"")
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+        first
+    );
+    // And when SPIRE serves again, the agent re-subscribes on its own.
+    h.spire.set_mode(Mode::Serve);
+    eventually("re-subscribed with a new SVID", || {
+        std::fs::read_to_string(dir.join("svid.pem")).unwrap() != first
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn after_a_restart_synchronize_rebuilds_state_without_duplicate_streams() {
+    let mut h = harness("restart").await;
+    let workload = Workload::spawn();
+    h.spire
+        .register_pid(workload.pid(), "spiffe://example.org/web");
+    let pod = pod(&[(WEB, "[{}]")]);
+    let mut ctr = container("c1", "web", workload.pid());
+    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    h.conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap();
+    // A directory for a container the runtime no longer has.
+    let stale = h.dir.join("artifacts/gone/0");
+    std::fs::create_dir_all(&stale).unwrap();
+
+    // The agent process dies: its streams end with it.
+    h.plugin.abort();
+    let _ = (&mut h.plugin).await;
+    h.agent.shutdown();
+    eventually("old stream closed", || h.spire.open_svid_streams() == 0).await;
+
+    // A new agent over the same directories.
+    let mut registry = Registry::default();
+    let agent = new_agent(&h.dir, h.spire.socket(), &mut registry);
+    let (conn, plugin) = connect(&agent, &h.runtime, &h.dir.join("nri.sock")).await;
+    ctr.state = ContainerState::ContainerRunning as i32;
+    conn.synchronize(vec![pod.clone()], vec![ctr.clone()])
+        .await
+        .unwrap();
+    assert_eq!(agent.tracked(), 1);
+    assert!(!stale.exists(), "stale directory removed");
+    eventually("one stream again", || h.spire.open_svid_streams() == 1).await;
+    // A second Synchronize (the runtime restarting) adds nothing.
+    conn.synchronize(vec![pod.clone()], vec![ctr.clone()])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.spire.open_svid_streams(), 1);
+    // Rotations reach the files again.
+    let before = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    h.spire.rotate();
+    eventually("rotation after restart", || {
+        std::fs::read_to_string(dir.join("svid.pem")).unwrap() != before
+    })
+    .await;
+    h.agent = agent;
+    h.conn = conn;
+    h.plugin = plugin;
+}
+
+#[tokio::test]
+async fn the_plugin_ends_with_an_error_when_the_runtime_goes_away() {
+    let h = harness("gone").await;
+    let Harness { conn, plugin, .. } = h;
+    conn.close();
+    let result = tokio::time::timeout(Duration::from_secs(5), plugin)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(result, Err(PluginError::Closed)), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_plugin_registers_with_its_name_and_index() {
+    let h = harness("register").await;
+    assert_eq!(h.conn.registration.plugin_name, "moat-identity");
+    assert_eq!(h.conn.registration.plugin_idx, "10");
+}
+
+#[test]
+fn roots_split_the_way_spire_sends_them() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = test_dir("roots");
+        let spire = SpireDouble::start(&dir.join("s.sock"), "example.org").unwrap();
+        spire.add_root().unwrap();
+        let joined: Vec<u8> = spire.roots_der().concat();
+        assert_eq!(split_certificates(&joined).unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
