@@ -437,16 +437,9 @@ impl Agent {
     /// RemoveContainer: forget the container and delete its files.
     pub fn remove_container(&self, container: &Container) {
         let removed = lock(&self.inner.containers).remove(&container.id);
-        if removed.is_some()
-            || self
-                .inner
-                .root
-                .entry_dir(&container.id, 0)
-                .is_ok_and(|d| d.exists())
-        {
-            if let Err(e) = self.inner.root.remove_container(&container.id) {
-                tracing::warn!(container_id = %container.id, error = %e, "cannot remove identity files");
-            }
+        // Also when untracked: a directory may be left from before a restart.
+        if let Err(e) = self.inner.root.remove_container(&container.id) {
+            tracing::warn!(container_id = %container.id, error = %e, "cannot remove identity files");
         }
         drop(removed);
         self.update_gauge();

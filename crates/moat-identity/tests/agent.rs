@@ -1,5 +1,11 @@
 //! The agent driven through its real NRI socket by the runtime double (containerd's side of the
 //! protocol), fetching SVIDs from the SPIRE double over a real Unix socket.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

@@ -1,6 +1,7 @@
 //! The `moat` command: offline review and configuration today; the admission server, installer
 //! and node agent build on the same policy core.
 
+pub mod identity;
 pub mod install;
 pub mod review;
 pub mod serve;
@@ -41,6 +42,9 @@ enum Command {
     Certs(serve::CertsArgs),
     /// Print every manifest needed to run moat's admission webhooks (apply with kubectl).
     Install(install::InstallArgs),
+    /// Run the node identity agent: a containerd NRI plugin that writes SPIFFE SVIDs for
+    /// annotated containers before they start.
+    IdentityAgent(identity::IdentityAgentArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +114,7 @@ impl Args {
             Command::Serve(args) => serve::run_serve(args),
             Command::Certs(args) => serve::run_certs(args, stdout),
             Command::Install(args) => install::run_install(args, stdout),
+            Command::IdentityAgent(args) => identity::run_identity_agent(args),
             Command::Config(ConfigCommand::Default) => stdout
                 .write_all(DEFAULT_CONFIG_YAML.as_bytes())
                 .map(|()| 0)

@@ -80,7 +80,7 @@ pub struct CertsArgs {
     out: PathBuf,
 }
 
-fn init_logging(format: LogFormat, level: LogLevel) {
+pub(crate) fn init_logging(format: LogFormat, level: LogLevel) {
     let level = match level {
         LogLevel::Error => tracing::Level::ERROR,
         LogLevel::Warn => tracing::Level::WARN,
@@ -147,7 +147,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
 }
 
 /// Completes on SIGTERM (what the kubelet sends) or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -1,0 +1,345 @@
+//! End to end on a real containerd 1.7 with NRI and runc, started by `scripts/test.sh`
+//! (`scripts/start-test-containerd.sh`, images from `scripts/build-test-images.sh`), which sets
+//! `MOAT_E2E_CONTAINERD_DIR` to its directory. Pods and containers are made through the CRI API,
+//! as the kubelet makes them; the agent runs the production code path against containerd's NRI
+//! socket, and the SPIRE double attests PIDs by the container id in their cgroup path.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
+use moat_identity::annotations::Defaults;
+use moat_identity::doubles::spire::SpireDouble;
+use moat_identity::metrics::Metrics;
+use moat_identity::plugin::{self, PluginOptions};
+use prometheus_client::registry::Registry;
+use tonic::transport::{Channel, Endpoint};
+
+const IMAGE: &str = "localhost/moat-test/busybox:e2e";
+const WEB_ID: &str = "spiffe://example.org/ns/moat-e2e/sa/web";
+
+/// The container's first command: it finds the files, prints the SPIFFE ID from the
+/// certificate (busybox has no openssl: base64-decode the PEM and find the URI SAN), then waits.
+const WEB_SCRIPT: &str = "set -e
+test -s /run/spiffe/svid.pem
+test -s /run/spiffe/svid_key.pem
+test -s /run/spiffe/bundle.pem
+echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | strings | grep -o 'spiffe://[a-z0-9./_-]*' | head -1)\"
+exec sleep 600";
+
+async fn cri(socket: &Path) -> RuntimeServiceClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://containerd.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    RuntimeServiceClient::new(channel)
+}
+
+fn sandbox_config(logs: &Path) -> PodSandboxConfig {
+    let annotations = [
+        (
+            "identity.noderesource.dev/container.web",
+            "[{cert_dir: /run/spiffe, spiffe_id: 'spiffe://example.org/ns/moat-e2e/sa/web'}]",
+        ),
+        (
+            "identity.noderesource.dev/container.bad",
+            "[{cert_dir: relative/dir}]",
+        ),
+        (
+            "identity.noderesource.dev/container.unattested",
+            "[{cert_dir: /run/spiffe}]",
+        ),
+    ];
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "e2e".into(),
+            uid: format!("uid-{}", std::process::id()),
+            namespace: "moat-e2e".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        // Host network (no CNI here) and no hostname, as these machines need.
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    client: &mut RuntimeServiceClient<Channel>,
+    pod_id: &str,
+    sandbox: &PodSandboxConfig,
+    name: &str,
+    script: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(container_config(name, script)),
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+        .map(|r| r.into_inner().container_id)
+}
+
+async fn exec(client: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (i32, String) {
+    let r = client
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
+    let Some(dir) = std::env::var_os("MOAT_E2E_CONTAINERD_DIR").map(PathBuf::from) else {
+        eprintln!(
+            "skipped: MOAT_E2E_CONTAINERD_DIR is not set (scripts/test.sh starts a containerd and sets it)"
+        );
+        return;
+    };
+    let work = dir.join(format!("e2e-{}", std::process::id()));
+    std::fs::create_dir_all(work.join("logs")).unwrap();
+
+    let spire = SpireDouble::start(&work.join("spire-admin.sock"), "example.org").unwrap();
+    let mut registry = Registry::default();
+    let artifacts = work.join("identity");
+    let agent = Agent::new(
+        AgentConfig {
+            defaults: Defaults {
+                spire_agent_address: spire.socket().to_owned(),
+                ..Defaults::default()
+            },
+            artifact_root: artifacts.clone(),
+            svid_wait: DEFAULT_SVID_WAIT,
+        },
+        Metrics::register(&mut registry),
+    )
+    .unwrap();
+    let plugin = tokio::spawn(plugin::run(
+        agent.clone(),
+        PluginOptions {
+            socket: dir.join("nri.sock"),
+            name: "moat-identity".into(),
+            index: "10".parse().unwrap(),
+        },
+        std::future::pending(),
+    ));
+    let mut client = cri(&dir.join("containerd.sock")).await;
+    // Ready once containerd has synchronized the agent.
+    wait_for("containerd to synchronize the agent", async || {
+        assert!(!plugin.is_finished(), "the agent stopped");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.contains("call=\"synchronize\",result=\"ok\"")
+    })
+    .await;
+
+    let sandbox = sandbox_config(&work.join("logs"));
+    let pod_id = client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+
+    // The annotated container: SPIRE will attest its PID by its container id.
+    let web = create(&mut client, &pod_id, &sandbox, "web", WEB_SCRIPT)
+        .await
+        .unwrap();
+    spire.register_container(&web, WEB_ID);
+    client
+        .start_container(StartContainerRequest {
+            container_id: web.clone(),
+        })
+        .await
+        .unwrap();
+    let log = work.join("logs/web.log");
+    wait_for("the container's first output", async || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("first-instruction-sees"))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("first-instruction-sees: {WEB_ID}")),
+        "the container's first command did not find its identity: {text}"
+    );
+
+    // Inside the container: read-only, the key 0600.
+    let (code, _) = exec(&mut client, &web, &["sh", "-c", "echo x > /run/spiffe/x"]).await;
+    assert_ne!(code, 0, "the identity directory must be read-only");
+    let (_, mode) = exec(
+        &mut client,
+        &web,
+        &["stat", "-L", "-c", "%a", "/run/spiffe/svid_key.pem"],
+    )
+    .await;
+    assert_eq!(mode.trim(), "600");
+
+    // A rotation reaches the running container.
+    let (_, before) = exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"]).await;
+    spire.rotate();
+    wait_for("the rotated SVID inside the container", async || {
+        exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"])
+            .await
+            .1
+            != before
+    })
+    .await;
+
+    // A container without the annotation gets nothing.
+    let plain = create(&mut client, &pod_id, &sandbox, "plain", "exec sleep 600")
+        .await
+        .unwrap();
+    client
+        .start_container(StartContainerRequest {
+            container_id: plain.clone(),
+        })
+        .await
+        .unwrap();
+    let (code, _) = exec(&mut client, &plain, &["test", "-e", "/run/spiffe"]).await;
+    assert_eq!(
+        code, 1,
+        "no identity directory for an unannotated container"
+    );
+    assert!(!artifacts.join(&plain).exists());
+
+    // A bad annotation fails only its own container, with the reason.
+    let err = create(&mut client, &pod_id, &sandbox, "bad", "exec sleep 600")
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("cert_dir 'relative/dir' must be an absolute path"),
+        "{}",
+        err.message()
+    );
+
+    // An annotated container SPIRE will not attest does not start (fail closed, in time).
+    let unattested = create(
+        &mut client,
+        &pod_id,
+        &sandbox,
+        "unattested",
+        "exec sleep 600",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let err = client
+        .start_container(StartContainerRequest {
+            container_id: unattested.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("no SVID"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // The others were not touched: web still runs with its identity, the agent still answers.
+    let (code, _) = exec(&mut client, &web, &["test", "-s", "/run/spiffe/svid.pem"]).await;
+    assert_eq!(code, 0);
+    assert!(!plugin.is_finished());
+
+    // Removal deletes the host files.
+    for id in [&web, &plain, &unattested] {
+        let _ = client
+            .stop_container(StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 1,
+            })
+            .await;
+        client
+            .remove_container(RemoveContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        !artifacts.join(&web).exists(),
+        "files of a removed container are deleted"
+    );
+    client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id,
+        })
+        .await
+        .unwrap();
+    plugin.abort();
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -1,0 +1,148 @@
+//! `moat identity-agent`: argument wiring around `moat-identity`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_identity::agent::{Agent, AgentConfig};
+use moat_identity::annotations::Defaults;
+use moat_identity::metrics::Metrics;
+use moat_identity::plugin::{self, PluginIndex, PluginOptions};
+use prometheus_client::registry::Registry;
+
+use crate::serve::{LogFormat, LogLevel, init_logging, shutdown_signal};
+
+/// Exit status when the runtime goes away: the DaemonSet restarts the agent, and Synchronize
+/// rebuilds its state.
+const EXIT_RUNTIME_LOST: u8 = 3;
+
+/// Arguments of `moat identity-agent`.
+#[derive(Debug, clap::Args)]
+pub struct IdentityAgentArgs {
+    /// The runtime's NRI socket.
+    #[arg(long, default_value = "/var/run/nri/nri.sock", value_name = "PATH")]
+    nri_socket: PathBuf,
+    /// Name to register with the runtime.
+    #[arg(long, default_value = "moat-identity", value_name = "NAME")]
+    plugin_name: String,
+    /// Two-digit plugin index (the runtime calls plugins in ascending order).
+    #[arg(long, default_value = "10", value_name = "NN")]
+    plugin_index: PluginIndex,
+    /// The SPIRE agent's admin socket (Delegated Identity API), used when an annotation names
+    /// none.
+    #[arg(
+        long,
+        default_value = "/run/spire/admin/admin.sock",
+        value_name = "PATH"
+    )]
+    spire_admin_socket: PathBuf,
+    /// A further SPIRE admin socket annotations may name (repeatable). No other socket is ever
+    /// dialled, whatever an annotation says.
+    #[arg(long = "allowed-spire-admin-socket", value_name = "PATH")]
+    allowed_spire_admin_sockets: Vec<PathBuf>,
+    /// Where the files appear in a container when an annotation names no `cert_dir`.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/spiffe.io",
+        value_name = "PATH"
+    )]
+    default_cert_dir: PathBuf,
+    /// Host directory for the per-container SVID files (bind-mounted read-only into containers).
+    #[arg(long, default_value = "/var/lib/moat/identity", value_name = "DIR")]
+    artifact_dir: PathBuf,
+    /// Longest wait for a container's first SVID, in milliseconds (capped 300 ms below the
+    /// runtime's NRI request timeout, so the agent always answers in time).
+    #[arg(long, default_value_t = 1500, value_name = "MS")]
+    svid_wait_ms: u64,
+    /// Address for Prometheus metrics and the liveness probe (plain HTTP: GET /metrics,
+    /// GET /healthz).
+    #[arg(long, default_value = "127.0.0.1:9091", value_name = "HOST:PORT")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or until the runtime goes away (exit 3).
+pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
+    let IdentityAgentArgs {
+        nri_socket,
+        plugin_name,
+        plugin_index,
+        spire_admin_socket,
+        allowed_spire_admin_sockets,
+        default_cert_dir,
+        artifact_dir,
+        svid_wait_ms,
+        metrics_addr,
+        log_format,
+        log_level,
+    } = args;
+    init_logging(log_format, log_level);
+    let absolute = |flag: &str, p: &PathBuf| {
+        if p.is_absolute() {
+            Ok(())
+        } else {
+            Err(format!("{flag} '{}' must be an absolute path", p.display()))
+        }
+    };
+    absolute("--spire-admin-socket", &spire_admin_socket)?;
+    absolute("--default-cert-dir", &default_cert_dir)?;
+    for socket in &allowed_spire_admin_sockets {
+        absolute("--allowed-spire-admin-socket", socket)?;
+    }
+    if plugin_name.is_empty() {
+        return Err("--plugin-name must not be empty".to_owned());
+    }
+    let config = AgentConfig {
+        defaults: Defaults {
+            spire_agent_address: spire_admin_socket,
+            allowed_spire_agent_addresses: allowed_spire_admin_sockets
+                .into_iter()
+                .collect::<BTreeSet<_>>(),
+            cert_dir: default_cert_dir,
+        },
+        artifact_root: artifact_dir,
+        svid_wait: Duration::from_millis(svid_wait_ms),
+    };
+    // Two workers: one node agent should not take a thread per core of a large node.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let mut registry = Registry::default();
+        let agent =
+            Agent::new(config, Metrics::register(&mut registry)).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
+        let app = moat_server::metrics_router(Arc::new(registry))
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+        let options = PluginOptions {
+            socket: nri_socket,
+            name: plugin_name,
+            index: plugin_index,
+        };
+        let result = plugin::run(agent.clone(), options, shutdown_signal()).await;
+        agent.shutdown();
+        match result {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                tracing::error!(error = %e, "identity agent stopping");
+                Ok(EXIT_RUNTIME_LOST)
+            }
+        }
+    })
+}
