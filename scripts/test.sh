@@ -2,12 +2,41 @@
 # Runs every test moat has, installing what the tests need first. `.ci/run` calls this.
 #
 #   scripts/test.sh
+#
+# Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
+# the identity agent's end-to-end test, and protoc for the CRI client that test uses. Then
+# builds the test images, starts a containerd of its own under a temporary directory, and runs
+# the whole suite with MOAT_E2E_CONTAINERD_DIR pointing at it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== prerequisites"
+scripts/install-containerd.sh
+if ! command -v protoc >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
 
 echo "== format"
 cargo fmt --all --check
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== containerd for the end-to-end test"
+e2e=$(mktemp -d /tmp/moat-e2e.XXXXXX)
+scripts/build-test-images.sh "$e2e/images" >/dev/null
+containerd_pid=$(scripts/start-test-containerd.sh "$e2e/containerd" "$e2e/images" 2>"$e2e/start.log") || {
+  cat "$e2e/start.log" >&2
+  exit 1
+}
+cleanup() {
+  kill "$containerd_pid" 2>/dev/null || true
+  # Shims and containers a failed test left behind, then their mounts.
+  pkill -f -- "$e2e/containerd" 2>/dev/null || true
+  sleep 0.5
+  grep -o " $e2e/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$e2e" 2>/dev/null || true
+}
+trap cleanup EXIT
+
 echo "== tests"
-cargo test --workspace --locked
+MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" cargo test --workspace --locked

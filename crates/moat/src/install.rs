@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -69,7 +69,26 @@ pub struct InstallArgs {
     /// which often cannot resolve cluster DNS: give a Service IP or node address then).
     #[arg(long, value_name = "URL")]
     image_policy_url: Option<String>,
+    /// Also install the node identity agent (a DaemonSet on every node, in its own namespace).
+    #[arg(long)]
+    identity_agent: bool,
+    /// Namespace of the identity agent (it needs host paths, so its namespace allows
+    /// privileged pods; the admission webhooks skip it).
+    #[arg(long, default_value = "moat-node", value_name = "NS", requires = "identity_agent")]
+    identity_namespace: String,
+    /// The runtime's NRI socket on each node.
+    #[arg(long, default_value = "/var/run/nri/nri.sock", value_name = "PATH", requires = "identity_agent")]
+    nri_socket: String,
+    /// The SPIRE agent's admin socket on each node (its `admin_socket_path`).
+    #[arg(long, default_value = "/run/spire/admin/admin.sock", value_name = "PATH", requires = "identity_agent")]
+    spire_admin_socket: String,
 }
+
+/// Where the identity agent keeps per-container files on each node: the same path inside the
+/// agent's container, because the runtime bind-mounts them by host path.
+const IDENTITY_ARTIFACT_DIR: &str = "/var/lib/moat/identity";
+const IDENTITY_NAME: &str = "moat-identity-agent";
+const IDENTITY_METRICS_PORT: u16 = 9091;
 
 /// Converts `v` through `T` and back; refuses it if anything changed (an unknown or misspelt
 /// field, a wrong type).
@@ -105,6 +124,8 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         failure_policy,
         cert_manager,
         image_policy_url,
+        identity_agent,
+        identity_namespace,
         ..
     } = args;
     if *replicas < 2 {
@@ -215,8 +236,13 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         },
     }))?);
 
+    if *identity_agent {
+        objects.extend(identity_agent_objects(args, image)?);
+    }
+    let agent_ns = identity_agent.then_some(identity_namespace.as_str());
     let (mutating, validating) = webhooks(
         ns,
+        agent_ns,
         config,
         ca_pem.as_deref(),
         *failure_policy,
@@ -316,8 +342,114 @@ fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: 
     })
 }
 
+/// The identity agent's namespace, service account and DaemonSet.
+fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>, String> {
+    let ns = &args.identity_namespace;
+    if ns.parse::<moat_core::names::NamespacePattern>().is_err() || ns.contains('*') {
+        return Err(format!("--identity-namespace '{ns}' is not a namespace name"));
+    }
+    if *ns == args.namespace {
+        return Err(
+            "--identity-namespace must differ from --namespace: the agent needs host paths, the \
+             webhook's namespace stays restricted"
+                .to_owned(),
+        );
+    }
+    let socket_dir = |flag: &str, path: &str| -> Result<(String, String), String> {
+        let p = std::path::Path::new(path);
+        match (p.is_absolute(), p.parent(), p.file_name()) {
+            (true, Some(dir), Some(_)) if dir != std::path::Path::new("/") => {
+                Ok((dir.display().to_string(), path.to_owned()))
+            }
+            _ => Err(format!("{flag} '{path}' must be an absolute path to a socket in a directory")),
+        }
+    };
+    let (nri_dir, nri_socket) = socket_dir("--nri-socket", &args.nri_socket)?;
+    let (spire_dir, spire_socket) = socket_dir("--spire-admin-socket", &args.spire_admin_socket)?;
+    let labels = json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "identity-agent"});
+    Ok(vec![
+        typed::<Namespace>(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {
+                // hostPath volumes need the privileged level; nothing else here is privileged.
+                "pod-security.kubernetes.io/enforce": "privileged",
+                "pod-security.kubernetes.io/warn": "baseline",
+            }},
+        }))?,
+        typed::<ServiceAccount>(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": IDENTITY_NAME, "namespace": ns, "labels": labels},
+            "automountServiceAccountToken": false,
+        }))?,
+        typed::<DaemonSet>(json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": IDENTITY_NAME, "namespace": ns, "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": IDENTITY_NAME,
+                        "automountServiceAccountToken": false,
+                        // Container PIDs come from the runtime as host PIDs: the agent reads
+                        // /proc/<pid>/status to give the key file to the workload's user.
+                        "hostPID": true,
+                        "priorityClassName": "system-node-critical",
+                        // Every node, isolated and tainted ones included: that is where
+                        // untrusted pods run.
+                        "tolerations": [{"operator": "Exists"}],
+                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "terminationGracePeriodSeconds": 10,
+                        "containers": [{
+                            "name": "agent",
+                            "image": image,
+                            "args": [
+                                "identity-agent",
+                                "--nri-socket", nri_socket,
+                                "--spire-admin-socket", spire_socket,
+                                "--artifact-dir", IDENTITY_ARTIFACT_DIR,
+                                "--metrics-addr", format!("0.0.0.0:{IDENTITY_METRICS_PORT}"),
+                                "--log-format", "json",
+                            ],
+                            "ports": [{"name": "metrics", "containerPort": IDENTITY_METRICS_PORT, "protocol": "TCP"}],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
+                            "resources": {
+                                "requests": {"cpu": "10m", "memory": "16Mi"},
+                                "limits": {"memory": "64Mi"},
+                            },
+                            // Root for the root-owned sockets and directories, but no other
+                            // privilege: CHOWN only, to hand each key to its workload's user.
+                            "securityContext": {
+                                "runAsUser": 0,
+                                "runAsNonRoot": false,
+                                "readOnlyRootFilesystem": true,
+                                "allowPrivilegeEscalation": false,
+                                "privileged": false,
+                                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                            },
+                            "volumeMounts": [
+                                // Connecting to a socket works on a read-only mount.
+                                {"name": "nri", "mountPath": nri_dir, "readOnly": true},
+                                {"name": "spire-admin", "mountPath": spire_dir, "readOnly": true},
+                                {"name": "artifacts", "mountPath": IDENTITY_ARTIFACT_DIR},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "nri", "hostPath": {"path": nri_dir, "type": "Directory"}},
+                            {"name": "spire-admin", "hostPath": {"path": spire_dir, "type": "DirectoryOrCreate"}},
+                            {"name": "artifacts", "hostPath": {"path": IDENTITY_ARTIFACT_DIR, "type": "DirectoryOrCreate"}},
+                        ],
+                    },
+                },
+            },
+        }))?,
+    ])
+}
+
 fn webhooks(
     ns: &str,
+    agent_ns: Option<&str>,
     config: &Config,
     ca_pem: Option<&str>,
     failure_policy: FailurePolicy,
@@ -328,6 +460,8 @@ fn webhooks(
     // exact exempt names from the configuration are skipped here too (patterns are applied by
     // moat itself).
     let mut exempt: Vec<String> = vec![ns.to_owned(), "kube-system".to_owned()];
+    // The node agent must run on every node as it is (no sandboxed runtime, no isolation).
+    exempt.extend(agent_ns.map(str::to_owned));
     for p in &config.exemptions.namespaces {
         if !p.as_str().contains('*') && !exempt.iter().any(|e| e == p.as_str()) {
             exempt.push(p.to_string());
