@@ -4,7 +4,11 @@
 //! resident memory with 1, 100 and 1,000 tracked containers, and the latency of
 //! CreateContainer and StartContainer as the runtime sees it. The SPIRE double signs each SVID
 //! when a stream opens; that signing is timed on its own and reported beside StartContainer.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark driver")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark driver"
+)]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -63,7 +67,11 @@ async fn sidecar(socket: PathBuf, out: PathBuf) {
             .and_then(|b| b.by_trust_domain.values().next().cloned())
             .unwrap_or_default();
         let roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
-        let (c, k, b) = (pem("CERTIFICATE", &chain), pem("PRIVATE KEY", &[&svid.key]), pem("CERTIFICATE", &roots));
+        let (c, k, b) = (
+            pem("CERTIFICATE", &chain),
+            pem("PRIVATE KEY", &[&svid.key]),
+            pem("CERTIFICATE", &roots),
+        );
         publish(
             &out,
             &Artifacts {
@@ -81,7 +89,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--sidecar") {
         // A sidecar is small: one thread.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(sidecar(PathBuf::from(&args[2]), PathBuf::from(&args[3])));
         return;
     }
@@ -94,7 +105,11 @@ fn main() {
 }
 
 async fn drive() {
-    let moat = PathBuf::from(std::env::args().nth(1).expect("usage: identity_load MOAT_BINARY"));
+    let moat = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: identity_load MOAT_BINARY"),
+    );
     let dir = std::env::temp_dir().join(format!("moat-identity-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let spire = SpireDouble::start(&dir.join("spire.sock"), "example.org").unwrap();
@@ -126,7 +141,11 @@ async fn drive() {
         id: "pod".into(),
         name: "load".into(),
         namespace: "bench".into(),
-        annotations: [("identity.noderesource.dev/pod".to_owned(), "[{}]".to_owned())].into(),
+        annotations: [(
+            "identity.noderesource.dev/pod".to_owned(),
+            "[{}]".to_owned(),
+        )]
+        .into(),
         ..Default::default()
     };
     let plain_pod = PodSandbox {
@@ -165,7 +184,9 @@ async fn drive() {
             conn.create_container(&pod, &c).await.unwrap();
             create.push(t.elapsed());
             let t = Instant::now();
-            conn.start_container(&pod, &c, Style::StateChange).await.unwrap();
+            conn.start_container(&pod, &c, Style::StateChange)
+                .await
+                .unwrap();
             start.push(t.elapsed());
             tracked += 1;
         }
@@ -177,7 +198,10 @@ async fn drive() {
         );
     }
     show("CreateContainer, annotated (directory + mount)", create);
-    show("StartContainer, annotated (subscribe, SVID, write 3 files)", start);
+    show(
+        "StartContainer, annotated (subscribe, SVID, write 3 files)",
+        start,
+    );
 
     // The sidecar it replaces: one process per pod holding one SVID stream and writing the
     // files, built from the same library (so a lower bound: sidecars in Go hold more).

@@ -651,6 +651,10 @@ impl Follower {
                 .and_then(|b| b.by_trust_domain.get(svid.id.trust_domain_id()))
             else {
                 // The SVID is of no use without its trust domain's roots: wait for them.
+                *lock(&self.last_error) = format!(
+                    "an SVID for {} arrived, but no bundle for its trust domain yet",
+                    svid.id
+                );
                 return;
             };
             bundle.clone()

@@ -136,6 +136,9 @@ pub struct SpireAgent {
     client: DelegatedIdentityClient<Channel>,
     bundles: watch::Receiver<Option<Arc<Bundles>>>,
     bundle_task: tokio::task::JoinHandle<()>,
+    /// Cuts the bundle follower's pause short: a container waiting for its first SVID should
+    /// not also wait out a backoff that began while the SPIRE agent was down.
+    retry_now: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for SpireAgent {
@@ -163,12 +166,19 @@ impl SpireAgent {
             }));
         let client = DelegatedIdentityClient::new(channel);
         let (tx, bundles) = watch::channel(None);
-        let bundle_task = tokio::spawn(follow_bundles(client.clone(), tx, on_bundle_error));
+        let retry_now = Arc::new(tokio::sync::Notify::new());
+        let bundle_task = tokio::spawn(follow_bundles(
+            client.clone(),
+            tx,
+            retry_now.clone(),
+            on_bundle_error,
+        ));
         Self {
             socket: socket.to_owned(),
             client,
             bundles,
             bundle_task,
+            retry_now,
         }
     }
 
@@ -192,6 +202,9 @@ impl SpireAgent {
         &self,
         pid: i32,
     ) -> Result<tonic::Streaming<SvidsResponse>, tonic::Status> {
+        if self.bundles.borrow().is_none() {
+            self.retry_now.notify_one();
+        }
         let request = SvidsRequest {
             selectors: Vec::new(),
             pid,
@@ -208,6 +221,7 @@ impl SpireAgent {
 async fn follow_bundles(
     mut client: DelegatedIdentityClient<Channel>,
     tx: watch::Sender<Option<Arc<Bundles>>>,
+    retry_now: Arc<tokio::sync::Notify>,
     on_error: impl Fn(&tonic::Status),
 ) {
     let mut pause = BUNDLE_RETRY_MIN;
@@ -245,7 +259,10 @@ async fn follow_bundles(
         };
         on_error(&status);
         tracing::warn!(code = ?status.code(), message = status.message(), "SPIRE bundle stream broken; reopening");
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = retry_now.notified() => {}
+        }
         pause = (pause * 2).min(BUNDLE_RETRY_MAX);
     }
 }

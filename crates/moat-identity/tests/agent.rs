@@ -347,7 +347,6 @@ async fn no_svid_in_time_fails_the_start_before_the_runtime_timeout() {
     let pod = pod(&[(WEB, "[{}]")]);
     let ctr = container("c1", "web", workload.pid());
     h.conn.create_container(&pod, &ctr).await.unwrap();
-    let started = Instant::now();
     let err = h
         .conn
         .start_container(&pod, &ctr, Style::StateChange)
@@ -359,7 +358,6 @@ async fn no_svid_in_time_fails_the_start_before_the_runtime_timeout() {
     };
     assert_eq!(status.code, 9, "FAILED_PRECONDITION");
     assert!(status.message.contains("no SVID"), "{}", status.message);
-    assert!(started.elapsed() < h.conn.timeout);
     assert!(h.agent.effective_wait() <= h.conn.timeout - moat_identity::agent::ANSWER_MARGIN);
     assert!(
         metrics_text(&h.registry).contains("moat_identity_failures_total{reason=\"timeout\"} 1")
@@ -414,14 +412,14 @@ async fn permission_denied_fails_the_start_at_once_with_spires_reason() {
     let pod = pod(&[(WEB, "[{}]")]);
     let ctr = container("c1", "web", workload.pid());
     h.conn.create_container(&pod, &ctr).await.unwrap();
-    let started = Instant::now();
     let err = h
         .conn
         .start_container(&pod, &ctr, Style::StateChange)
         .await
         .unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(1000));
+    // SPIRE's own reason, not a timeout: waiting cannot fix a caller that is not authorized.
     assert!(err.to_string().contains("authorized delegate"), "{err}");
+    assert!(!err.to_string().contains("none within"), "{err}");
     assert!(metrics_text(&h.registry).contains("reason=\"permission_denied\""));
 }
 

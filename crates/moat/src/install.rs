@@ -74,13 +74,28 @@ pub struct InstallArgs {
     identity_agent: bool,
     /// Namespace of the identity agent (it needs host paths, so its namespace allows
     /// privileged pods; the admission webhooks skip it).
-    #[arg(long, default_value = "moat-node", value_name = "NS", requires = "identity_agent")]
+    #[arg(
+        long,
+        default_value = "moat-node",
+        value_name = "NS",
+        requires = "identity_agent"
+    )]
     identity_namespace: String,
     /// The runtime's NRI socket on each node.
-    #[arg(long, default_value = "/var/run/nri/nri.sock", value_name = "PATH", requires = "identity_agent")]
+    #[arg(
+        long,
+        default_value = "/var/run/nri/nri.sock",
+        value_name = "PATH",
+        requires = "identity_agent"
+    )]
     nri_socket: String,
     /// The SPIRE agent's admin socket on each node (its `admin_socket_path`).
-    #[arg(long, default_value = "/run/spire/admin/admin.sock", value_name = "PATH", requires = "identity_agent")]
+    #[arg(
+        long,
+        default_value = "/run/spire/admin/admin.sock",
+        value_name = "PATH",
+        requires = "identity_agent"
+    )]
     spire_admin_socket: String,
 }
 
@@ -346,7 +361,9 @@ fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: 
 fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>, String> {
     let ns = &args.identity_namespace;
     if ns.parse::<moat_core::names::NamespacePattern>().is_err() || ns.contains('*') {
-        return Err(format!("--identity-namespace '{ns}' is not a namespace name"));
+        return Err(format!(
+            "--identity-namespace '{ns}' is not a namespace name"
+        ));
     }
     if *ns == args.namespace {
         return Err(
@@ -361,12 +378,15 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
             (true, Some(dir), Some(_)) if dir != std::path::Path::new("/") => {
                 Ok((dir.display().to_string(), path.to_owned()))
             }
-            _ => Err(format!("{flag} '{path}' must be an absolute path to a socket in a directory")),
+            _ => Err(format!(
+                "{flag} '{path}' must be an absolute path to a socket in a directory"
+            )),
         }
     };
     let (nri_dir, nri_socket) = socket_dir("--nri-socket", &args.nri_socket)?;
     let (spire_dir, spire_socket) = socket_dir("--spire-admin-socket", &args.spire_admin_socket)?;
-    let labels = json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "identity-agent"});
+    let labels =
+        json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "identity-agent"});
     Ok(vec![
         typed::<Namespace>(json!({
             "apiVersion": "v1", "kind": "Namespace",

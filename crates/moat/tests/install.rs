@@ -302,26 +302,57 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
-    assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["CHOWN"]));
-    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["CHOWN"])
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     assert_eq!(args[0], "identity-agent");
-    assert!(args.windows(2).any(|w| w == ["--nri-socket", "/var/run/nri/nri.sock"]));
-    assert!(args.windows(2).any(|w| w == ["--spire-admin-socket", "/run/spire/admin/admin.sock"]));
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--nri-socket", "/var/run/nri/nri.sock"])
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--spire-admin-socket", "/run/spire/admin/admin.sock"])
+    );
     // The artifact directory has the same path on the host and in the agent: the runtime
     // bind-mounts it by host path.
     let volumes = spec["volumes"].as_array().unwrap();
-    let host: Vec<&str> = volumes.iter().map(|v| v["hostPath"]["path"].as_str().unwrap()).collect();
-    assert_eq!(host, ["/var/run/nri", "/run/spire/admin", "/var/lib/moat/identity"]);
+    let host: Vec<&str> = volumes
+        .iter()
+        .map(|v| v["hostPath"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        host,
+        ["/var/run/nri", "/run/spire/admin", "/var/lib/moat/identity"]
+    );
     let mounts = c["volumeMounts"].as_array().unwrap();
     assert_eq!(mounts[2]["mountPath"], "/var/lib/moat/identity");
     assert_eq!(mounts[0]["readOnly"], true);
     // Both webhooks skip the agent's namespace (it must never be sandboxed or isolated).
-    for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"] {
-        let values = &find(&docs, kind)["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"];
-        assert!(values.as_array().unwrap().iter().any(|v| v == "moat-node"), "{kind}");
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let values =
+            &find(&docs, kind)["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"];
+        assert!(
+            values.as_array().unwrap().iter().any(|v| v == "moat-node"),
+            "{kind}"
+        );
     }
     // The webhook's own namespace stays restricted.
-    let restricted = docs.iter().filter(|d| d["kind"] == "Namespace").filter(|d| d["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted").count();
+    let restricted = docs
+        .iter()
+        .filter(|d| d["kind"] == "Namespace")
+        .filter(|d| d["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted")
+        .count();
     assert_eq!(restricted, 1);
 }
 
@@ -332,7 +363,10 @@ fn identity_agent_options_are_checked() {
     assert!(err.contains("must differ from --namespace"), "{err}");
     let (code, _, err) = install(&["--identity-agent", "--nri-socket", "nri.sock"]);
     assert_eq!(code, 2);
-    assert!(err.contains("--nri-socket 'nri.sock' must be an absolute path"), "{err}");
+    assert!(
+        err.contains("--nri-socket 'nri.sock' must be an absolute path"),
+        "{err}"
+    );
     let (code, _, err) = install(&["--identity-namespace", "x"]);
     assert_eq!(code, 2, "needs --identity-agent");
     assert!(err.contains("--identity-agent"), "{err}");
