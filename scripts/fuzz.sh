@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 60): image references, the configuration
-# loader and the whole decision. Installs cargo-fuzz when missing. A crash leaves its input in
+# loader, the whole decision, the identity agent's annotations and its DER reader. Installs cargo-fuzz when missing. A crash leaves its input in
 # fuzz/artifacts/<target>/ and fails the script; copy it to fuzz/seeds/<target>/ so the
-# regression test (crates/moat-core/tests/fuzz_seeds.rs) replays it on every test run.
+# regression tests (crates/moat-core/tests/fuzz_seeds.rs, crates/moat-identity/tests/fuzz_seeds.rs)
+# replay it on every test run.
 #
 #   scripts/fuzz.sh [SECONDS]
 set -euo pipefail
@@ -14,7 +15,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-for target in image_ref config decide; do
+for target in image_ref config decide identity_annotation identity_der; do
   mkdir -p "fuzz/corpus/$target"
   echo "== fuzz $target for ${seconds}s"
   if ! cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \

@@ -10,24 +10,12 @@
 #[path = "../../../fuzz/checks.rs"]
 mod checks;
 
-use std::path::PathBuf;
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
 fn replay(target: &str, check: fn(&[u8])) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/seeds")
-        .join(target);
-    let mut seeds: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    seeds.sort();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    for path in seeds {
-        let bytes = std::fs::read(&path).unwrap();
-        if std::panic::catch_unwind(|| check(&bytes)).is_err() {
-            panic!("seed {} fails its check", path.display());
-        }
-    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    replay::replay(&root, target, check);
 }
 
 #[test]

@@ -339,19 +339,51 @@ async fn a_bad_annotation_fails_only_its_own_container() {
     assert!(h.plugin.is_finished().then_some(()).is_none());
 }
 
+/// Container `web` of a pod whose annotation for it is `annotation`, created through the
+/// runtime; SPIRE issues `issue` to its process when given.
+struct Web {
+    workload: Workload,
+    pod: PodSandbox,
+    ctr: Container,
+    /// The host directory mounted at the entry's `cert_dir`.
+    dir: PathBuf,
+}
+
+impl Web {
+    async fn create(h: &Harness, annotation: &str, issue: Option<&str>) -> Self {
+        let workload = Workload::spawn();
+        if let Some(id) = issue {
+            h.spire.register_pid(workload.pid(), id);
+        }
+        let pod = pod(&[(WEB, annotation)]);
+        let ctr = container("c1", "web", workload.pid());
+        let created = h.conn.create_container(&pod, &ctr).await.unwrap();
+        let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+        Self {
+            workload,
+            pod,
+            ctr,
+            dir,
+        }
+    }
+
+    async fn start(&self, h: &Harness) -> Result<(), CallError> {
+        h.conn
+            .start_container(&self.pod, &self.ctr, Style::StateChange)
+            .await
+    }
+
+    fn svid(&self) -> String {
+        std::fs::read_to_string(self.dir.join("svid.pem")).unwrap()
+    }
+}
+
 #[tokio::test]
 async fn no_svid_in_time_fails_the_start_before_the_runtime_timeout() {
     let h = harness("stall").await;
     h.spire.set_mode(Mode::Stall);
-    let workload = Workload::spawn();
-    let pod = pod(&[(WEB, "[{}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    h.conn.create_container(&pod, &ctr).await.unwrap();
-    let err = h
-        .conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap_err();
+    let web = Web::create(&h, "[{}]", None).await;
+    let err = web.start(&h).await.unwrap_err();
     // An answer, not a runtime-side timeout (which would start the container without us).
     let CallError::Status(status) = err else {
         panic!("expected an error status, got {err}")
@@ -367,40 +399,27 @@ async fn no_svid_in_time_fails_the_start_before_the_runtime_timeout() {
 #[tokio::test]
 async fn fail_open_starts_without_an_svid_and_is_counted_then_catches_up() {
     let h = harness("failopen").await;
-    let workload = Workload::spawn();
-    let pod = pod(&[(WEB, "[{fail_open: true}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
-    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
     // Not attested: the double answers with no SVID.
-    h.conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap();
-    assert!(!dir.join("svid.pem").exists());
+    let web = Web::create(&h, "[{fail_open: true}]", None).await;
+    web.start(&h).await.unwrap();
+    assert!(!web.dir.join("svid.pem").exists());
     assert!(metrics_text(&h.registry).contains("moat_identity_fail_open_starts_total 1"));
     // The stream stays open: once SPIRE attests the PID, the files appear.
     h.spire
-        .register_pid(workload.pid(), "spiffe://example.org/late");
-    eventually("late SVID", || dir.join("svid.pem").exists()).await;
+        .register_pid(web.workload.pid(), "spiffe://example.org/late");
+    eventually("late SVID", || web.dir.join("svid.pem").exists()).await;
 }
 
 #[tokio::test]
 async fn an_unattested_pid_gets_its_svid_when_spire_catches_up_within_the_wait() {
     let h = harness("late").await;
-    let workload = Workload::spawn();
-    let pod = pod(&[(WEB, "[{}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    h.conn.create_container(&pod, &ctr).await.unwrap();
-    let pid = workload.pid();
+    let web = Web::create(&h, "[{}]", None).await;
     let register = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        h.spire.register_pid(pid, "spiffe://example.org/web");
+        h.spire
+            .register_pid(web.workload.pid(), "spiffe://example.org/web");
     };
-    let (started, ()) = tokio::join!(
-        h.conn.start_container(&pod, &ctr, Style::StateChange),
-        register
-    );
+    let (started, ()) = tokio::join!(web.start(&h), register);
     started.unwrap();
 }
 
@@ -408,15 +427,8 @@ async fn an_unattested_pid_gets_its_svid_when_spire_catches_up_within_the_wait()
 async fn permission_denied_fails_the_start_at_once_with_spires_reason() {
     let h = harness("denied").await;
     h.spire.set_mode(Mode::Deny);
-    let workload = Workload::spawn();
-    let pod = pod(&[(WEB, "[{}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    h.conn.create_container(&pod, &ctr).await.unwrap();
-    let err = h
-        .conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap_err();
+    let web = Web::create(&h, "[{}]", None).await;
+    let err = web.start(&h).await.unwrap_err();
     // SPIRE's own reason, not a timeout: waiting cannot fix a caller that is not authorized.
     assert!(err.to_string().contains("authorized delegate"), "{err}");
     assert!(!err.to_string().contains("none within"), "{err}");
@@ -426,73 +438,44 @@ async fn permission_denied_fails_the_start_at_once_with_spires_reason() {
 #[tokio::test]
 async fn an_svid_with_another_spiffe_id_is_refused() {
     let h = harness("mismatch").await;
-    let workload = Workload::spawn();
-    h.spire
-        .register_pid(workload.pid(), "spiffe://example.org/someone-else");
-    let pod = pod(&[(WEB, "[{spiffe_id: 'spiffe://example.org/web'}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
-    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
-    let err = h
-        .conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap_err();
+    let web = Web::create(
+        &h,
+        "[{spiffe_id: 'spiffe://example.org/web'}]",
+        Some("spiffe://example.org/someone-else"),
+    )
+    .await;
+    let err = web.start(&h).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("not the expected spiffe://example.org/web"),
         "{err}"
     );
-    assert!(!dir.join("svid.pem").exists());
+    assert!(!web.dir.join("svid.pem").exists());
 }
 
 #[tokio::test]
 async fn a_broken_stream_keeps_the_files_and_recovers() {
     let h = harness("recover").await;
-    let workload = Workload::spawn();
-    h.spire
-        .register_pid(workload.pid(), "spiffe://example.org/web");
-    let pod = pod(&[(WEB, "[{}]")]);
-    let ctr = container("c1", "web", workload.pid());
-    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
-    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
-    h.conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap();
-    let first = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    let web = Web::create(&h, "[{}]", Some("spiffe://example.org/web")).await;
+    web.start(&h).await.unwrap();
+    let first = web.svid();
     // PermissionDenied on an open stream: the files stay, the failure is counted.
     h.spire.set_mode(Mode::Deny);
     eventually("denial counted", || {
         metrics_text(&h.registry).contains("reason=\"permission_denied\"")
     })
     .await;
-    assert_eq!(
-        std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
-        first
-    );
+    assert_eq!(web.svid(), first);
     // And when SPIRE serves again, the agent re-subscribes on its own.
     h.spire.set_mode(Mode::Serve);
-    eventually("re-subscribed with a new SVID", || {
-        std::fs::read_to_string(dir.join("svid.pem")).unwrap() != first
-    })
-    .await;
+    eventually("re-subscribed with a new SVID", || web.svid() != first).await;
 }
 
 #[tokio::test]
 async fn after_a_restart_synchronize_rebuilds_state_without_duplicate_streams() {
     let mut h = harness("restart").await;
-    let workload = Workload::spawn();
-    h.spire
-        .register_pid(workload.pid(), "spiffe://example.org/web");
-    let pod = pod(&[(WEB, "[{}]")]);
-    let mut ctr = container("c1", "web", workload.pid());
-    let created = h.conn.create_container(&pod, &ctr).await.unwrap();
-    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
-    h.conn
-        .start_container(&pod, &ctr, Style::StateChange)
-        .await
-        .unwrap();
+    let mut web = Web::create(&h, "[{}]", Some("spiffe://example.org/web")).await;
+    web.start(&h).await.unwrap();
     // A directory for a container the runtime no longer has.
     let stale = h.dir.join("artifacts/gone/0");
     std::fs::create_dir_all(&stale).unwrap();
@@ -507,26 +490,23 @@ async fn after_a_restart_synchronize_rebuilds_state_without_duplicate_streams() 
     let mut registry = Registry::default();
     let agent = new_agent(&h.dir, h.spire.socket(), &mut registry);
     let (conn, plugin) = connect(&agent, &h.runtime, &h.dir.join("nri.sock")).await;
-    ctr.state = ContainerState::ContainerRunning as i32;
-    conn.synchronize(vec![pod.clone()], vec![ctr.clone()])
+    web.ctr.state = ContainerState::ContainerRunning as i32;
+    conn.synchronize(vec![web.pod.clone()], vec![web.ctr.clone()])
         .await
         .unwrap();
     assert_eq!(agent.tracked(), 1);
     assert!(!stale.exists(), "stale directory removed");
     eventually("one stream again", || h.spire.open_svid_streams() == 1).await;
     // A second Synchronize (the runtime restarting) adds nothing.
-    conn.synchronize(vec![pod.clone()], vec![ctr.clone()])
+    conn.synchronize(vec![web.pod.clone()], vec![web.ctr.clone()])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(h.spire.open_svid_streams(), 1);
     // Rotations reach the files again.
-    let before = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    let before = web.svid();
     h.spire.rotate();
-    eventually("rotation after restart", || {
-        std::fs::read_to_string(dir.join("svid.pem")).unwrap() != before
-    })
-    .await;
+    eventually("rotation after restart", || web.svid() != before).await;
     h.agent = agent;
     h.conn = conn;
     h.plugin = plugin;

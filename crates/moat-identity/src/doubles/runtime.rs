@@ -174,21 +174,8 @@ impl PluginConn {
         container: &Container,
         style: Style,
     ) -> Result<(), CallError> {
-        match style {
-            Style::StateChange => {
-                self.state_change(Event::StartContainer, pod, container)
-                    .await
-            }
-            Style::Dedicated => {
-                let request = StartContainerRequest {
-                    pod: Some(pod.clone()),
-                    container: Some(container.clone()),
-                };
-                self.call::<_, StartContainerResponse>("StartContainer", &request)
-                    .await
-                    .map(drop)
-            }
-        }
+        self.event(Event::StartContainer, pod, container, style)
+            .await
     }
 
     /// StopContainer.
@@ -219,20 +206,32 @@ impl PluginConn {
         container: &Container,
         style: Style,
     ) -> Result<(), CallError> {
-        match style {
-            Style::StateChange => {
-                self.state_change(Event::RemoveContainer, pod, container)
-                    .await
-            }
-            Style::Dedicated => {
-                let request = RemoveContainerRequest {
-                    pod: Some(pod.clone()),
-                    container: Some(container.clone()),
-                };
-                self.call::<_, RemoveContainerResponse>("RemoveContainer", &request)
-                    .await
-                    .map(drop)
-            }
+        self.event(Event::RemoveContainer, pod, container, style)
+            .await
+    }
+
+    /// An event NRI 0.6 sends as `StateChange` and newer versions as a call of its own.
+    async fn event(
+        &self,
+        event: Event,
+        pod: &PodSandbox,
+        container: &Container,
+        style: Style,
+    ) -> Result<(), CallError> {
+        if style == Style::StateChange {
+            return self.state_change(event, pod, container).await;
+        }
+        let (pod, container) = (Some(pod.clone()), Some(container.clone()));
+        if event == Event::StartContainer {
+            let request = StartContainerRequest { pod, container };
+            self.call::<_, StartContainerResponse>("StartContainer", &request)
+                .await
+                .map(drop)
+        } else {
+            let request = RemoveContainerRequest { pod, container };
+            self.call::<_, RemoveContainerResponse>("RemoveContainer", &request)
+                .await
+                .map(drop)
         }
     }
 
