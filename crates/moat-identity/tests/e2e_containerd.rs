@@ -17,9 +17,10 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
 use moat_identity::annotations::Defaults;
@@ -32,12 +33,14 @@ use tonic::transport::{Channel, Endpoint};
 const IMAGE: &str = "localhost/moat-test/busybox:e2e";
 const WEB_ID: &str = "spiffe://example.org/ns/moat-e2e/sa/web";
 
-/// The container's first command: it finds the files, prints the SPIFFE ID from the
-/// certificate (busybox has no openssl: base64-decode the PEM and find the URI SAN), then waits.
+/// The container's first command, run as an unprivileged user: it finds the files, reads its
+/// key, prints the SPIFFE ID from the certificate (busybox has no openssl: base64-decode the
+/// PEM and find the URI SAN), then waits.
 const WEB_SCRIPT: &str = "set -e
 test -s /run/spiffe/svid.pem
 test -s /run/spiffe/svid_key.pem
 test -s /run/spiffe/bundle.pem
+head -c 1 /run/spiffe/svid_key.pem >/dev/null
 echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | strings | grep -o 'spiffe://[a-z0-9./_-]*' | head -1)\"
 exec sleep 600";
 
@@ -99,7 +102,11 @@ fn sandbox_config(logs: &Path) -> PodSandboxConfig {
     }
 }
 
+/// The uid and gid the annotated workload runs as (busybox's `nobody`).
+const WORKLOAD_ID: i64 = 65534;
+
 fn container_config(name: &str, script: &str) -> ContainerConfig {
+    let id = Int64Value { value: WORKLOAD_ID };
     ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),
@@ -111,6 +118,14 @@ fn container_config(name: &str, script: &str) -> ContainerConfig {
         }),
         command: vec!["/bin/sh".into(), "-c".into(), script.into()],
         log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                run_as_user: Some(id),
+                run_as_group: Some(id),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -145,6 +160,47 @@ async fn exec(client: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]
     (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
 }
 
+/// Starts the agent on containerd's NRI socket and waits until containerd has synchronized it.
+async fn start_agent(
+    dir: &Path,
+    artifacts: &Path,
+    spire: &Path,
+) -> (
+    Agent,
+    tokio::task::JoinHandle<Result<(), plugin::PluginError>>,
+) {
+    let mut registry = Registry::default();
+    let agent = Agent::new(
+        AgentConfig {
+            defaults: Defaults {
+                spire_agent_address: spire.to_owned(),
+                ..Defaults::default()
+            },
+            artifact_root: artifacts.to_owned(),
+            svid_wait: DEFAULT_SVID_WAIT,
+        },
+        Metrics::register(&mut registry),
+    )
+    .unwrap();
+    let plugin = tokio::spawn(plugin::run(
+        agent.clone(),
+        PluginOptions {
+            socket: dir.join("nri.sock"),
+            name: "moat-identity".into(),
+            index: "10".parse().unwrap(),
+        },
+        std::future::pending(),
+    ));
+    wait_for("containerd to synchronize the agent", async || {
+        assert!(!plugin.is_finished(), "the agent stopped");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.contains("call=\"synchronize\",result=\"ok\"")
+    })
+    .await;
+    (agent, plugin)
+}
+
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !check().await {
@@ -168,38 +224,9 @@ async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
     std::fs::create_dir_all(work.join("logs")).unwrap();
 
     let spire = SpireDouble::start(&work.join("spire-admin.sock"), "example.org").unwrap();
-    let mut registry = Registry::default();
     let artifacts = work.join("identity");
-    let agent = Agent::new(
-        AgentConfig {
-            defaults: Defaults {
-                spire_agent_address: spire.socket().to_owned(),
-                ..Defaults::default()
-            },
-            artifact_root: artifacts.clone(),
-            svid_wait: DEFAULT_SVID_WAIT,
-        },
-        Metrics::register(&mut registry),
-    )
-    .unwrap();
-    let plugin = tokio::spawn(plugin::run(
-        agent.clone(),
-        PluginOptions {
-            socket: dir.join("nri.sock"),
-            name: "moat-identity".into(),
-            index: "10".parse().unwrap(),
-        },
-        std::future::pending(),
-    ));
     let mut client = cri(&dir.join("containerd.sock")).await;
-    // Ready once containerd has synchronized the agent.
-    wait_for("containerd to synchronize the agent", async || {
-        assert!(!plugin.is_finished(), "the agent stopped");
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        text.contains("call=\"synchronize\",result=\"ok\"")
-    })
-    .await;
+    let (agent, plugin) = start_agent(&dir, &artifacts, spire.socket()).await;
 
     let sandbox = sandbox_config(&work.join("logs"));
     let pod_id = client
@@ -240,15 +267,36 @@ async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
     let (_, mode) = exec(
         &mut client,
         &web,
-        &["stat", "-L", "-c", "%a", "/run/spiffe/svid_key.pem"],
+        &["stat", "-L", "-c", "%a %u", "/run/spiffe/svid_key.pem"],
     )
     .await;
-    assert_eq!(mode.trim(), "600");
+    assert_eq!(
+        mode.trim(),
+        format!("600 {WORKLOAD_ID}"),
+        "the key is the workload's alone"
+    );
 
     // A rotation reaches the running container.
     let (_, before) = exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"]).await;
     spire.rotate();
     wait_for("the rotated SVID inside the container", async || {
+        exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"])
+            .await
+            .1
+            != before
+    })
+    .await;
+
+    // The agent restarts (a new process on the node): containerd synchronizes it, it follows
+    // the running container again, and rotations keep reaching it.
+    plugin.abort();
+    let _ = plugin.await;
+    agent.shutdown();
+    let (agent, plugin) = start_agent(&dir, &artifacts, spire.socket()).await;
+    assert_eq!(agent.tracked(), 1);
+    let (_, before) = exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"]).await;
+    spire.rotate();
+    wait_for("a rotation after the agent's restart", async || {
         exec(&mut client, &web, &["cat", "/run/spiffe/svid.pem"])
             .await
             .1
