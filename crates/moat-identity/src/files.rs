@@ -2,11 +2,16 @@
 //!
 //! Each identity entry of a container gets `<root>/<container id>/<entry index>/`, bind-mounted
 //! read-only at the entry's `cert_dir`. The files in it change together: every version is written
-//! into a fresh hidden directory (certificates 0644, key 0600 owned by the container's user),
-//! synced, and published by renaming one symlink, `..data`, over the previous one; the names the
-//! workload opens (`svid.pem`, …) are symlinks through `..data`. A reader therefore never sees a
-//! new certificate with an old key, and never a partly written file: the same scheme the kubelet
+//! into a fresh hidden directory (certificates 0644, key 0600 owned by the container's user) and
+//! published by renaming one symlink, `..data`, over the previous one; the names the workload
+//! opens (`svid.pem`, …) are symlinks through `..data`. A reader therefore never sees a new
+//! certificate with an old key, and never a partly written file: the same scheme the kubelet
 //! uses for Secret volumes.
+//!
+//! Nothing is fsynced. The rename is what makes a version appear whole to readers; durability
+//! would only matter across a node crash, after which every container starts again under a new
+//! id (its old directory is removed as stale at Synchronize). A sync per file would hold
+//! containerd's node-wide NRI lock for milliseconds on every container start.
 
 use std::fs;
 use std::io::{self, Write};
@@ -166,7 +171,6 @@ pub fn publish(dir: &Path, artifacts: &Artifacts<'_>) -> Result<(), FilesError> 
                 replace_symlink(dir, name, &target)?;
             }
         }
-        sync_dir(dir)?;
         if let Some(previous) = previous.filter(|p| p != Path::new(&version)) {
             let old = dir.join(previous);
             // Only the versions this scheme made are removed.
@@ -202,9 +206,8 @@ fn write_version(version_dir: &Path, a: &Artifacts<'_>) -> Result<(), FilesError
         if let Some((uid, gid)) = a.owner {
             std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(at(&path))?;
         }
-        file.sync_all().map_err(at(&path))?;
     }
-    sync_dir(version_dir)
+    Ok(())
 }
 
 fn replace_symlink(dir: &Path, name: &str, target: &Path) -> Result<(), FilesError> {
@@ -213,12 +216,6 @@ fn replace_symlink(dir: &Path, name: &str, target: &Path) -> Result<(), FilesErr
     std::os::unix::fs::symlink(target, &tmp).map_err(at(&tmp))?;
     let path = dir.join(name);
     fs::rename(&tmp, &path).map_err(at(&path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), FilesError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(at(dir))
 }
 
 #[cfg(test)]

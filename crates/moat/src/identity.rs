@@ -49,8 +49,10 @@ pub struct IdentityAgentArgs {
         value_name = "PATH"
     )]
     default_cert_dir: PathBuf,
-    /// Host directory for the per-container SVID files (bind-mounted read-only into containers).
-    #[arg(long, default_value = "/var/lib/moat/identity", value_name = "DIR")]
+    /// Host directory for the per-container SVID files (bind-mounted read-only into
+    /// containers). Keep it on tmpfs (`/run` is on most hosts): private keys then never reach a
+    /// disk, and nothing survives a reboot that no container could use.
+    #[arg(long, default_value = "/run/moat/identity", value_name = "DIR")]
     artifact_dir: PathBuf,
     /// Longest wait for a container's first SVID, in milliseconds (capped 300 ms below the
     /// runtime's NRI request timeout, so the agent always answers in time).

@@ -100,8 +100,9 @@ pub struct InstallArgs {
 }
 
 /// Where the identity agent keeps per-container files on each node: the same path inside the
-/// agent's container, because the runtime bind-mounts them by host path.
-const IDENTITY_ARTIFACT_DIR: &str = "/var/lib/moat/identity";
+/// agent's container, because the runtime bind-mounts them by host path. Under /run, which is
+/// tmpfs on the hosts Kubernetes runs on, so private keys never reach a disk.
+const IDENTITY_ARTIFACT_DIR: &str = "/run/moat/identity";
 const IDENTITY_NAME: &str = "moat-identity-agent";
 const IDENTITY_METRICS_PORT: u16 = 9091;
 

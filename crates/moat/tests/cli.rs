@@ -354,3 +354,47 @@ fn empty_input_is_an_empty_array() {
     let v: Vec<Value> = serde_yaml::from_slice(&o.stdout).unwrap();
     assert!(v.is_empty());
 }
+
+#[test]
+fn identity_agent_refuses_bad_flags_with_usage_errors() {
+    for (args, want) in [
+        (&["--plugin-index", "7"][..], "two digits"),
+        (
+            &["--spire-admin-socket", "admin.sock"][..],
+            "--spire-admin-socket 'admin.sock' must be an absolute path",
+        ),
+        (
+            &["--default-cert-dir", "certs"][..],
+            "--default-cert-dir 'certs' must be an absolute path",
+        ),
+    ] {
+        let out = moat()
+            .arg("identity-agent")
+            .args(args)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn identity_agent_without_a_runtime_exits_3_naming_the_socket() {
+    let dir = std::env::temp_dir().join(format!("moat-cli-agent-{}", std::process::id()));
+    let out = moat()
+        .arg("identity-agent")
+        .arg("--nri-socket")
+        .arg(dir.join("missing.sock"))
+        .arg("--artifact-dir")
+        .arg(dir.join("artifacts"))
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("connecting to the NRI socket"), "{err}");
+    assert!(err.contains("missing.sock"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

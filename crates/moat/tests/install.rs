@@ -330,10 +330,10 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
         .collect();
     assert_eq!(
         host,
-        ["/var/run/nri", "/run/spire/admin", "/var/lib/moat/identity"]
+        ["/var/run/nri", "/run/spire/admin", "/run/moat/identity"]
     );
     let mounts = c["volumeMounts"].as_array().unwrap();
-    assert_eq!(mounts[2]["mountPath"], "/var/lib/moat/identity");
+    assert_eq!(mounts[2]["mountPath"], "/run/moat/identity");
     assert_eq!(mounts[0]["readOnly"], true);
     // Both webhooks skip the agent's namespace (it must never be sandboxed or isolated).
     for kind in [
