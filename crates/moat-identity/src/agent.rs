@@ -239,7 +239,7 @@ impl Agent {
                 continue;
             }
             match self.track(pod, container, entries) {
-                Ok(()) => {
+                Ok(_) => {
                     let running = container.state == ContainerState::ContainerRunning as i32;
                     if running && container.pid > 0 {
                         // No one waits: the container already runs with the files it has.
@@ -295,28 +295,19 @@ impl Agent {
                 ));
             }
         };
-        let mounts = entries
-            .iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                Ok(Mount {
+        // The directories exist before containerd sees the mounts that name them.
+        let result = self.track(pod, container, entries).map(|tracked| {
+            tracked
+                .iter()
+                .map(|(entry, dir)| Mount {
                     destination: entry.cert_dir.display().to_string(),
                     r#type: "bind".to_owned(),
-                    source: self
-                        .inner
-                        .root
-                        .entry_dir(&container.id, index)?
-                        .display()
-                        .to_string(),
+                    source: dir.display().to_string(),
                     options: ["rbind", "ro", "nosuid", "nodev", "noexec"]
                         .map(str::to_owned)
                         .to_vec(),
                 })
-            })
-            .collect::<Result<Vec<_>, FilesError>>();
-        let result = mounts.and_then(|mounts| {
-            self.track(pod, container, entries)?;
-            Ok(mounts)
+                .collect::<Vec<_>>()
         });
         match result {
             Ok(mounts) => {
@@ -450,12 +441,13 @@ impl Agent {
         self.inner.metrics.containers_tracked.set(n);
     }
 
+    /// Makes the container's directories and follows it; returns its entries with them.
     fn track(
         &self,
         pod: &PodSandbox,
         container: &Container,
         entries: Vec<IdentityEntry>,
-    ) -> Result<(), FilesError> {
+    ) -> Result<Vec<(IdentityEntry, PathBuf)>, FilesError> {
         let mut with_dirs = Vec::with_capacity(entries.len());
         for (index, entry) in entries.into_iter().enumerate() {
             let dir = self.inner.root.create_entry_dir(&container.id, index)?;
@@ -466,11 +458,11 @@ impl Agent {
             container.id.clone(),
             Tracked {
                 label: label(pod, container),
-                entries: with_dirs,
+                entries: with_dirs.clone(),
                 streams: Vec::new(),
             },
         );
-        Ok(())
+        Ok(with_dirs)
     }
 
     fn spire_agent(&self, socket: &Path) -> Arc<SpireAgent> {
