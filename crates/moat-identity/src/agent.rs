@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::annotations::{Defaults, IdentityEntry, entries_for};
 use crate::files::{ArtifactRoot, Artifacts, FilesError, publish};
+use crate::lock;
 use crate::metrics::{Failure, Metrics};
 use crate::proto::nri::{
     ConfigureRequest, ConfigureResponse, Container, ContainerAdjustment, ContainerState,
@@ -106,12 +107,6 @@ impl Tracked {
             stream.abort();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the maps consistent; a panic elsewhere must not stop the
-    // agent from answering the runtime.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn label(pod: &PodSandbox, container: &Container) -> String {

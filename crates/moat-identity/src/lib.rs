@@ -19,3 +19,20 @@ pub mod proto;
 pub mod spiffe;
 pub mod spire;
 pub mod ttrpc;
+
+/// Locks `m`, ignoring poisoning: every critical section in this crate leaves its data
+/// consistent, and a panic elsewhere must not stop the agent from answering the runtime.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Aborts its tasks when dropped, so helpers end with whatever owns them.
+pub(crate) struct AbortOnDrop(pub(crate) Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}

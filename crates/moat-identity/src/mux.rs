@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
+use crate::AbortOnDrop;
+
 /// The connection on which the runtime calls the plugin's `Plugin` service.
 pub const PLUGIN_SERVICE_CONN: u32 = 1;
 /// The connection on which the plugin calls the runtime's `Runtime` service.
@@ -82,9 +84,9 @@ where
     let (plugin_rx, mut plugin_tx) = tokio::io::split(plugin_mux);
     let (runtime_rx, mut runtime_tx) = tokio::io::split(runtime_mux);
 
-    let pumps = AbortOnDrop([
-        tokio::spawn(pump_out(PLUGIN_SERVICE_CONN, plugin_rx, writer.clone())),
-        tokio::spawn(pump_out(RUNTIME_SERVICE_CONN, runtime_rx, writer)),
+    let pumps = AbortOnDrop(vec![
+        tokio::spawn(pump_out(PLUGIN_SERVICE_CONN, plugin_rx, writer.clone())).abort_handle(),
+        tokio::spawn(pump_out(RUNTIME_SERVICE_CONN, runtime_rx, writer)).abort_handle(),
     ]);
     // The pumps hold the socket's write half: they end with this task, even when it is aborted.
     let done = tokio::spawn(async move {
@@ -132,16 +134,6 @@ where
         plugin_service: plugin_user,
         runtime_service: runtime_user,
         done,
-    }
-}
-
-struct AbortOnDrop([JoinHandle<io::Result<()>>; 2]);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::net::UnixStream;
 
+use crate::AbortOnDrop;
 use crate::agent::Agent;
 use crate::metrics::{Call, CallLabels, CallOnlyLabels};
 use crate::mux;
@@ -129,16 +130,6 @@ pub async fn run(
     tokio::select! {
         result = &mut done => Err(ended(result)),
         () = shutdown => Ok(()),
-    }
-}
-
-struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! container's writer reads, so a thousand containers cost one bundle stream, not a thousand.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,7 +132,6 @@ pub fn select_svid(
 /// One SPIRE agent admin socket.
 #[derive(Debug)]
 pub struct SpireAgent {
-    socket: PathBuf,
     client: DelegatedIdentityClient<Channel>,
     bundles: watch::Receiver<Option<Arc<Bundles>>>,
     bundle_task: tokio::task::JoinHandle<()>,
@@ -174,18 +173,11 @@ impl SpireAgent {
             on_bundle_error,
         ));
         Self {
-            socket: socket.to_owned(),
             client,
             bundles,
             bundle_task,
             retry_now,
         }
-    }
-
-    /// The admin socket.
-    #[must_use]
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// The latest bundles, and changes to them.

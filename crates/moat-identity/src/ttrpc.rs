@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::lock;
 use crate::proto::ttrpc::{Request, Response, Status};
 
 /// Largest message accepted or sent (ttrpc's own limit).
@@ -255,11 +256,6 @@ where
             _ => Ok(Resp::decode(response.payload.as_slice())?),
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn send_response<W: AsyncWrite>(
