@@ -60,18 +60,12 @@ async fn sidecar(socket: PathBuf, out: PathBuf) {
         let Ok(Some(svid)) = select_svid(&answer, None) else {
             continue;
         };
-        let chain: Vec<&[u8]> = svid.chain.iter().map(Vec::as_slice).collect();
         let roots: Vec<Vec<u8>> = bundles
             .borrow()
             .as_ref()
             .and_then(|b| b.by_trust_domain.values().next().cloned())
             .unwrap_or_default();
-        let roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
-        let (c, k, b) = (
-            pem("CERTIFICATE", &chain),
-            pem("PRIVATE KEY", &[&svid.key]),
-            pem("CERTIFICATE", &roots),
-        );
+        let (c, k, b) = (svid.chain_pem(), svid.key_pem(), pem("CERTIFICATE", &roots));
         publish(
             &out,
             &Artifacts {

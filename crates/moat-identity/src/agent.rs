@@ -649,11 +649,9 @@ impl Follower {
         if published.svid.as_ref() == Some(svid) && published.bundle.as_ref() == Some(&bundle) {
             return;
         }
-        let chain: Vec<&[u8]> = svid.chain.iter().map(Vec::as_slice).collect();
-        let roots: Vec<&[u8]> = bundle.iter().map(Vec::as_slice).collect();
-        let chain_pem = pem("CERTIFICATE", &chain);
-        let key_pem = key_pem(&svid.key);
-        let bundle_pem = pem("CERTIFICATE", &roots);
+        let chain_pem = svid.chain_pem();
+        let key_pem = svid.key_pem();
+        let bundle_pem = pem("CERTIFICATE", &bundle);
         let e = &self.entry;
         let result = publish(
             &self.dir,
@@ -685,11 +683,6 @@ impl Follower {
             }
         }
     }
-}
-
-/// The PKCS#8 key as PEM.
-fn key_pem(key: &[u8]) -> String {
-    pem("PRIVATE KEY", &[key])
 }
 
 #[cfg(test)]

@@ -227,14 +227,14 @@ pub fn uri_sans(cert: &[u8]) -> Result<Vec<String>, DerError> {
 
 /// PEM-encodes DER blocks under `label` (`CERTIFICATE`, `PRIVATE KEY`).
 #[must_use]
-pub fn pem(label: &str, blocks: &[&[u8]]) -> String {
+pub fn pem<B: AsRef<[u8]>>(label: &str, blocks: &[B]) -> String {
     use base64::Engine as _;
     let mut out = String::new();
     for block in blocks {
         out.push_str("-----BEGIN ");
         out.push_str(label);
         out.push_str("-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(block);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(block.as_ref());
         for line in b64.as_bytes().chunks(64) {
             // Base64 output is ASCII.
             out.push_str(&String::from_utf8_lossy(line));
@@ -325,11 +325,11 @@ mod tests {
 
     #[test]
     fn pem_wraps_at_64_columns() {
-        let text = pem("CERTIFICATE", &[&[0u8; 100]]);
+        let text = pem("CERTIFICATE", &[[0u8; 100]]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
         assert_eq!(lines[1].len(), 64);
         assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
-        assert_eq!(pem("X", &[&[1], &[2]]).matches("BEGIN X").count(), 2);
+        assert_eq!(pem("X", &[[1], [2]]).matches("BEGIN X").count(), 2);
     }
 }

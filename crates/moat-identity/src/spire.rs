@@ -20,7 +20,7 @@ pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
 use crate::proto::delegated::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
 };
-use crate::spiffe::{DerError, SpiffeId, split_certificates, uri_sans};
+use crate::spiffe::{DerError, SpiffeId, pem, split_certificates, uri_sans};
 
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -46,6 +46,20 @@ pub struct Svid {
     pub key: Vec<u8>,
     /// Seconds since the Unix epoch.
     pub expires_at: i64,
+}
+
+impl Svid {
+    /// The certificate chain as PEM, leaf first.
+    #[must_use]
+    pub fn chain_pem(&self) -> String {
+        pem("CERTIFICATE", &self.chain)
+    }
+
+    /// The PKCS#8 private key as PEM.
+    #[must_use]
+    pub fn key_pem(&self) -> String {
+        pem("PRIVATE KEY", &[&self.key])
+    }
 }
 
 impl std::fmt::Debug for Svid {
