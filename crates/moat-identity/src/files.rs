@@ -311,11 +311,23 @@ mod tests {
     fn owner_is_applied_to_every_file() {
         let root = temp_root("owner");
         let dir = root.create_entry_dir("abc", 0).unwrap();
-        // Our own ids: chown to them needs no privilege, and proves the call is made.
         let me = fs::metadata(root.path()).unwrap();
+        // As root (as the agent runs, and the test suite here), hand the files to another
+        // user, so the test fails if the chown is not made; otherwise our own ids.
+        let owner = if me.uid() == 0 {
+            (65534, 65534)
+        } else {
+            (me.uid(), me.gid())
+        };
         let mut a = artifacts(b"c", b"k");
-        a.owner = Some((me.uid(), me.gid()));
+        a.owner = Some(owner);
         publish(&dir, &a).unwrap();
+        for name in ["svid.pem", "svid_key.pem", "bundle.pem"] {
+            let meta = fs::metadata(dir.join(name)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), owner, "{name}");
+        }
+        // Without an owner, the files stay the agent's.
+        publish(&dir, &artifacts(b"c", b"k")).unwrap();
         assert_eq!(
             fs::metadata(dir.join("svid_key.pem")).unwrap().uid(),
             me.uid()
