@@ -343,10 +343,10 @@ impl Agent {
         };
         let wait = self.effective_wait();
         let deadline = tokio::time::Instant::now() + wait;
+        let metrics = &self.inner.metrics;
         let mut failures = Vec::new();
         // The followers run concurrently; waiting on each in turn against one deadline waits
         // no longer than the slowest.
-        let mut results = Vec::with_capacity(firsts.len());
         for (entry, first, last_error) in firsts {
             let outcome = match tokio::time::timeout_at(deadline, first).await {
                 Ok(Ok(result)) => result,
@@ -361,29 +361,22 @@ impl Agent {
                     Err((Failure::timeout, format!("none within {wait:?} ({reason})")))
                 }
             };
-            results.push((entry, outcome));
-        }
-        let metrics = &self.inner.metrics;
-        for (entry, outcome) in results {
-            match outcome {
-                Ok(()) => {
-                    metrics.svids_issued.inc();
-                    metrics.svid_wait.observe(started.elapsed().as_secs_f64());
-                }
-                Err((reason, message)) => {
-                    metrics.fail(reason);
-                    let message = format!(
-                        "no SVID for cert_dir {} from the SPIRE agent at {}: {message}",
-                        entry.cert_dir.display(),
-                        entry.spire_agent_address.display()
-                    );
-                    if entry.fail_open {
-                        metrics.fail_open_starts.inc();
-                        tracing::warn!(container = %label(pod, container), %message, "starting without an SVID (fail_open)");
-                    } else {
-                        failures.push(message);
-                    }
-                }
+            let Err((reason, message)) = outcome else {
+                metrics.svids_issued.inc();
+                metrics.svid_wait.observe(started.elapsed().as_secs_f64());
+                continue;
+            };
+            metrics.fail(reason);
+            let message = format!(
+                "no SVID for cert_dir {} from the SPIRE agent at {}: {message}",
+                entry.cert_dir.display(),
+                entry.spire_agent_address.display()
+            );
+            if entry.fail_open {
+                metrics.fail_open_starts.inc();
+                tracing::warn!(container = %label(pod, container), %message, "starting without an SVID (fail_open)");
+            } else {
+                failures.push(message);
             }
         }
         if failures.is_empty() {
