@@ -2,8 +2,10 @@
 //! (`crates/moat-core/tests/fuzz_seeds.rs`) so both check exactly the same thing.
 
 use moat_core::config::Config;
+use moat_core::decision::{Operation, Request, Stage};
+use moat_core::engine::decide;
 use moat_core::image::{ImageRef, RegistryPrefix};
-use moat_core::policy::{Operation, Request, Stage, decide};
+use moat_core::subject::Template;
 
 /// Image references: what parses prints to a string that parses to the same value.
 pub(crate) fn image_ref(data: &[u8]) {
@@ -42,25 +44,34 @@ pub(crate) fn config(data: &[u8]) {
     }
 }
 
-/// The whole decision on arbitrary JSON: an answer or an error, and the patch applies.
+/// The whole decision on arbitrary JSON, as a CREATE and as an UPDATE of itself, at both stages:
+/// an answer, and a patch that applies. Both readers (from a JSON tree and from bytes) agree
+/// wherever both read the object.
 pub(crate) fn decide_json(data: &[u8]) {
     let Ok(object) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
+    let Ok(template) = Template::from_value(&object) else {
+        return;
+    };
+    if let (Some(a), Ok(Some(b))) = (&template, Template::from_json(data)) {
+        assert_eq!(a, &b, "the two readers disagree");
+    }
     let config = Config::embedded_default();
-    for stage in [Stage::Mutate, Stage::Validate] {
-        let req = Request {
-            operation: Operation::Create,
-            stage,
-            object: &object,
-            old_object: Some(&object),
-            namespace: "fuzz",
-            namespace_labels: None,
-            dry_run: false,
-            placement_seed: "fuzz",
-        };
-        if let Ok(d) = decide(&config, &req) {
-            d.patched(&object)
+    for operation in [Operation::Create, Operation::Update] {
+        for stage in [Stage::Mutate, Stage::Validate] {
+            let req = Request {
+                operation,
+                stage,
+                object: template.as_ref(),
+                old_object: template.as_ref(),
+                namespace: "fuzz",
+                namespace_labels: None,
+                dry_run: false,
+                placement_seed: "fuzz",
+            };
+            decide(&config, &req)
+                .patched(&object)
                 .unwrap_or_else(|e| panic!("patch does not apply: {e}"));
         }
     }

@@ -5,7 +5,9 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use moat_core::config::Config;
-use moat_core::policy::{Operation, Request, Stage, decide};
+use moat_core::decision::{Operation, Request, Stage};
+use moat_core::engine::decide;
+use moat_core::subject::Template;
 use serde_json::Value;
 
 const POD: &str = include_str!("data/pod-3-containers.json");
@@ -13,10 +15,11 @@ const POD: &str = include_str!("data/pod-3-containers.json");
 fn bench(c: &mut Criterion) {
     let config = Config::embedded_default();
     let pod: Value = serde_json::from_str(POD).unwrap_or_default();
-    let request = |stage| Request {
+    let template = Template::from_json(POD.as_bytes()).ok().flatten();
+    let request = |stage, object| Request {
         operation: Operation::Create,
         stage,
-        object: &pod,
+        object,
         old_object: None,
         namespace: "shop",
         namespace_labels: None,
@@ -26,28 +29,24 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide");
     group.throughput(Throughput::Elements(1));
     group.bench_function("mutate/3-container pod", |b| {
-        let req = request(Stage::Mutate);
-        b.iter(|| decide(&config, &req).map(|d| d.patch.0.len()))
+        let req = request(Stage::Mutate, template.as_ref());
+        b.iter(|| decide(&config, &req).patch.0.len())
     });
-    let mutated = decide(&config, &request(Stage::Mutate))
-        .ok()
-        .and_then(|d| d.patched(&pod).ok())
+    let mutated = decide(&config, &request(Stage::Mutate, template.as_ref()))
+        .patched(&pod)
         .unwrap_or_default();
+    let mutated = Template::from_value(&mutated).ok().flatten();
     group.bench_function("validate/3-container pod", |b| {
-        let req = Request {
-            object: &mutated,
-            ..request(Stage::Validate)
-        };
-        b.iter(|| decide(&config, &req).map(|d| d.allowed()))
+        let req = request(Stage::Validate, mutated.as_ref());
+        b.iter(|| decide(&config, &req).allowed())
     });
-    group.bench_function("parse+mutate/3-container pod", |b| {
+    group.bench_function("read+mutate/3-container pod", |b| {
         b.iter(|| {
-            let pod: Value = serde_json::from_str(POD).unwrap_or_default();
-            let req = Request {
-                object: &pod,
-                ..request(Stage::Mutate)
-            };
-            decide(&config, &req).map(|d| d.patch.0.len())
+            let template = Template::from_json(POD.as_bytes()).ok().flatten();
+            decide(&config, &request(Stage::Mutate, template.as_ref()))
+                .patch
+                .0
+                .len()
         })
     });
     group.finish();

@@ -83,17 +83,6 @@ pub struct EnforcementModes {
     pub isolation: Enforcement,
 }
 
-impl EnforcementModes {
-    /// The mode of one policy.
-    pub fn of(&self, policy: crate::policy::Policy) -> Enforcement {
-        match policy {
-            crate::policy::Policy::Images => self.images,
-            crate::policy::Policy::RuntimeClass => self.runtime_class,
-            crate::policy::Policy::Isolation => self.isolation,
-        }
-    }
-}
-
 /// `images`: every container's image must carry a tag other than `latest`, or a digest.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::fields::PodFields;
 
 /// A kind moat reviews.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,17 +83,11 @@ pub struct MalformedObject {
     pub message: String,
 }
 
-/// The metadata fields the policies read. Lenient: unknown fields are skipped.
-///
-/// moat reads views instead of `k8s_openapi`'s whole `ObjectMeta` and `PodSpec` because
-/// deserialising every probe, env var and managed field of a pod costs more than the decision
-/// itself; the placement types it does read (`Toleration`, `Affinity`, `OwnerReference`) are
-/// `k8s_openapi`'s own.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The metadata fields the policies read, other than labels (which are in [`PodFields`]).
+/// Lenient: unknown fields are skipped.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetaView {
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -100,48 +95,51 @@ pub struct MetaView {
 }
 
 /// One container of any kind: only what the image policy reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ContainerView {
     pub name: String,
     #[serde(default)]
     pub image: Option<String>,
 }
 
-/// The pod spec fields the policies read. Lenient: unknown fields are skipped.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The pod spec fields the policies read and do not change. Lenient: unknown fields are skipped.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodSpecView {
     pub containers: Vec<ContainerView>,
-    #[serde(default)]
     pub init_containers: Option<Vec<ContainerView>>,
-    #[serde(default)]
     pub ephemeral_containers: Option<Vec<ContainerView>>,
-    #[serde(default)]
-    pub tolerations: Option<Vec<Toleration>>,
-    #[serde(default)]
-    pub affinity: Option<Affinity>,
-    #[serde(default)]
-    pub node_selector: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     pub node_name: Option<String>,
-    #[serde(default)]
-    pub runtime_class_name: Option<String>,
 }
 
-/// A pod template read from an object: typed views for deciding, plus its location for patching.
-#[derive(Debug, Clone)]
+/// A pod template as the policies see it: what they read ([`MetaView`], [`PodSpecView`]) and,
+/// apart, the only fields a policy may change ([`PodFields`]).
+///
+/// moat reads these views instead of `k8s_openapi`'s whole `ObjectMeta` and `PodSpec` because
+/// deserialising every probe, env var and managed field of a pod costs more than the decision
+/// itself; the placement types it does read (`Toleration`, `Affinity`, `OwnerReference`) are
+/// `k8s_openapi`'s own.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pub kind: Kind,
     pub metadata: MetaView,
     pub spec: PodSpecView,
+    /// The fields moat may change, as the object carries them.
+    pub fields: PodFields,
+    /// Whether the template has a `metadata` object (a patch that adds a label must create it
+    /// otherwise).
+    pub has_metadata: bool,
 }
 
 impl Template {
-    /// Reads the template of `object`, whose kind is `kind`.
+    /// Reads the template of a JSON object (offline review, tests). `Ok(None)`: not a kind moat
+    /// reviews.
     ///
     /// # Errors
-    /// [`MalformedObject`] when the template is missing or a field has the wrong type.
-    pub fn read(kind: Kind, object: &Value) -> Result<Self, MalformedObject> {
+    /// [`MalformedObject`] naming the template part (`spec.template.spec`) that does not parse.
+    pub fn from_value(object: &Value) -> Result<Option<Self>, MalformedObject> {
+        let Some(kind) = type_of(object) else {
+            return Ok(None);
+        };
         let err = |field: &str, message: String| MalformedObject {
             kind: kind.as_str(),
             field: format!("{}{field}", kind.field_prefix()),
@@ -151,28 +149,94 @@ impl Template {
             .pointer(kind.template_pointer())
             .ok_or_else(|| err("", "pod template is missing".to_owned()))?;
         let metadata = match tpl.get("metadata") {
-            None | Some(Value::Null) => MetaView::default(),
-            Some(m) => MetaView::deserialize(m).map_err(|e| err("metadata", e.to_string()))?,
+            None | Some(Value::Null) => None,
+            Some(m) => {
+                Some(wire::Meta::deserialize(m).map_err(|e| err("metadata", e.to_string()))?)
+            }
         };
         let spec = match tpl.get("spec") {
-            None | Some(Value::Null) => return Err(err("spec", "pod spec is missing".to_owned())),
-            Some(s) => PodSpecView::deserialize(s).map_err(|e| err("spec", e.to_string()))?,
+            None | Some(Value::Null) => None,
+            Some(s) => Some(wire::Spec::deserialize(s).map_err(|e| err("spec", e.to_string()))?),
         };
+        Self::assemble(kind, metadata, spec)
+            .map(Some)
+            .map_err(|m| err("spec", m.to_owned()))
+    }
+
+    /// Reads the template of an object from JSON bytes in one typed pass (the admission server),
+    /// skipping every field no policy reads. `Ok(None)`: not a kind moat reviews.
+    ///
+    /// # Errors
+    /// The JSON does not parse, a field policies read has the wrong type, or the pod spec is
+    /// missing.
+    pub fn from_json(bytes: &[u8]) -> Result<Option<Self>, serde_json::Error> {
+        // The kind decides the shape of the rest, and a kind moat does not review may use the
+        // same field names for anything: read the type first.
+        let types: wire::Types<'_> = serde_json::from_slice(bytes)?;
+        let Some(kind) = Kind::from_type(&types.api_version, &types.kind) else {
+            return Ok(None);
+        };
+        let template = match kind {
+            Kind::Pod => serde_json::from_slice::<wire::Template>(bytes)?,
+            Kind::CronJob => {
+                let o: wire::CronJob = serde_json::from_slice(bytes)?;
+                o.spec
+                    .and_then(|s| s.job_template)
+                    .and_then(|j| j.spec)
+                    .and_then(|s| s.template)
+                    .ok_or_else(|| serde::de::Error::custom("pod template is missing"))?
+            }
+            _ => {
+                let o: wire::Workload = serde_json::from_slice(bytes)?;
+                o.spec
+                    .and_then(|s| s.template)
+                    .ok_or_else(|| serde::de::Error::custom("pod template is missing"))?
+            }
+        };
+        Self::assemble(kind, template.metadata, template.spec)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+
+    fn assemble(
+        kind: Kind,
+        metadata: Option<wire::Meta>,
+        spec: Option<wire::Spec>,
+    ) -> Result<Self, &'static str> {
+        let spec = spec.ok_or("pod spec is missing")?;
+        let has_metadata = metadata.is_some();
+        let metadata = metadata.unwrap_or_default();
         Ok(Self {
             kind,
-            metadata,
-            spec,
+            metadata: MetaView {
+                annotations: metadata.annotations,
+                owner_references: metadata.owner_references,
+            },
+            spec: PodSpecView {
+                containers: spec.containers,
+                init_containers: spec.init_containers,
+                ephemeral_containers: spec.ephemeral_containers,
+                node_name: spec.node_name,
+            },
+            fields: PodFields {
+                labels: metadata.labels,
+                runtime_class_name: spec.runtime_class_name,
+                tolerations: spec.tolerations,
+                affinity: spec.affinity,
+                node_selector: spec.node_selector,
+            },
+            has_metadata,
         })
     }
 
     /// A template label.
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.metadata.labels.as_ref()?.get(key).map(String::as_str)
+        self.fields.labels.as_ref()?.get(key).map(String::as_str)
     }
 
     /// A value of the pod spec's `nodeSelector`.
     pub fn node_selector(&self, key: &str) -> Option<&str> {
-        self.spec
+        self.fields
             .node_selector
             .as_ref()?
             .get(key)
@@ -201,108 +265,97 @@ impl Template {
     }
 }
 
-/// An object reduced to the fields the policies read, as JSON: `apiVersion`, `kind`, the
-/// metadata of [`MetaView`] and name/namespace, and of each pod spec (the object's own, or a
-/// workload's template) the fields of [`PodSpecView`], with containers cut down to `name` and
-/// `image`.
-///
-/// Deciding on this instead of the whole object gives the same decision and a patch that applies
-/// to the whole object (every field a patch touches is kept whole), at a fraction of the cost of
-/// building a JSON tree of every probe, env var and managed field. Deserialisation fails where
-/// a kept field has the wrong type (a caller that wants [`MalformedObject`]'s message reads the
-/// whole object instead).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pruned(pub Value);
-
-impl<'de> Deserialize<'de> for Pruned {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let object = pruned::Object::deserialize(d)?;
-        serde_json::to_value(object)
-            .map(Pruned)
-            .map_err(serde::de::Error::custom)
-    }
+/// The kind of a JSON object, from its `apiVersion` and `kind`.
+pub fn type_of(object: &Value) -> Option<Kind> {
+    let api_version = object.get("apiVersion")?.as_str()?;
+    let kind = object.get("kind")?.as_str()?;
+    Kind::from_type(api_version, kind)
 }
 
-mod pruned {
-    use serde::{Deserialize, Serialize};
-    use serde_json::Value;
+/// The shapes read from the wire: exactly the fields some policy reads, everything else skipped
+/// by the parser without building it.
+mod wire {
+    use std::borrow::Cow;
+    use std::collections::BTreeMap;
 
-    #[derive(Deserialize, Serialize)]
+    use k8s_openapi::api::core::v1::{Affinity, Toleration};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use serde::Deserialize;
+
+    use super::ContainerView;
+
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
-    pub(super) struct Object {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        api_version: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        kind: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        metadata: Option<Meta>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        spec: Option<Spec>,
+    pub(super) struct Types<'a> {
+        #[serde(default, borrow)]
+        pub(super) api_version: Cow<'a, str>,
+        #[serde(default, borrow)]
+        pub(super) kind: Cow<'a, str>,
     }
 
-    #[derive(Deserialize, Serialize)]
+    #[derive(Default, Deserialize)]
     #[serde(rename_all = "camelCase")]
-    struct Meta {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        generate_name: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        namespace: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        labels: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        annotations: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        owner_references: Option<Value>,
+    pub(super) struct Meta {
+        #[serde(default)]
+        pub(super) labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        pub(super) annotations: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        pub(super) owner_references: Option<Vec<OwnerReference>>,
     }
 
-    #[derive(Deserialize, Serialize)]
-    struct Container {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        image: Option<Value>,
-    }
-
-    /// A pod spec, or a workload spec holding a template (or a CronJob's job template).
-    #[derive(Deserialize, Serialize)]
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
-    struct Spec {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        containers: Option<Vec<Container>>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        init_containers: Option<Vec<Container>>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        ephemeral_containers: Option<Vec<Container>>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tolerations: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        affinity: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        node_selector: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        node_name: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        runtime_class_name: Option<Value>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        template: Option<Box<Template>>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        job_template: Option<Box<JobTemplate>>,
+    pub(super) struct Spec {
+        pub(super) containers: Vec<ContainerView>,
+        #[serde(default)]
+        pub(super) init_containers: Option<Vec<ContainerView>>,
+        #[serde(default)]
+        pub(super) ephemeral_containers: Option<Vec<ContainerView>>,
+        #[serde(default)]
+        pub(super) tolerations: Option<Vec<Toleration>>,
+        #[serde(default)]
+        pub(super) affinity: Option<Affinity>,
+        #[serde(default)]
+        pub(super) node_selector: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        pub(super) node_name: Option<String>,
+        #[serde(default)]
+        pub(super) runtime_class_name: Option<String>,
     }
 
-    #[derive(Deserialize, Serialize)]
-    struct Template {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        metadata: Option<Meta>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        spec: Option<Spec>,
+    /// A Pod, or a pod template.
+    #[derive(Deserialize)]
+    pub(super) struct Template {
+        #[serde(default)]
+        pub(super) metadata: Option<Meta>,
+        #[serde(default)]
+        pub(super) spec: Option<Spec>,
     }
 
-    #[derive(Deserialize, Serialize)]
-    struct JobTemplate {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        spec: Option<Spec>,
+    #[derive(Deserialize)]
+    pub(super) struct Workload {
+        #[serde(default)]
+        pub(super) spec: Option<WorkloadSpec>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct WorkloadSpec {
+        #[serde(default)]
+        pub(super) template: Option<Template>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct CronJob {
+        #[serde(default)]
+        pub(super) spec: Option<CronJobSpec>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct CronJobSpec {
+        #[serde(default)]
+        pub(super) job_template: Option<Workload>,
     }
 }
 
@@ -336,53 +389,73 @@ mod tests {
         }
     }
 
+    /// Both readers, on the same object.
+    fn both(obj: &Value) -> Template {
+        let from_value = Template::from_value(obj).unwrap().unwrap();
+        let from_json = Template::from_json(&serde_json::to_vec(obj).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_value, from_json);
+        from_value
+    }
+
     #[test]
     fn reads_cronjob_templates() {
-        let obj = json!({"spec": {"jobTemplate": {"spec": {"template": {
+        let obj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template": {
             "metadata": {"labels": {"a": "b"}},
             "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}}}});
-        let t = Template::read(Kind::CronJob, &obj).unwrap();
+        let t = both(&obj);
         assert_eq!(t.label("a"), Some("b"));
         assert_eq!(t.spec.containers[0].name, "c");
     }
 
     #[test]
     fn names_the_malformed_field() {
-        let obj = json!({"spec": {"template": {"spec": {"containers": "nope"}}}});
-        let e = Template::read(Kind::Deployment, &obj).unwrap_err();
+        let obj = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {"spec": {"containers": "nope"}}}});
+        let e = Template::from_value(&obj).unwrap_err();
         assert_eq!(e.field, "spec.template.spec");
-        let e = Template::read(Kind::Job, &json!({"spec": {}})).unwrap_err();
+        assert!(Template::from_json(&serde_json::to_vec(&obj).unwrap()).is_err());
+        let e = Template::from_value(&json!({"apiVersion": "batch/v1", "kind": "Job", "spec": {}}))
+            .unwrap_err();
         assert!(e.to_string().contains("pod template is missing"), "{e}");
-        let e = Template::read(Kind::Pod, &json!({"metadata": {}})).unwrap_err();
+        let e = Template::from_value(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}}))
+            .unwrap_err();
+        assert!(e.to_string().contains("pod spec is missing"), "{e}");
+        let e = Template::from_json(br#"{"apiVersion": "v1", "kind": "Pod", "metadata": {}}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("pod spec is missing"), "{e}");
     }
 
     #[test]
-    fn pruning_keeps_what_policies_read() {
-        let obj = json!({
-            "apiVersion": "apps/v1", "kind": "CronJob",
-            "metadata": {"name": "c", "labels": {"a": "b"}, "managedFields": [{"manager": "x"}]},
-            "spec": {"schedule": "* * * * *", "jobTemplate": {"spec": {"template": {
-                "metadata": {"labels": {"moat.dev/class": "gold"}},
-                "spec": {"containers": [{"name": "c", "image": "x:1", "env": [{"name": "A"}]}], "tolerations": [], "volumes": []}}}}},
-        });
-        let pruned: Pruned = serde_json::from_value(obj).unwrap();
+    fn other_kinds_are_not_read() {
+        // A kind moat does not review may use the policies' field names for anything.
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "spec": {"containers": 3, "template": "x"}});
+        assert_eq!(Template::from_value(&svc).unwrap(), None);
         assert_eq!(
-            pruned.0,
-            json!({
-                "apiVersion": "apps/v1", "kind": "CronJob",
-                "metadata": {"name": "c", "labels": {"a": "b"}},
-                "spec": {"jobTemplate": {"spec": {"template": {
-                    "metadata": {"labels": {"moat.dev/class": "gold"}},
-                    "spec": {"containers": [{"name": "c", "image": "x:1"}], "tolerations": []}}}}},
-            })
+            Template::from_json(&serde_json::to_vec(&svc).unwrap()).unwrap(),
+            None
         );
-        assert!(serde_json::from_value::<Pruned>(json!({"spec": {"containers": "x"}})).is_err());
+    }
+
+    #[test]
+    fn keeps_the_changeable_fields_apart() {
+        let obj = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"a": "b"}, "managedFields": [{"manager": "x"}]},
+            "spec": {"containers": [{"name": "c", "image": "x:1", "env": [{"name": "A"}]}],
+                     "tolerations": [], "runtimeClassName": "gvisor", "nodeSelector": {"k": "v"}, "volumes": []}});
+        let t = both(&obj);
+        assert!(t.has_metadata);
+        assert_eq!(t.fields.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(t.fields.tolerations, Some(vec![]));
+        assert_eq!(t.node_selector("k"), Some("v"));
+        assert_eq!(t.label("a"), Some("b"));
+        let bare = both(&json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}));
+        assert!(!bare.has_metadata);
     }
 
     #[test]
     fn tolerates_unknown_fields() {
-        let obj = json!({"spec": {"futureField": 1, "containers": [{"name": "c", "image": "x:1", "newThing": {}}]}});
-        assert!(Template::read(Kind::Pod, &obj).is_ok());
+        let obj = json!({"apiVersion": "v1", "kind": "Pod", "spec": {"futureField": 1, "containers": [{"name": "c", "image": "x:1", "newThing": {}}]}});
+        both(&obj);
     }
 }

@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 
 use moat_core::config::Config;
-use moat_core::policy::{Decision, ExemptionReason, Operation, Request, Stage, decide};
+use moat_core::decision::{Decision, ExemptionReason, Operation, Request, Stage};
+use moat_core::engine::decide;
+use moat_core::subject::Template;
 use serde_json::{Value, json};
 
 const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -71,18 +73,23 @@ impl std::ops::Deref for Checked {
     }
 }
 
+fn read(object: &Value) -> Option<Template> {
+    Template::from_value(object).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn run(c: &Config, object: &Value, call: Call<'_>) -> Checked {
+    let (template, old) = (read(object), call.old.as_ref().and_then(read));
     let req = Request {
         operation: call.op,
         stage: call.stage,
-        object,
-        old_object: call.old.as_ref(),
+        object: template.as_ref(),
+        old_object: old.as_ref(),
         namespace: call.ns,
         namespace_labels: call.labels.as_ref(),
         dry_run: call.dry_run,
         placement_seed: "uid-1",
     };
-    let d = decide(c, &req).unwrap_or_else(|e| panic!("{e}"));
+    let d = decide(c, &req);
     let patched = d.patched(object).expect("the patch applies to its input");
     Checked { d, object: patched }
 }
@@ -944,19 +951,8 @@ fn other_kinds_and_operations_pass_untouched() {
 
 #[test]
 fn malformed_templates_are_errors_not_panics() {
-    let c = Config::embedded_default();
     let bad = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {"spec": {"containers": 3}}}});
-    let req = Request {
-        operation: Operation::Create,
-        stage: Stage::Mutate,
-        object: &bad,
-        old_object: None,
-        namespace: "t",
-        namespace_labels: None,
-        dry_run: false,
-        placement_seed: "",
-    };
-    let e = decide(&c, &req).unwrap_err();
+    let e = Template::from_value(&bad).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("Deployment 'spec.template.spec' does not parse"),
@@ -1038,11 +1034,17 @@ fn audit_mode_allows_warns_and_changes_nothing() {
 #[test]
 fn image_review_applies_the_image_rule_alone() {
     let c = config("images: {allowedRegistries: [ghcr.io]}");
-    let got =
-        moat_core::policy::review_images(&c, ["ghcr.io/a/b:1", "busybox", "", "ghcr.io/x:latest"]);
-    let indices: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
-    assert_eq!(indices, vec![1, 1, 2, 3], "{got:?}");
-    assert!(got[0].1.contains("not an allowed registry"));
-    assert!(got[1].1.contains("has no tag"));
-    assert!(got[3].1.contains("mutable tag 'latest'"));
+    let d = moat_core::engine::review_images(
+        &c,
+        "t",
+        ["ghcr.io/a/b:1", "busybox", "", "ghcr.io/x:latest"],
+    );
+    let got: Vec<&str> = d.denials.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(
+        got[0].starts_with("spec.containers[1]: ") && got[0].contains("not an allowed registry")
+    );
+    assert!(got[1].starts_with("spec.containers[1]: ") && got[1].contains("has no tag"));
+    assert_eq!(got[2], "spec.containers[2]: has no image");
+    assert!(got[3].starts_with("spec.containers[3]: ") && got[3].contains("mutable tag 'latest'"));
 }

@@ -11,7 +11,9 @@
 use std::collections::BTreeMap;
 
 use moat_core::config::Config;
-use moat_core::policy::{Decision, Operation, Request, Stage, decide};
+use moat_core::decision::{Decision, Operation, Request, Stage};
+use moat_core::engine::decide;
+use moat_core::subject::Template;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -102,17 +104,21 @@ prop_compose! {
 }
 
 fn decide_on(c: &Config, ns: &str, pod: &Value, stage: Stage) -> Decision {
+    decide_on_template(c, ns, &Template::from_value(pod).unwrap().unwrap(), stage)
+}
+
+fn decide_on_template(c: &Config, ns: &str, pod: &Template, stage: Stage) -> Decision {
     let req = Request {
         operation: Operation::Create,
         stage,
-        object: pod,
+        object: Some(pod),
         old_object: None,
         namespace: ns,
         namespace_labels: None,
         dry_run: false,
         placement_seed: "seed",
     };
-    decide(c, &req).unwrap()
+    decide(c, &req)
 }
 
 // -------------------------------------------------------------------------------------------
@@ -278,7 +284,7 @@ proptest! {
     }
 
     #[test]
-    fn deciding_on_the_pruned_object_gives_the_same_answer(
+    fn reading_from_bytes_gives_the_same_answer(
         mode in prop::sample::select(&["class", "pod", "dedicatedNode"][..]),
         (ns, mut pod) in pod(),
     ) {
@@ -289,8 +295,8 @@ proptest! {
         pod["status"] = json!({"phase": "Pending"});
         let c = config(mode, false);
         let full = decide_on(&c, &ns, &pod, Stage::Mutate);
-        let pruned: moat_core::subject::Pruned = serde_json::from_value(pod.clone()).unwrap();
-        let lean = decide_on(&c, &ns, &pruned.0, Stage::Mutate);
+        let bytes = serde_json::to_vec(&pod).unwrap();
+        let lean = decide_on_template(&c, &ns, &Template::from_json(&bytes).unwrap().unwrap(), Stage::Mutate);
         prop_assert_eq!(&full, &lean);
         let patched = lean.patched(&pod).unwrap();
         prop_assert_eq!(patched, full.patched(&pod).unwrap());

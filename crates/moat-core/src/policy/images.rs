@@ -1,8 +1,9 @@
 //! Images: a tag other than `latest`, or a digest, for every container of every kind; optional
 //! registry allow-list and required digests. Never mutates.
 
-use super::{Context, Outcome, Policy};
 use crate::config::ImagePolicy;
+use crate::decision::Policy;
+use crate::engine::{Context, Findings};
 use crate::image::ImageRef;
 use crate::subject::PodSpecView;
 
@@ -49,7 +50,7 @@ fn unchanged(ctx: &Context<'_>, name: &str, image: &str) -> bool {
     })
 }
 
-pub(super) fn check(ctx: &Context<'_>, out: &mut Outcome) {
+pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) {
     for c in all_containers(&ctx.template.spec) {
         let who = format!("container '{}' ({})", c.name, ctx.field(&c.field));
         let Some(raw) = c.image.filter(|i| !i.is_empty()) else {

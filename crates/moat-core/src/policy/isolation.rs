@@ -17,11 +17,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Toleration;
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::{
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodAffinityTerm,
+    PodAntiAffinity, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use super::{Context, ExemptionReason, Outcome, Policy, array_entry, entry, push_unique};
 use crate::config::{IsolationMode, IsolationPolicy};
+use crate::decision::{ExemptionReason, Policy};
+use crate::engine::{Context, Findings};
+use crate::fields::PodFields;
 use crate::names::{ClassName, RuntimeClassName};
 
 const HOSTNAME_TOPOLOGY_KEY: &str = "kubernetes.io/hostname";
@@ -38,15 +43,33 @@ enum Source {
     NamespaceDefault,
 }
 
-/// The isolation a pod gets.
+/// The isolation a pod gets, decided by [`check`].
 #[derive(Debug, Clone)]
-pub(super) struct Placement {
+pub(crate) struct Placement {
     class: ClassName,
-    /// The class's RuntimeClass, with the class name for messages.
-    pub(super) runtime: Option<(String, RuntimeClassName)>,
+    /// The class's RuntimeClass.
+    runtime: Option<RuntimeClassName>,
+    /// How the pod is placed; `None` when the pod's own placement was refused (nothing to add).
+    target: Option<Target>,
 }
 
-pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> {
+#[derive(Debug, Clone)]
+enum Target {
+    /// Class and pod modes: node affinity and anti-affinity.
+    Affinity,
+    /// dedicatedNode mode: pinned by nodeSelector to this node id.
+    Dedicated(String),
+}
+
+impl Placement {
+    /// The class's RuntimeClass, with the class name for messages.
+    pub(crate) fn runtime(&self) -> Option<(&str, &RuntimeClassName)> {
+        self.runtime.as_ref().map(|r| (self.class.as_str(), r))
+    }
+}
+
+/// The pod's class and placement; denials for everything that keeps it from being placed.
+pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> {
     let iso = &ctx.config.isolation;
     if iso.mode == IsolationMode::Off {
         return None;
@@ -67,8 +90,10 @@ pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> 
                 ),
             );
         }
-        let old_tolerations = old.spec.tolerations.as_deref().unwrap_or_default();
-        let added = spec
+        let old_tolerations = old.fields.tolerations.as_deref().unwrap_or_default();
+        let added = ctx
+            .template
+            .fields
             .tolerations
             .iter()
             .flatten()
@@ -113,7 +138,11 @@ pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> 
         (Some(Some((class, source))), None) => (class, source),
         // Not isolated (or the class was refused): such a pod must not reach isolated nodes.
         _ => {
-            guard_tolerations(ctx, spec.tolerations.iter().flatten().enumerate(), out);
+            guard_tolerations(
+                ctx,
+                ctx.template.fields.tolerations.iter().flatten().enumerate(),
+                out,
+            );
             return None;
         }
     };
@@ -142,15 +171,43 @@ pub(super) fn decide(ctx: &Context<'_>, out: &mut Outcome) -> Option<Placement> 
             return None;
         }
     }
-    let runtime = class_spec
-        .runtime_class_name
-        .clone()
-        .map(|r| (class.to_string(), r));
-    Some(Placement { class, runtime })
+    let target = target(ctx, &class, out);
+    Some(Placement {
+        runtime: class_spec.runtime_class_name.clone(),
+        class,
+        target,
+    })
+}
+
+/// Checks the pod's own use of moat's node keys and chooses its target.
+fn target(ctx: &Context<'_>, class: &ClassName, out: &mut Findings) -> Option<Target> {
+    let iso = &ctx.config.isolation;
+    let class = class.as_str();
+    let node_value = iso.nodes.label_value.as_ref().map_or(class, |v| v.as_str());
+    let label_key = iso.nodes.label_key.as_str();
+    if let Some(v) = ctx.template.node_selector(label_key)
+        && v != node_value
+    {
+        out.deny(
+            Policy::Isolation,
+            format!("spec.nodeSelector['{label_key}']: '{v}' is not the node label of class '{class}'; moat sets this key"),
+        );
+        return None;
+    }
+    if iso.mode != IsolationMode::DedicatedNode {
+        return Some(Target::Affinity);
+    }
+    match dedicated_node(ctx, class) {
+        Ok(id) => Some(Target::Dedicated(id)),
+        Err(msg) => {
+            out.deny(Policy::Isolation, msg);
+            None
+        }
+    }
 }
 
 /// The pod's class: `Some(None)` for an unisolated pod, `None` when a denial was recorded.
-fn class_of(ctx: &Context<'_>, out: &mut Outcome) -> Option<Option<(ClassName, Source)>> {
+fn class_of(ctx: &Context<'_>, out: &mut Findings) -> Option<Option<(ClassName, Source)>> {
     let iso = &ctx.config.isolation;
     let pod_key = iso.pod_class_label.as_str();
     let pod_label = ctx.template.label(pod_key);
@@ -218,7 +275,7 @@ fn class_of(ctx: &Context<'_>, out: &mut Outcome) -> Option<Option<(ClassName, S
 
 /// Whether the pod constrains its own placement, beyond moat's own keys.
 fn pins_itself(iso: &IsolationPolicy, ctx: &Context<'_>) -> bool {
-    let spec = &ctx.template.spec;
+    let spec = &ctx.template.fields;
     let ours =
         |k: &str| k == iso.nodes.label_key.as_str() || k == iso.dedicated_node_label.as_str();
     let selector = spec
@@ -246,7 +303,7 @@ fn pins_itself(iso: &IsolationPolicy, ctx: &Context<'_>) -> bool {
 fn guard_tolerations<'t>(
     ctx: &Context<'_>,
     tolerations: impl Iterator<Item = (usize, &'t Toleration)>,
-    out: &mut Outcome,
+    out: &mut Findings,
 ) {
     let nodes = &ctx.config.isolation.nodes;
     for (i, t) in tolerations {
@@ -275,53 +332,33 @@ fn guard_tolerations<'t>(
     }
 }
 
-/// Adds the placement to the pod template. For workloads the caller lists the changes but
-/// drops the patch: their pods are patched when they are created.
-pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object: &mut Value) {
+/// Adds the placement to the pod's fields, each part only when missing (reinvocation adds
+/// nothing). For workloads the engine lists the changes but drops the patch: their pods are
+/// patched when they are created.
+pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out: &mut Findings) {
+    let Some(target) = &p.target else {
+        return;
+    };
     let iso = &ctx.config.isolation;
     let class = p.class.as_str();
     let node_value = iso.nodes.label_value.as_ref().map_or(class, |v| v.as_str());
     let taint_value = iso.nodes.taint_value.as_ref().map_or(class, |v| v.as_str());
     let label_key = iso.nodes.label_key.as_str();
 
-    if let Some(v) = ctx.template.node_selector(label_key)
-        && v != node_value
-    {
-        out.deny(
-                Policy::Isolation,
-                format!("spec.nodeSelector['{label_key}']: '{v}' is not the node label of class '{class}'; moat sets this key"),
-            );
-        return;
+    let class_key = iso.pod_class_label.as_str();
+    let labels = pod.labels_mut();
+    if !labels.contains_key(class_key) {
+        labels.insert(class_key.to_owned(), class.to_owned());
+        out.changed(Policy::Isolation, format!("add label {class_key}={class}"));
     }
-    let dedicated = if iso.mode == IsolationMode::DedicatedNode {
-        match dedicated_node(ctx, class) {
-            Ok(id) => Some(id),
-            Err(msg) => {
-                out.deny(Policy::Isolation, msg);
-                return;
-            }
-        }
-    } else {
-        None
+    let toleration = Toleration {
+        key: Some(iso.nodes.taint_key.as_str().to_owned()),
+        operator: Some("Equal".to_owned()),
+        value: Some(taint_value.to_owned()),
+        effect: Some(iso.nodes.taint_effect.as_str().to_owned()),
+        toleration_seconds: None,
     };
-
-    let tpl = object;
-    let labels = entry(entry(tpl, "metadata"), "labels");
-    if let Value::Object(map) = labels {
-        let key = iso.pod_class_label.as_str();
-        if !map.contains_key(key) {
-            map.insert(key.to_owned(), Value::String(class.to_owned()));
-            out.changed(Policy::Isolation, format!("add label {key}={class}"));
-        }
-    }
-    let spec = entry(tpl, "spec");
-    let toleration = json!({
-        "key": iso.nodes.taint_key.as_str(),
-        "operator": "Equal",
-        "value": taint_value,
-        "effect": iso.nodes.taint_effect.as_str(),
-    });
-    if push_unique(array_entry(spec, "tolerations"), toleration) {
+    if push_unique(pod.tolerations_mut(), toleration) {
         out.changed(
             Policy::Isolation,
             format!(
@@ -332,35 +369,41 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         );
     }
 
-    if let Some(id) = dedicated {
-        let selector = entry(spec, "nodeSelector");
-        if let Value::Object(map) = selector {
-            for (k, v) in [
-                (label_key, node_value),
-                (iso.dedicated_node_label.as_str(), id.as_str()),
-            ] {
-                if map.get(k).and_then(Value::as_str) != Some(v) {
-                    map.insert(k.to_owned(), Value::String(v.to_owned()));
-                    out.changed(Policy::Isolation, format!("add nodeSelector {k}={v}"));
-                }
+    if let Target::Dedicated(id) = target {
+        let selector = pod.node_selector_mut();
+        for (k, v) in [
+            (label_key, node_value),
+            (iso.dedicated_node_label.as_str(), id.as_str()),
+        ] {
+            if selector.get(k).map(String::as_str) != Some(v) {
+                selector.insert(k.to_owned(), v.to_owned());
+                out.changed(Policy::Isolation, format!("add nodeSelector {k}={v}"));
             }
         }
         return;
     }
 
-    let affinity = entry(spec, "affinity");
-    let required = entry(
-        entry(affinity, "nodeAffinity"),
-        "requiredDuringSchedulingIgnoredDuringExecution",
-    );
-    let expression = json!({"key": label_key, "operator": "In", "values": [node_value]});
-    let terms = array_entry(required, "nodeSelectorTerms");
-    if terms.as_array().is_some_and(Vec::is_empty) {
-        *terms = json!([{}]);
+    let affinity = pod.affinity_mut();
+    let terms = &mut affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(NodeSelector::default)
+        .node_selector_terms;
+    if terms.is_empty() {
+        terms.push(NodeSelectorTerm::default());
     }
+    let requirement = NodeSelectorRequirement {
+        key: label_key.to_owned(),
+        operator: "In".to_owned(),
+        values: Some(vec![node_value.to_owned()]),
+    };
     let mut added = false;
-    for term in terms.as_array_mut().into_iter().flatten() {
-        added |= push_unique(array_entry(term, "matchExpressions"), expression.clone());
+    for term in terms.iter_mut() {
+        added |= push_unique(
+            term.match_expressions.get_or_insert_with(Vec::new),
+            requirement.clone(),
+        );
     }
     if added {
         out.changed(
@@ -369,32 +412,55 @@ pub(super) fn apply(ctx: &Context<'_>, p: &Placement, out: &mut Outcome, object:
         );
     }
 
-    let class_key = iso.pod_class_label.as_str();
+    let exists = LabelSelectorRequirement {
+        key: class_key.to_owned(),
+        operator: "Exists".to_owned(),
+        values: None,
+    };
     let (selector, description) = match iso.mode {
         IsolationMode::Pod => (
-            json!([{"key": class_key, "operator": "Exists"}]),
+            vec![exists],
             "keep every other isolated pod off this pod's node".to_owned(),
         ),
         _ => (
-            json!([
-                {"key": class_key, "operator": "Exists"},
-                {"key": class_key, "operator": "NotIn", "values": [class]},
-            ]),
+            vec![
+                exists,
+                LabelSelectorRequirement {
+                    key: class_key.to_owned(),
+                    operator: "NotIn".to_owned(),
+                    values: Some(vec![class.to_owned()]),
+                },
+            ],
             format!("keep pods of every class but '{class}' off this pod's node"),
         ),
     };
-    let term = json!({
-        "labelSelector": {"matchExpressions": selector},
-        "namespaceSelector": {},
-        "topologyKey": HOSTNAME_TOPOLOGY_KEY,
-    });
-    let anti = array_entry(
-        entry(affinity, "podAntiAffinity"),
-        "requiredDuringSchedulingIgnoredDuringExecution",
-    );
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_expressions: Some(selector),
+            match_labels: None,
+        }),
+        // Empty: pods of every namespace, not only the pod's own.
+        namespace_selector: Some(LabelSelector::default()),
+        topology_key: HOSTNAME_TOPOLOGY_KEY.to_owned(),
+        ..PodAffinityTerm::default()
+    };
+    let anti = affinity
+        .pod_anti_affinity
+        .get_or_insert_with(PodAntiAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new);
     if push_unique(anti, term) {
         out.changed(Policy::Isolation, description);
     }
+}
+
+/// Appends `item` unless an equal one is there; returns whether it appended.
+fn push_unique<T: PartialEq>(items: &mut Vec<T>, item: T) -> bool {
+    if items.contains(&item) {
+        return false;
+    }
+    items.push(item);
+    true
 }
 
 /// The dedicated node a pod is pinned to: the one already chosen (reinvocation, validation), or

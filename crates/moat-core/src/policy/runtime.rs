@@ -12,10 +12,10 @@
 //! An isolation class tied to runtime C sets C on pods that leave R unset, and denies any other
 //! final R.
 
-use serde_json::Value;
-
-use super::{Context, Outcome, Policy};
 use crate::config::RuntimeClassPolicy;
+use crate::decision::Policy;
+use crate::engine::{Context, Findings};
+use crate::fields::PodFields;
 use crate::names::RuntimeClassName;
 
 /// What the table says for R.
@@ -44,19 +44,28 @@ pub(crate) fn table<'a>(policy: &'a RuntimeClassPolicy, requested: Option<&str>)
     }
 }
 
-pub(super) fn apply(
+/// What the runtimeClass policy will set, decided by [`check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rewrite {
+    to: RuntimeClassName,
+    /// The reserved runtime the pod asked for, for the description.
+    from: Option<String>,
+}
+
+/// Applies the table (and the class's runtime) to a new pod spec; `Some` when
+/// `runtimeClassName` must be set.
+pub(crate) fn check(
     ctx: &Context<'_>,
-    class_runtime: Option<&(String, RuntimeClassName)>,
-    out: &mut Outcome,
-    object: &mut Value,
-) {
+    class_runtime: Option<(&str, &RuntimeClassName)>,
+    out: &mut Findings,
+) -> Option<Rewrite> {
     // runtimeClassName is immutable on a pod: only new pod specs are decided.
     if !ctx.is_new_pod_spec() {
-        return;
+        return None;
     }
     let requested = ctx
         .template
-        .spec
+        .fields
         .runtime_class_name
         .as_deref()
         .filter(|r| !r.is_empty());
@@ -69,7 +78,7 @@ pub(super) fn apply(
             Verdict::Set(f) => Some(f),
             Verdict::Deny(msg) => {
                 out.deny(Policy::RuntimeClass, format!("{field}: {msg}"));
-                return;
+                return None;
             }
         },
     };
@@ -78,27 +87,32 @@ pub(super) fn apply(
         && effective != Some(c.as_str())
     {
         out.deny(
-                Policy::RuntimeClass,
-                format!(
-                    "{field}: isolation class '{class}' runs with RuntimeClass '{c}', but the pod asks for '{}'",
-                    requested.unwrap_or_default()
-                ),
-            );
-        return;
+            Policy::RuntimeClass,
+            format!(
+                "{field}: isolation class '{class}' runs with RuntimeClass '{c}', but the pod asks for '{}'",
+                requested.unwrap_or_default()
+            ),
+        );
+        return None;
     }
-    if let Some(t) = target
-        && requested != Some(t.as_str())
-    {
-        let spec = super::entry(object, "spec");
-        if let Value::Object(map) = spec {
-            map.insert("runtimeClassName".to_owned(), Value::String(t.to_string()));
-        }
-        let why = match requested {
-            Some(r) => format!("set {field} to '{t}' (runtime '{r}' is reserved)"),
-            None => format!("set {field} to '{t}'"),
-        };
-        out.changed(Policy::RuntimeClass, why);
-    }
+    target
+        .filter(|t| requested != Some(t.as_str()))
+        .map(|t| Rewrite {
+            to: t.clone(),
+            from: requested.map(str::to_owned),
+        })
+}
+
+/// Sets `runtimeClassName`.
+pub(crate) fn mutate(ctx: &Context<'_>, r: &Rewrite, pod: &mut PodFields, out: &mut Findings) {
+    pod.runtime_class_name = Some(r.to.to_string());
+    let field = ctx.field("spec.runtimeClassName");
+    let t = &r.to;
+    let why = match &r.from {
+        Some(from) => format!("set {field} to '{t}' (runtime '{from}' is reserved)"),
+        None => format!("set {field} to '{t}'"),
+    };
+    out.changed(Policy::RuntimeClass, why);
 }
 
 #[cfg(test)]

@@ -1,0 +1,228 @@
+//! The engine: runs the policies in their declared order and applies, the same way for every
+//! caller (mutating and validating webhooks, ImageReview, offline review), the exemptions, each
+//! policy's enforcement (enforce or audit), the validate stage and the patch. Pure: no I/O, no
+//! clock, no randomness.
+//!
+//! Each policy is a unit in [`crate::policy`] with a check step, which records reasons, and (for
+//! the policies that change pods) a mutate step over [`PodFields`], the owned, typed copy of the
+//! only fields moat may change. The patch is computed from that copy's before and after.
+
+use crate::config::{Config, Enforcement, EnforcementModes};
+use crate::decision::{
+    Change, Decision, Denial, Exemption, ExemptionReason, Operation, Policy, Request, Stage,
+};
+use crate::fields::PodFields;
+use crate::policy::{images, isolation, runtime};
+use crate::subject::{Kind, Template};
+
+/// Everything a policy reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Context<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) req: &'a Request<'a>,
+    pub(crate) template: &'a Template,
+    /// The pod before an UPDATE.
+    pub(crate) old: Option<&'a Template>,
+}
+
+impl Context<'_> {
+    /// Message prefix naming a field of the template: `spec.template.spec.containers[0]`.
+    pub(crate) fn field(&self, path: &str) -> String {
+        format!("{}{path}", self.template.kind.field_prefix())
+    }
+
+    /// Whether this review applies CREATE-time rules (a new pod, or any workload change).
+    pub(crate) fn is_new_pod_spec(&self) -> bool {
+        self.old.is_none()
+    }
+}
+
+/// What the policies found, before enforcement is applied.
+#[derive(Debug, Default)]
+pub(crate) struct Findings {
+    denials: Vec<Denial>,
+    warnings: Vec<String>,
+    exemptions: Vec<Exemption>,
+    changes: Vec<Change>,
+}
+
+impl Findings {
+    pub(crate) fn deny(&mut self, policy: Policy, message: String) {
+        self.denials.push(Denial { policy, message });
+    }
+    pub(crate) fn exempt(&mut self, policy: Policy, reason: ExemptionReason) {
+        self.exemptions.push(Exemption {
+            policy: Some(policy),
+            reason,
+        });
+    }
+    pub(crate) fn changed(&mut self, policy: Policy, description: String) {
+        self.changes.push(Change {
+            policy,
+            description,
+        });
+    }
+}
+
+/// The enforcement of one policy.
+pub fn enforcement(modes: &EnforcementModes, policy: Policy) -> Enforcement {
+    match policy {
+        Policy::Images => modes.images,
+        Policy::RuntimeClass => modes.runtime_class,
+        Policy::Isolation => modes.isolation,
+    }
+}
+
+/// Decides on one object.
+///
+/// The policies run in this order: images (check), isolation (check: the pod's class and its
+/// placement), runtimeClass (check, reading the class's runtime), then the mutations of
+/// runtimeClass and isolation. Mutations of a policy in audit mode go to a copy that is thrown
+/// away and are reported as warnings.
+pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
+    let Some(template) = req.object else {
+        return Decision::untouched(None, ExemptionReason::UnsupportedKind);
+    };
+    let kind = template.kind;
+    if matches!(req.operation, Operation::Delete | Operation::Connect) {
+        return Decision::untouched(Some(kind), ExemptionReason::Operation);
+    }
+    if namespace_exempt(config, req.namespace) {
+        return Decision::untouched(Some(kind), ExemptionReason::Namespace);
+    }
+    // Only pods are updated in place; a workload's template change rolls out new pods, which
+    // are reviewed as new.
+    let old = match (kind, req.operation) {
+        (Kind::Pod, Operation::Update) => req.old_object,
+        _ => None,
+    };
+    let ctx = Context {
+        config,
+        req,
+        template,
+        old,
+    };
+
+    let mut found = Findings::default();
+    images::check(&ctx, &mut found);
+    let placement = isolation::check(&ctx, &mut found);
+    let runtime = runtime::check(
+        &ctx,
+        placement.as_ref().and_then(|p| p.runtime()),
+        &mut found,
+    );
+
+    let modes = &config.enforcement;
+    let mut pod = template.fields.clone();
+    // An audited policy's mutations go to a copy made only when needed (the admission hot path).
+    let mut shadow: Option<PodFields> = None;
+    if let Some(r) = &runtime {
+        let pod = target(modes, Policy::RuntimeClass, template, &mut pod, &mut shadow);
+        runtime::mutate(&ctx, r, pod, &mut found);
+    }
+    if let Some(p) = &placement {
+        let pod = target(modes, Policy::Isolation, template, &mut pod, &mut shadow);
+        isolation::mutate(&ctx, p, pod, &mut found);
+    }
+
+    let mut decision = enforce(modes, Some(kind), found);
+    // Workload templates are decided, not patched: their pods are patched when created.
+    let patched = kind == Kind::Pod;
+    if req.stage == Stage::Validate && patched {
+        for change in std::mem::take(&mut decision.changes) {
+            decision.denials.push(Denial {
+                policy: change.policy,
+                message: format!(
+                    "moat's mutation is missing from the final object (was moat's mutating webhook skipped, or did a later webhook undo it?): {}",
+                    change.description
+                ),
+            });
+        }
+    }
+    if decision.allowed() && req.stage == Stage::Mutate && patched {
+        decision.patch = template.fields.patch_to(&pod, template.has_metadata);
+    }
+    decision
+}
+
+/// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`), with the same
+/// namespace exemptions and enforcement as admission. Denials name `spec.containers[i]`.
+pub fn review_images<'a>(
+    config: &Config,
+    namespace: &str,
+    images: impl IntoIterator<Item = &'a str>,
+) -> Decision {
+    if namespace_exempt(config, namespace) {
+        return Decision::untouched(None, ExemptionReason::Namespace);
+    }
+    let mut found = Findings::default();
+    for (i, raw) in images.into_iter().enumerate() {
+        if raw.is_empty() {
+            found.deny(
+                Policy::Images,
+                format!("spec.containers[{i}]: has no image"),
+            );
+            continue;
+        }
+        for problem in images::judge(&config.images, raw) {
+            found.deny(Policy::Images, format!("spec.containers[{i}]: {problem}"));
+        }
+    }
+    enforce(&config.enforcement, None, found)
+}
+
+/// Where a policy's mutations go: the pod's fields, or the audit copy.
+fn target<'a>(
+    modes: &EnforcementModes,
+    policy: Policy,
+    template: &Template,
+    pod: &'a mut PodFields,
+    shadow: &'a mut Option<PodFields>,
+) -> &'a mut PodFields {
+    if enforcement(modes, policy) == Enforcement::Audit {
+        shadow.get_or_insert_with(|| template.fields.clone())
+    } else {
+        pod
+    }
+}
+
+fn namespace_exempt(config: &Config, namespace: &str) -> bool {
+    config
+        .exemptions
+        .namespaces
+        .iter()
+        .any(|p| p.matches(namespace))
+}
+
+/// Sorts findings by enforcement: an audited policy's denials and changes become warnings.
+fn enforce(modes: &EnforcementModes, kind: Option<Kind>, found: Findings) -> Decision {
+    let mut decision = Decision {
+        kind,
+        denials: Vec::new(),
+        audited: Vec::new(),
+        warnings: found.warnings,
+        exemptions: found.exemptions,
+        changes: Vec::new(),
+        patch: json_patch::Patch(Vec::new()),
+    };
+    for denial in found.denials {
+        if enforcement(modes, denial.policy) == Enforcement::Audit {
+            decision
+                .warnings
+                .push(format!("audit: moat would deny: {}", denial.message));
+            decision.audited.push(denial);
+        } else {
+            decision.denials.push(denial);
+        }
+    }
+    for change in found.changes {
+        if enforcement(modes, change.policy) == Enforcement::Audit {
+            decision
+                .warnings
+                .push(format!("audit: moat would {}", change.description));
+        } else {
+            decision.changes.push(change);
+        }
+    }
+    decision
+}
