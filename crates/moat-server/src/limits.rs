@@ -1,4 +1,4 @@
-//! Every bound the server enforces, named with its unit. Each is covered by a test.
+//! Every bound the server enforces, named with its unit.
 
 use std::time::Duration;
 
@@ -16,10 +16,13 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a TLS handshake may take.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Time from the end of the headers to the response. The API server's own webhook timeout
-/// (`timeoutSeconds`, 10 s by default) is longer, so the client sees moat's answer, not its own
-/// timeout.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
+/// Bodies larger than this are read and decided on the blocking pool, so a large pod cannot hold
+/// an async worker that other reviews need. A typical pod is 5–10 KiB.
+pub const INLINE_DECISION_MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Large decisions run at once on the blocking pool; more wait their turn without holding a
+/// worker.
+pub const MAX_BLOCKING_DECISIONS: usize = 2;
 
 /// Requests decided at once; more wait for a slot, up to [`QUEUE_TIMEOUT`].
 pub const MAX_CONCURRENT_REQUESTS: usize = 512;

@@ -8,6 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use moat_core::decision::{Decision, Policy};
+use std::time::Duration;
+
 /// An endpoint that decides.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(
@@ -35,6 +38,18 @@ pub enum Outcome {
     invalid,
     /// moat could not answer: a 5xx answer.
     error,
+}
+
+impl Outcome {
+    /// The label value, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::allowed => "allowed",
+            Self::denied => "denied",
+            Self::invalid => "invalid",
+            Self::error => "error",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,6 +153,60 @@ impl Metrics {
         m
     }
 
+    /// Counts an answered review.
+    pub fn count(&self, endpoint: Endpoint, operation: &str, decision: Outcome) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                operation: operation.to_owned(),
+                decision,
+            })
+            .inc();
+    }
+
+    /// Records how long a review took.
+    pub fn observe(&self, endpoint: Endpoint, took: Duration) {
+        self.duration
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a review in flight until the guard drops, however the review ends.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
+    /// Counts each policy's denials (enforced or audited) and each exemption, and logs the
+    /// exemptions.
+    pub fn record_policies(&self, endpoint: Endpoint, d: &Decision) {
+        let policy = |policy: Policy, decision| {
+            self.policy_decisions
+                .get_or_create(&PolicyLabels {
+                    endpoint,
+                    policy: policy.as_str(),
+                    decision,
+                })
+                .inc();
+        };
+        for x in &d.denials {
+            policy(x.policy, "denied");
+        }
+        for x in &d.audited {
+            policy(x.policy, "audited");
+        }
+        for e in &d.exemptions {
+            let policy = e.policy.map_or("all", Policy::as_str);
+            self.exemptions
+                .get_or_create(&ExemptionLabels {
+                    policy,
+                    reason: e.reason.as_str(),
+                })
+                .inc();
+            tracing::debug!(policy, reason = e.reason.as_str(), "exempt");
+        }
+    }
+
     /// Counts a reload attempt.
     pub fn reloaded(family: &Family<ResultLabels, Counter>, ok: bool) {
         family
@@ -145,5 +214,15 @@ impl Metrics {
                 result: if ok { "ok" } else { "error" },
             })
             .inc();
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

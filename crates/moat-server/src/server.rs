@@ -128,7 +128,6 @@ impl Server {
         };
         let mut registry = Registry::default();
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
-        state.set_tls_ready();
         let bind = |addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -152,11 +151,6 @@ impl Server {
     /// The address the metrics port is bound to.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listener.local_addr().ok()
-    }
-
-    /// The shared state (for tests and embedding).
-    pub fn state(&self) -> Arc<AppState> {
-        self.state.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use moat_core::config::Config;
-use moat_core::policy::{self, Decision, Operation, Request, Stage};
+use moat_core::decision::{Decision, Operation, Request, Stage};
+use moat_core::engine;
+use moat_core::subject::Template;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -285,23 +287,24 @@ fn review_object(
     let mut labels = namespaces.get(&namespace).cloned().unwrap_or_default();
     labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
     let seed = format!("{kind}/{name}");
+    let error = |message: String| DocumentError {
+        file: file.to_owned(),
+        document,
+        message,
+    };
+    let template = Template::from_value(object)
+        .map_err(|e| error(format!("{kind} {namespace}/{name}: {e}")))?;
     let req = Request {
         operation: Operation::Create,
         stage: Stage::Mutate,
-        object,
+        object: template.as_ref(),
         old_object: None,
         namespace: &namespace,
         namespace_labels: Some(&labels),
         dry_run: false,
         placement_seed: &seed,
     };
-    let error = |message: String| DocumentError {
-        file: file.to_owned(),
-        document,
-        message,
-    };
-    let decision = policy::decide(config, &req)
-        .map_err(|e| error(format!("{kind} {namespace}/{name}: {e}")))?;
+    let decision = engine::decide(config, &req);
     let patched = decision.patched(object).map_err(|e| {
         error(format!(
             "{kind} {namespace}/{name}: internal error: moat's patch does not apply: {e}"

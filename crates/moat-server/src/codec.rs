@@ -1,0 +1,449 @@
+//! The wire: bytes in, a core request out; a decision in, bytes out.
+//!
+//! - AdmissionReview (`admission.k8s.io/v1` and `v1beta1`, answered in the version asked). The
+//!   envelope is read in one pass with the objects kept as borrowed raw JSON; each object is then
+//!   read by [`Template::from_json`] into exactly the fields the policies read. Nothing builds a
+//!   JSON tree of the pod.
+//! - ImageReview (`imagepolicy.k8s.io/v1alpha1`), kube-apiserver's ImagePolicyWebhook.
+//! - moat's own error body for requests it cannot read.
+//!
+//! moat writes its own response types instead of kube-core's `AdmissionReview<T>`: that type
+//! needs `T: kube::Resource` for the objects (which moat reads as [`Template`]s, not as resources)
+//! and encodes `patch` as an array of numbers, where the API's wire form (Go's `[]byte`) is a
+//! base64 string. Every response here is serialised once, straight to bytes.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::StatusCode;
+use moat_core::decision::{Decision, Operation};
+use moat_core::subject::Template;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::limits::{BODY_READ_TIMEOUT, MAX_BODY_LEN_BYTES};
+
+pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
+pub const ADMISSION_V1BETA1: &str = "admission.k8s.io/v1beta1";
+pub const IMAGEPOLICY_V1ALPHA1: &str = "imagepolicy.k8s.io/v1alpha1";
+/// HTTP status written into `status.code` of a denial, as the API server expects.
+const DENIED_STATUS_CODE: u16 = 403;
+
+/// A request moat cannot read. Turned into a 4xx JSON answer at the boundary; the message names
+/// what is wrong, never internals.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    #[error("content type must be application/json")]
+    ContentType,
+    #[error("body is larger than {MAX_BODY_LEN_BYTES} bytes")]
+    TooLarge,
+    #[error("body was not received within {} seconds", BODY_READ_TIMEOUT.as_secs())]
+    SlowBody,
+    #[error("body could not be read")]
+    BrokenBody,
+    #[error("body is not a valid {kind}: {message}")]
+    Malformed { kind: &'static str, message: String },
+    #[error("apiVersion '{0}' is not supported (use {ADMISSION_V1} or {ADMISSION_V1BETA1})")]
+    UnsupportedVersion(String),
+    #[error("kind must be '{expected}', not '{got}'")]
+    WrongKind { expected: &'static str, got: String },
+    #[error("the review has no request")]
+    NoRequest,
+}
+
+impl RequestError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SlowBody => StatusCode::REQUEST_TIMEOUT,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The JSON body of every HTTP error moat returns.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// An HTTP error's detail.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: u16,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The bytes of an HTTP error answer of moat's JSON shape.
+pub fn error_body(status: StatusCode, message: String) -> Bytes {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: status.as_u16(),
+            reason: status.canonical_reason().unwrap_or("Error").to_owned(),
+            message,
+        },
+    };
+    // A struct of strings and a number always serialises.
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------------------------------------------
+// AdmissionReview
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(default, borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(default, borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    uid: String,
+    #[serde(default)]
+    kind: GroupVersionKind,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: OperationIn,
+    #[serde(default)]
+    user_info: UserInfo,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    old_object: Option<&'a RawValue>,
+    #[serde(default)]
+    dry_run: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct GroupVersionKind {
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum OperationIn {
+    Create,
+    Update,
+    Delete,
+    Connect,
+}
+
+/// `request.userInfo`: who asks, as the API server authenticated them. Written by the API
+/// server, never by the client, so decisions may rest on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct UserInfo {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// One AdmissionReview request, read: the envelope's facts and the objects as templates.
+#[derive(Debug)]
+pub struct AdmissionIn {
+    /// The review's apiVersion, answered in kind.
+    pub api_version: &'static str,
+    pub uid: String,
+    /// `request.kind.kind`, for logs.
+    pub kind: String,
+    pub sub_resource: Option<String>,
+    pub name: String,
+    pub namespace: String,
+    pub operation: Operation,
+    pub user_info: UserInfo,
+    /// `request.object`: `None` when absent (DELETE) or not a kind moat reviews.
+    pub object: Option<Template>,
+    pub old_object: Option<Template>,
+    /// Whether the request carried an object at all (`object` or `oldObject`).
+    pub has_object: bool,
+    pub dry_run: bool,
+}
+
+impl AdmissionIn {
+    /// Reads an AdmissionReview body.
+    ///
+    /// # Errors
+    /// [`RequestError`] naming what is wrong with the body.
+    pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
+        let malformed = |e: serde_json::Error| RequestError::Malformed {
+            kind: "AdmissionReview",
+            message: e.to_string(),
+        };
+        let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(malformed)?;
+        if review.kind != "AdmissionReview" {
+            return Err(RequestError::WrongKind {
+                expected: "AdmissionReview",
+                got: review.kind.into_owned(),
+            });
+        }
+        let api_version = match &*review.api_version {
+            ADMISSION_V1 => ADMISSION_V1,
+            ADMISSION_V1BETA1 => ADMISSION_V1BETA1,
+            other => return Err(RequestError::UnsupportedVersion(other.to_owned())),
+        };
+        let req = review.request.ok_or(RequestError::NoRequest)?;
+        let read = |raw: Option<&RawValue>| -> Result<Option<Template>, RequestError> {
+            let Some(raw) = raw else { return Ok(None) };
+            if !raw.get().starts_with('{') {
+                return Err(RequestError::Malformed {
+                    kind: "AdmissionReview",
+                    message: "request.object is not an object".to_owned(),
+                });
+            }
+            // The API server decoded the object before calling, so a field of the wrong type
+            // means the body is not what the API server sends: unreadable, not a denial.
+            Template::from_json(raw.get().as_bytes()).map_err(malformed)
+        };
+        Ok(Self {
+            api_version,
+            has_object: req.object.is_some() || req.old_object.is_some(),
+            object: read(req.object)?,
+            old_object: read(req.old_object)?,
+            uid: req.uid,
+            kind: req.kind.kind,
+            sub_resource: req.sub_resource.filter(|s| !s.is_empty()),
+            name: req.name,
+            namespace: req.namespace.unwrap_or_default(),
+            operation: match req.operation {
+                OperationIn::Create => Operation::Create,
+                OperationIn::Update => Operation::Update,
+                OperationIn::Delete => Operation::Delete,
+                OperationIn::Connect => Operation::Connect,
+            },
+            user_info: req.user_info,
+            dry_run: req.dry_run.unwrap_or(false),
+        })
+    }
+
+    /// The operation's name as the API server writes it (a metric label).
+    pub fn operation_name(&self) -> &'static str {
+        match self.operation {
+            Operation::Create => "CREATE",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+            Operation::Connect => "CONNECT",
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    code: u16,
+    message: String,
+}
+
+/// The AdmissionReview answer to `review` for `decision`: allowed (with the patch, base64, when
+/// there is one) or denied with every reason; warnings either way.
+pub fn admission_answer(review: &AdmissionIn, decision: &Decision) -> Bytes {
+    let allowed = decision.allowed();
+    let patch = (allowed && !decision.patch.0.is_empty())
+        .then(|| serde_json::to_vec(&decision.patch).ok())
+        .flatten()
+        .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+    let response = ResponseOut {
+        uid: &review.uid,
+        allowed,
+        status: (!allowed).then(|| StatusOut {
+            code: DENIED_STATUS_CODE,
+            message: decision.message(),
+        }),
+        patch_type: patch.as_ref().map(|_| "JSONPatch"),
+        patch,
+        warnings: &decision.warnings,
+    };
+    to_bytes(&ReviewOut {
+        api_version: review.api_version,
+        kind: "AdmissionReview",
+        response,
+    })
+}
+
+/// An allow with nothing to say (nothing to decide: DELETE without an object, CONNECT).
+pub fn admission_allow(review: &AdmissionIn) -> Bytes {
+    to_bytes(&ReviewOut {
+        api_version: review.api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid: &review.uid,
+            allowed: true,
+            status: None,
+            patch: None,
+            patch_type: None,
+            warnings: &[],
+        },
+    })
+}
+
+/// An object refused because moat cannot read it as its kind (a denial, not an HTTP error:
+/// the reason reaches the user instead of `failurePolicy` deciding).
+pub fn admission_deny(review: &AdmissionIn, message: String) -> Bytes {
+    to_bytes(&ReviewOut {
+        api_version: review.api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid: &review.uid,
+            allowed: false,
+            status: Some(StatusOut {
+                code: DENIED_STATUS_CODE,
+                message,
+            }),
+            patch: None,
+            patch_type: None,
+            warnings: &[],
+        },
+    })
+}
+
+fn to_bytes<T: Serialize>(v: &T) -> Bytes {
+    // Strings, booleans and numbers only: serialisation cannot fail.
+    serde_json::to_vec(v).map(Bytes::from).unwrap_or_default()
+}
+
+// ------------------------------------------------------------------------------------------------
+// ImageReview (kube-apiserver's ImagePolicyWebhook admission plugin)
+
+/// `imagepolicy.k8s.io/v1alpha1` ImageReview, as the API server sends it. No Rust crate carries
+/// it; lenient on input like every wire type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageReviewIn {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub spec: ImageReviewSpec,
+}
+
+/// `ImageReview.spec`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageReviewSpec {
+    #[serde(default)]
+    pub containers: Vec<ImageReviewContainer>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// One container of `ImageReview.spec.containers`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ImageReviewContainer {
+    #[serde(default)]
+    pub image: String,
+}
+
+impl ImageReviewIn {
+    /// Reads an ImageReview body.
+    ///
+    /// # Errors
+    /// [`RequestError`] naming what is wrong with the body.
+    pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
+        let review: Self = serde_json::from_slice(body).map_err(|e| RequestError::Malformed {
+            kind: "ImageReview",
+            message: e.to_string(),
+        })?;
+        if review.kind != "ImageReview" {
+            return Err(RequestError::WrongKind {
+                expected: "ImageReview",
+                got: review.kind,
+            });
+        }
+        if review.api_version != IMAGEPOLICY_V1ALPHA1 {
+            return Err(RequestError::UnsupportedVersion(review.api_version));
+        }
+        Ok(review)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    status: ImageReviewStatus,
+}
+
+/// `ImageReview.status`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageReviewStatus {
+    allowed: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    audit_annotations: BTreeMap<String, String>,
+}
+
+/// Annotation key of an audited ImageReview's reasons.
+const AUDIT_ANNOTATION: &str = "moat.dev/audit";
+
+/// The ImageReview answer: denied with the reasons, or allowed (audited reasons go to an audit
+/// annotation).
+pub fn image_review_answer(decision: &Decision) -> Bytes {
+    let join = |d: &[moat_core::decision::Denial]| {
+        d.iter()
+            .map(|d| d.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut status = ImageReviewStatus {
+        allowed: decision.allowed(),
+        ..ImageReviewStatus::default()
+    };
+    if !decision.allowed() {
+        status.reason = join(&decision.denials);
+    } else if !decision.audited.is_empty() {
+        status
+            .audit_annotations
+            .insert(AUDIT_ANNOTATION.to_owned(), join(&decision.audited));
+    }
+    to_bytes(&ImageReviewOut {
+        api_version: IMAGEPOLICY_V1ALPHA1,
+        kind: "ImageReview",
+        status,
+    })
+}

@@ -1,0 +1,92 @@
+//! The router driven without a socket: every request body captured from a real kube-apiserver
+//! v1.26 goes through the codec, the engine and back, and the answer has the shape the API
+//! server reads.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use http::Request;
+use http_body_util::BodyExt;
+use moat_core::config::Config;
+use moat_server::{AppState, router};
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tower::ServiceExt;
+
+fn captured() -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/kube-apiserver-1.26");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 30, "fixtures missing in {}", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+async fn post(state: &Arc<AppState>, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = router(state.clone())
+        .oneshot(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn every_captured_request_gets_an_answer_the_api_server_reads() {
+    let state = Arc::new(AppState::new(
+        Config::embedded_default(),
+        None,
+        &mut Registry::default(),
+    ));
+    for (name, body) in captured() {
+        let sent: Value = serde_json::from_slice(&body).unwrap();
+        let path = ["mutate", "validate", "imagereview"]
+            .into_iter()
+            .find(|e| name.contains(&format!("-{e}-")))
+            .unwrap_or_else(|| panic!("{name}: no endpoint in the name"));
+        let (status, answer) = post(&state, &format!("/{path}"), body).await;
+        assert_eq!(status, 200, "{name}: {answer}");
+        assert_eq!(answer["apiVersion"], sent["apiVersion"], "{name}");
+        assert_eq!(answer["kind"], sent["kind"], "{name}");
+        if path == "imagereview" {
+            assert!(answer["status"]["allowed"].is_boolean(), "{name}: {answer}");
+            continue;
+        }
+        let response = &answer["response"];
+        assert_eq!(response["uid"], sent["request"]["uid"], "{name}");
+        assert!(response["allowed"].is_boolean(), "{name}: {answer}");
+        if response["allowed"] == false {
+            assert_eq!(response["status"]["code"], 403, "{name}");
+            assert!(response["status"]["message"].is_string(), "{name}");
+        }
+        if let Some(patch) = response.get("patch") {
+            assert!(
+                patch.is_string(),
+                "{name}: a patch is base64, as Go's []byte"
+            );
+            assert_eq!(response["patchType"], "JSONPatch", "{name}");
+        }
+    }
+}
