@@ -12,11 +12,8 @@ use serde_json::Value;
 
 const POD: &str = include_str!("data/pod-3-containers.json");
 
-fn bench(c: &mut Criterion) {
-    let config = Config::embedded_default();
-    let pod: Value = serde_json::from_str(POD).unwrap_or_default();
-    let template = Template::from_json(POD.as_bytes()).ok().flatten();
-    let request = |stage, object| Request {
+fn request(stage: Stage, object: Option<&Template>) -> Request<'_> {
+    Request {
         operation: Operation::Create,
         stage,
         object,
@@ -25,7 +22,13 @@ fn bench(c: &mut Criterion) {
         namespace_labels: None,
         dry_run: false,
         placement_seed: "6f1c2d3e",
-    };
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let config = Config::embedded_default();
+    let pod: Value = serde_json::from_str(POD).unwrap_or_default();
+    let template = Template::from_json(POD.as_bytes()).ok().flatten();
     let mut group = c.benchmark_group("decide");
     group.throughput(Throughput::Elements(1));
     group.bench_function("mutate/3-container pod", |b| {

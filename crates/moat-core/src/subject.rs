@@ -83,6 +83,18 @@ pub struct MalformedObject {
     pub message: String,
 }
 
+/// Why an object could not be read from JSON bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Not JSON, or a field the policies read has the wrong type.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// JSON of a reviewed kind, but no usable pod template.
+    #[error(transparent)]
+    Malformed(#[from] MalformedObject),
+}
+
 /// The metadata fields the policies read, other than labels (which are in [`PodFields`]).
 /// Lenient: unknown fields are skipped.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -167,35 +179,39 @@ impl Template {
     /// skipping every field no policy reads. `Ok(None)`: not a kind moat reviews.
     ///
     /// # Errors
-    /// The JSON does not parse, a field policies read has the wrong type, or the pod spec is
-    /// missing.
-    pub fn from_json(bytes: &[u8]) -> Result<Option<Self>, serde_json::Error> {
+    /// [`ReadError::Json`] when the JSON does not parse or a field policies read has the wrong
+    /// type; [`ReadError::Malformed`] when it parses but is no usable pod template (no template,
+    /// no spec, no containers).
+    pub fn from_json(bytes: &[u8]) -> Result<Option<Self>, ReadError> {
         // The kind decides the shape of the rest, and a kind moat does not review may use the
         // same field names for anything: read the type first.
         let types: wire::Types<'_> = serde_json::from_slice(bytes)?;
         let Some(kind) = Kind::from_type(&types.api_version, &types.kind) else {
             return Ok(None);
         };
+        let err = |field: &str, message: &str| MalformedObject {
+            kind: kind.as_str(),
+            field: format!("{}{field}", kind.field_prefix()),
+            message: message.to_owned(),
+        };
         let template = match kind {
-            Kind::Pod => serde_json::from_slice::<wire::Template>(bytes)?,
+            Kind::Pod => Some(serde_json::from_slice::<wire::Template>(bytes)?),
             Kind::CronJob => {
                 let o: wire::CronJob = serde_json::from_slice(bytes)?;
                 o.spec
                     .and_then(|s| s.job_template)
                     .and_then(|j| j.spec)
                     .and_then(|s| s.template)
-                    .ok_or_else(|| serde::de::Error::custom("pod template is missing"))?
             }
             _ => {
                 let o: wire::Workload = serde_json::from_slice(bytes)?;
-                o.spec
-                    .and_then(|s| s.template)
-                    .ok_or_else(|| serde::de::Error::custom("pod template is missing"))?
+                o.spec.and_then(|s| s.template)
             }
         };
-        Self::assemble(kind, template.metadata, template.spec)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
+        let template = template.ok_or_else(|| err("", "pod template is missing"))?;
+        Ok(Some(
+            Self::assemble(kind, template.metadata, template.spec).map_err(|m| err("spec", m))?,
+        ))
     }
 
     fn assemble(
@@ -204,6 +220,7 @@ impl Template {
         spec: Option<wire::Spec>,
     ) -> Result<Self, &'static str> {
         let spec = spec.ok_or("pod spec is missing")?;
+        let containers = spec.containers.ok_or("missing field `containers`")?;
         let has_metadata = metadata.is_some();
         let metadata = metadata.unwrap_or_default();
         Ok(Self {
@@ -213,7 +230,7 @@ impl Template {
                 owner_references: metadata.owner_references,
             },
             spec: PodSpecView {
-                containers: spec.containers,
+                containers,
                 init_containers: spec.init_containers,
                 ephemeral_containers: spec.ephemeral_containers,
                 node_name: spec.node_name,
@@ -307,7 +324,8 @@ mod wire {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub(super) struct Spec {
-        pub(super) containers: Vec<ContainerView>,
+        #[serde(default)]
+        pub(super) containers: Option<Vec<ContainerView>>,
         #[serde(default)]
         pub(super) init_containers: Option<Vec<ContainerView>>,
         #[serde(default)]
@@ -423,7 +441,16 @@ mod tests {
         assert!(e.to_string().contains("pod spec is missing"), "{e}");
         let e = Template::from_json(br#"{"apiVersion": "v1", "kind": "Pod", "metadata": {}}"#)
             .unwrap_err();
+        assert!(matches!(e, ReadError::Malformed(_)), "{e}");
         assert!(e.to_string().contains("pod spec is missing"), "{e}");
+        let e =
+            Template::from_json(br#"{"apiVersion": "v1", "kind": "Pod", "spec": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("containers"), "{e}");
+        let e = Template::from_json(
+            br#"{"apiVersion": "v1", "kind": "Pod", "spec": {"containers": 3}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ReadError::Json(_)), "{e}");
     }
 
     #[test]

@@ -153,6 +153,14 @@ fn review(
         span.record("decision", "allowed");
         return Ok(codec::admission_allow(&req));
     }
+    if let Some(e) = &req.unusable {
+        // Not a pod moat can read: refuse, with the reason, rather than hand the decision to
+        // failurePolicy.
+        state.metrics.count(endpoint, operation, Outcome::denied);
+        span.record("decision", "denied");
+        tracing::info!(reason = %e, "denied an unreadable object");
+        return Ok(codec::admission_deny(&req, e.to_string()));
+    }
     let config = state.config();
     let labels = state.namespace_labels(&req.namespace);
     let object = req.object.as_ref().or(req.old_object.as_ref());

@@ -19,7 +19,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http::StatusCode;
 use moat_core::decision::{Decision, Operation};
-use moat_core::subject::Template;
+use moat_core::subject::{MalformedObject, ReadError, Template};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -173,6 +173,8 @@ pub struct AdmissionIn {
     /// `request.object`: `None` when absent (DELETE) or not a kind moat reviews.
     pub object: Option<Template>,
     pub old_object: Option<Template>,
+    /// An object of a reviewed kind that is no usable pod template: denied with this reason.
+    pub unusable: Option<MalformedObject>,
     /// Whether the request carried an object at all (`object` or `oldObject`).
     pub has_object: bool,
     pub dry_run: bool,
@@ -201,7 +203,8 @@ impl AdmissionIn {
             other => return Err(RequestError::UnsupportedVersion(other.to_owned())),
         };
         let req = review.request.ok_or(RequestError::NoRequest)?;
-        let read = |raw: Option<&RawValue>| -> Result<Option<Template>, RequestError> {
+        let mut unusable = None;
+        let mut read = |raw: Option<&RawValue>| -> Result<Option<Template>, RequestError> {
             let Some(raw) = raw else { return Ok(None) };
             if !raw.get().starts_with('{') {
                 return Err(RequestError::Malformed {
@@ -211,13 +214,26 @@ impl AdmissionIn {
             }
             // The API server decoded the object before calling, so a field of the wrong type
             // means the body is not what the API server sends: unreadable, not a denial.
-            Template::from_json(raw.get().as_bytes()).map_err(malformed)
+            match Template::from_json(raw.get().as_bytes()) {
+                Ok(t) => Ok(t),
+                Err(ReadError::Json(e)) => Err(malformed(e)),
+                Err(ReadError::Malformed(e)) => {
+                    unusable.get_or_insert(e);
+                    Ok(None)
+                }
+                Err(e) => Err(RequestError::Malformed {
+                    kind: "AdmissionReview",
+                    message: e.to_string(),
+                }),
+            }
         };
+        let (object, old_object) = (read(req.object)?, read(req.old_object)?);
         Ok(Self {
             api_version,
             has_object: req.object.is_some() || req.old_object.is_some(),
-            object: read(req.object)?,
-            old_object: read(req.old_object)?,
+            object,
+            old_object,
+            unusable,
             uid: req.uid,
             kind: req.kind.kind,
             sub_resource: req.sub_resource.filter(|s| !s.is_empty()),

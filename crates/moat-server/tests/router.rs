@@ -90,3 +90,48 @@ async fn every_captured_request_gets_an_answer_the_api_server_reads() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_unusable_pod_template_is_denied_and_a_wrongly_typed_field_is_a_400() {
+    let state = Arc::new(AppState::new(
+        Config::embedded_default(),
+        None,
+        &mut Registry::default(),
+    ));
+    let review = |object: Value| {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u1", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+                "operation": "CREATE", "namespace": "shop", "userInfo": {"username": "alice"},
+                "object": object}}))
+        .unwrap()
+    };
+    let cases = [
+        (
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {}}),
+            "Deployment 'spec.template.' does not parse: pod template is missing",
+        ),
+        (
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}),
+            "pod spec is missing",
+        ),
+        (
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": {"volumes": []}}),
+            "containers",
+        ),
+    ];
+    for (object, want) in cases {
+        let (status, answer) = post(&state, "/validate", review(object)).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["response"]["allowed"], false, "{answer}");
+        let message = answer["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{message}");
+    }
+    let (status, answer) = post(
+        &state,
+        "/validate",
+        review(serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+}

@@ -1,5 +1,5 @@
-//! The `moat` command: offline review and configuration today; the admission server, installer
-//! and node agent build on the same policy core.
+//! The `moat` command: offline review, configuration, the admission server, certificates, the
+//! installer and the node identity agent, all on the same policy core.
 
 pub mod identity;
 pub mod install;
