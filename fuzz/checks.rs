@@ -68,6 +68,7 @@ pub(crate) fn decide_json(data: &[u8]) {
                 namespace: "fuzz",
                 namespace_labels: None,
                 dry_run: false,
+                requester: None,
                 placement_seed: "fuzz",
             };
             decide(&config, &req)

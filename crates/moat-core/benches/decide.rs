@@ -21,6 +21,7 @@ fn request(stage: Stage, object: Option<&Template>) -> Request<'_> {
         namespace: "shop",
         namespace_labels: None,
         dry_run: false,
+        requester: None,
         placement_seed: "6f1c2d3e",
     }
 }

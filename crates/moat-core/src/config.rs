@@ -158,6 +158,11 @@ pub struct IsolationPolicy {
     /// scheduler and with it the NoSchedule taints that keep tenants off isolated nodes.
     #[serde(default)]
     pub allow_node_name: bool,
+    /// Schedulers non-exempt pods may name in `spec.schedulerName` (unset means
+    /// `default-scheduler`). Another scheduler may ignore the taints that keep pods off isolated
+    /// nodes.
+    #[serde(default = "default_scheduler_names")]
+    pub scheduler_names: Vec<String>,
 }
 
 impl Default for IsolationPolicy {
@@ -172,6 +177,7 @@ impl Default for IsolationPolicy {
             nodes: NodeMarking::default(),
             dedicated_node_label: default_dedicated_node_label(),
             allow_node_name: false,
+            scheduler_names: default_scheduler_names(),
         }
     }
 }
@@ -188,6 +194,15 @@ fn default_dedicated_node_label() -> LabelKey {
 }
 fn default_node_label_key() -> LabelKey {
     key("node-restriction.kubernetes.io/moat-class")
+}
+fn default_topology_key() -> LabelKey {
+    key("kubernetes.io/hostname")
+}
+fn default_scheduler_names() -> Vec<String> {
+    vec!["default-scheduler".to_owned()]
+}
+fn default_daemon_set_controllers() -> Vec<String> {
+    vec!["system:serviceaccount:kube-system:daemon-set-controller".to_owned()]
 }
 fn default_taint_key() -> LabelKey {
     key("moat.dev/isolated")
@@ -336,6 +351,12 @@ pub struct NodeMarking {
     /// Taint effect.
     #[serde(default)]
     pub taint_effect: TaintEffect,
+    /// The node label whose value tells nodes apart for the anti-affinity moat writes. Isolated
+    /// pods also require the label to exist, since the scheduler ignores anti-affinity on nodes
+    /// without it. A label under `node-restriction.kubernetes.io/` with a value per node, set by
+    /// the provisioner, keeps even that out of a kubelet's hands.
+    #[serde(default = "default_topology_key")]
+    pub topology_key: LabelKey,
 }
 
 impl Default for NodeMarking {
@@ -346,6 +367,7 @@ impl Default for NodeMarking {
             taint_key: default_taint_key(),
             taint_value: None,
             taint_effect: TaintEffect::default(),
+            topology_key: default_topology_key(),
         }
     }
 }
@@ -354,7 +376,6 @@ impl Default for NodeMarking {
 /// server can log and count it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[derive(Default)]
 pub struct Exemptions {
     /// Namespaces (patterns) where no policy applies.
     #[serde(default)]
@@ -370,6 +391,23 @@ pub struct Exemptions {
     /// Skip isolation for dry-run requests.
     #[serde(default)]
     pub dry_run: bool,
+    /// Users (`request.userInfo.username`, written by the API server) whose DaemonSet pods skip
+    /// isolation: the DaemonSet controller. A pod's own `ownerReferences` never suffice, since
+    /// whoever creates the pod writes them.
+    #[serde(default = "default_daemon_set_controllers")]
+    pub daemon_set_controllers: Vec<String>,
+}
+
+impl Default for Exemptions {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            ignore_annotation: None,
+            pinned_pods: false,
+            dry_run: false,
+            daemon_set_controllers: default_daemon_set_controllers(),
+        }
+    }
 }
 
 impl Config {

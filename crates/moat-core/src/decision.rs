@@ -41,8 +41,17 @@ pub struct Request<'a> {
     /// The namespace's labels, when known. Unknown labels count as none.
     pub namespace_labels: Option<&'a BTreeMap<String, String>>,
     pub dry_run: bool,
+    /// Who asks (`request.userInfo`); `None` offline, where no one does.
+    pub requester: Option<Requester<'a>>,
     /// Stable per-object input that names a dedicated node (dedicatedNode mode).
     pub placement_seed: &'a str,
+}
+
+/// Who asks, as the API server authenticated them (`request.userInfo`). Only the API server
+/// writes it, so, unlike anything in the object, exemptions may rest on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requester<'a> {
+    pub username: &'a str,
 }
 
 /// A policy, for messages and metric labels.
@@ -87,6 +96,9 @@ pub enum ExemptionReason {
     UnsupportedKind,
     /// An operation moat does not review (DELETE, CONNECT).
     Operation,
+    /// A workload UPDATE that leaves the pod template as it was (labels, scaling, finalizers):
+    /// nothing it runs changes, so a policy tightened since cannot freeze it.
+    UnchangedTemplate,
 }
 
 impl ExemptionReason {
@@ -100,6 +112,7 @@ impl ExemptionReason {
             Self::DryRun => "dryRun",
             Self::UnsupportedKind => "unsupportedKind",
             Self::Operation => "operation",
+            Self::UnchangedTemplate => "unchangedTemplate",
         }
     }
 }

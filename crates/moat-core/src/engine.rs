@@ -91,9 +91,13 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
         return Decision::untouched(Some(kind), ExemptionReason::Namespace);
     }
     // Only pods are updated in place; a workload's template change rolls out new pods, which
-    // are reviewed as new.
+    // are reviewed as new, and a workload UPDATE that leaves the template alone (labels, scale,
+    // the garbage collector's finalizers) is not decided at all.
     let old = match (kind, req.operation) {
         (Kind::Pod, Operation::Update) => req.old_object,
+        (_, Operation::Update) if req.old_object.is_some_and(|old| old == template) => {
+            return Decision::untouched(Some(kind), ExemptionReason::UnchangedTemplate);
+        }
         _ => None,
     };
     let ctx = Context {

@@ -22,6 +22,7 @@
 //! let req = Request {
 //!     operation: Operation::Create, stage: Stage::Mutate, object: template.as_ref(),
 //!     old_object: None, namespace: "shop", namespace_labels: None, dry_run: false,
+//!     requester: None,
 //!     placement_seed: "",
 //! };
 //! let decision = decide(&config, &req);

@@ -121,6 +121,18 @@ pub struct PodSpecView {
     pub init_containers: Option<Vec<ContainerView>>,
     pub ephemeral_containers: Option<Vec<ContainerView>>,
     pub node_name: Option<String>,
+    pub scheduler_name: Option<String>,
+    /// Volumes of the `image` type: images the kubelet pulls like a container's.
+    pub image_volumes: Vec<ImageVolume>,
+}
+
+/// A volume backed by an image (`spec.volumes[i].image.reference`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageVolume {
+    /// Index in `spec.volumes`.
+    pub index: usize,
+    pub name: String,
+    pub reference: Option<String>,
 }
 
 /// A pod template as the policies see it: what they read ([`MetaView`], [`PodSpecView`]) and,
@@ -234,6 +246,20 @@ impl Template {
                 init_containers: spec.init_containers,
                 ephemeral_containers: spec.ephemeral_containers,
                 node_name: spec.node_name,
+                scheduler_name: spec.scheduler_name,
+                image_volumes: spec
+                    .volumes
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                    .filter_map(|(index, v)| {
+                        Some(ImageVolume {
+                            index,
+                            name: v.name,
+                            reference: v.image?.reference,
+                        })
+                    })
+                    .collect(),
             },
             fields: PodFields {
                 labels: metadata.labels,
@@ -340,6 +366,25 @@ mod wire {
         pub(super) node_name: Option<String>,
         #[serde(default)]
         pub(super) runtime_class_name: Option<String>,
+        #[serde(default)]
+        pub(super) scheduler_name: Option<String>,
+        #[serde(default)]
+        pub(super) volumes: Option<Vec<Volume>>,
+    }
+
+    /// A volume: only an image volume's reference is read.
+    #[derive(Deserialize)]
+    pub(super) struct Volume {
+        #[serde(default)]
+        pub(super) name: String,
+        #[serde(default)]
+        pub(super) image: Option<ImageSource>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct ImageSource {
+        #[serde(default)]
+        pub(super) reference: Option<String>,
     }
 
     /// A Pod, or a pod template.

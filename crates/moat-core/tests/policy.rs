@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use moat_core::config::Config;
-use moat_core::decision::{Decision, ExemptionReason, Operation, Request, Stage};
+use moat_core::decision::{Decision, ExemptionReason, Operation, Request, Requester, Stage};
 use moat_core::engine::decide;
 use moat_core::subject::Template;
 use serde_json::{Value, json};
@@ -39,6 +39,8 @@ fn app(image: &str) -> Value {
 }
 
 struct Call<'a> {
+    /// `request.userInfo.username`; `None` offline.
+    user: Option<&'a str>,
     op: Operation,
     stage: Stage,
     ns: &'a str,
@@ -50,6 +52,7 @@ struct Call<'a> {
 impl Default for Call<'_> {
     fn default() -> Self {
         Self {
+            user: None,
             op: Operation::Create,
             stage: Stage::Mutate,
             ns: "t",
@@ -87,6 +90,7 @@ fn run(c: &Config, object: &Value, call: Call<'_>) -> Checked {
         namespace: call.ns,
         namespace_labels: call.labels.as_ref(),
         dry_run: call.dry_run,
+        requester: call.user.map(|username| Requester { username }),
         placement_seed: "uid-1",
     };
     let d = decide(c, &req);
@@ -353,7 +357,10 @@ fn class_mode_repels_other_classes_in_all_namespaces() {
     let required = &d.object["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
     assert_eq!(
         required["nodeSelectorTerms"],
-        json!([{"matchExpressions": [{"key": "node-restriction.kubernetes.io/moat-class", "operator": "In", "values": ["gold"]}]}])
+        json!([{"matchExpressions": [
+            {"key": "node-restriction.kubernetes.io/moat-class", "operator": "In", "values": ["gold"]},
+            {"key": "kubernetes.io/hostname", "operator": "Exists"},
+        ]}])
     );
     assert_eq!(
         d.object["spec"]["tolerations"],
@@ -480,7 +487,7 @@ fn classes_are_bound_to_namespaces_by_the_operator() {
                 ..Call::default()
             },
         ),
-        "may not use isolation class 'lab'",
+        "namespace 'x' is not known to moat yet",
     );
     assert_denied(
         &create(&c, &labelled("nope", app("x:1"))),
@@ -785,6 +792,19 @@ fn node_name_binding_is_denied_unless_allowed() {
 // ---------------------------------------------------------------------------------------------
 // Ignore rules: explicit, reported for logging and counting
 
+fn by_daemonset_controller(c: &Config, pod: &Value, ns: &str) -> Checked {
+    run(
+        c,
+        pod,
+        Call {
+            user: Some("system:serviceaccount:kube-system:daemon-set-controller"),
+            ns,
+            labels: labels(&[("kubernetes.io/metadata.name", ns)]),
+            ..Call::default()
+        },
+    )
+}
+
 fn daemonset_pod(spec: Value) -> Value {
     let mut p = labelled("gold", spec);
     p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
@@ -811,21 +831,25 @@ fn ignore_rules() {
     }
 
     let c = config(CLASS_MODE);
-    let d = create(&c, &daemonset_pod(app("x:1")));
+    let d = by_daemonset_controller(&c, &daemonset_pod(app("x:1")), "t");
     assert_allowed(&d);
     assert!(d.patch.0.is_empty());
     assert_eq!(d.exemptions[0].reason, ExemptionReason::DaemonSet);
     // The exemption is from isolation, not from the taint guard or the image rule.
     assert_denied(
-        &create(
+        &by_daemonset_controller(
             &c,
             &daemonset_pod(
                 json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "a", "image": "x:1"}]}),
             ),
+            "t",
         ),
         "tolerates",
     );
-    assert_denied(&create(&c, &daemonset_pod(app("x"))), "has no tag");
+    assert_denied(
+        &by_daemonset_controller(&c, &daemonset_pod(app("x")), "t"),
+        "has no tag",
+    );
 
     let mut annotated = labelled("gold", app("x:1"));
     annotated["metadata"]["annotations"] = json!({"moat.dev/ignore": "true"});
@@ -1047,4 +1071,261 @@ fn image_review_applies_the_image_rule_alone() {
     assert!(got[1].starts_with("spec.containers[1]: ") && got[1].contains("has no tag"));
     assert_eq!(got[2], "spec.containers[2]: has no image");
     assert!(got[3].starts_with("spec.containers[3]: ") && got[3].contains("mutable tag 'latest'"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile tenant with the `edit` role (issue: tenant-proof isolation)
+
+#[test]
+fn owner_references_a_tenant_writes_do_not_exempt_a_pod() {
+    let c = config(CLASS_MODE);
+    for user in [None, Some("alice"), Some("system:serviceaccount:t:default")] {
+        let d = run(
+            &c,
+            &daemonset_pod(app("x:1")),
+            Call {
+                user,
+                ..Call::default()
+            },
+        );
+        assert_allowed(&d);
+        assert!(d.exemptions.is_empty(), "{user:?}: {:?}", d.exemptions);
+        assert!(!d.patch.0.is_empty(), "{user:?}: the pod is isolated");
+    }
+    // The DaemonSet controller's own pods without a DaemonSet owner are not exempt either.
+    let d = by_daemonset_controller(&c, &labelled("gold", app("x:1")), "t");
+    assert!(d.exemptions.is_empty());
+}
+
+#[test]
+fn no_tenant_triggered_exemption_in_a_namespace_whose_class_the_operator_forces() {
+    let c = config(
+        "isolation: {mode: class, namespaceClassLabel: moat.dev/class, isolateNamespaces: [forced], defaultClass: gold, classes: [{name: '*', namespaces: ['*']}]}\n\
+         exemptions: {ignoreAnnotation: moat.dev/ignore, pinnedPods: true, dryRun: true}",
+    );
+    let mut tricks = daemonset_pod(
+        json!({"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "a", "image": "x:1"}]}),
+    );
+    tricks["metadata"]["annotations"] = json!({"moat.dev/ignore": "true"});
+    tricks["metadata"]["labels"] = json!({});
+    for (ns, ns_labels) in [
+        ("bound", labels(&[("moat.dev/class", "gold")])),
+        ("forced", labels(&[])),
+    ] {
+        for user in [
+            Some("system:serviceaccount:kube-system:daemon-set-controller"),
+            Some("alice"),
+        ] {
+            let d = run(
+                &c,
+                &tricks,
+                Call {
+                    user,
+                    ns,
+                    labels: ns_labels.clone(),
+                    dry_run: true,
+                    ..Call::default()
+                },
+            );
+            assert_allowed(&d);
+            assert!(d.exemptions.is_empty(), "{ns} {user:?}: {:?}", d.exemptions);
+            assert_eq!(
+                d.object["metadata"]["labels"]["moat.dev/class"], "gold",
+                "{ns} {user:?}"
+            );
+        }
+    }
+    // Where the tenant chose isolation itself, its opt-outs still work.
+    let d = run(
+        &c,
+        &tricks,
+        Call {
+            user: Some("alice"),
+            ns: "free",
+            labels: labels(&[]),
+            ..Call::default()
+        },
+    );
+    assert!(!d.exemptions.is_empty());
+}
+
+#[test]
+fn an_exempt_pod_may_not_carry_a_class_its_namespace_may_not_use() {
+    let c = config(
+        "isolation: {mode: class, classes: [{name: bank, namespaces: [bank]}]}\nexemptions: {ignoreAnnotation: moat.dev/ignore}",
+    );
+    let mut pod = labelled("bank", app("x:1"));
+    pod["metadata"]["annotations"] = json!({"moat.dev/ignore": "true"});
+    assert_denied(
+        &create(&c, &pod),
+        "namespace 't' may not use isolation class 'bank'",
+    );
+    let d = run(
+        &c,
+        &pod,
+        Call {
+            ns: "bank",
+            ..Call::default()
+        },
+    );
+    assert_allowed(&d);
+    assert_eq!(d.exemptions[0].reason, ExemptionReason::IgnoreAnnotation);
+}
+
+#[test]
+fn an_unknown_namespace_is_denied_until_its_labels_are_known() {
+    let c = config(
+        "isolation: {mode: class, namespaceClassLabel: moat.dev/class, classes: [{name: '*', namespaces: ['*']}]}",
+    );
+    assert_denied(
+        &create(&c, &pod(app("x:1"))),
+        "namespace 't' is not known to moat yet",
+    );
+    let d = run(
+        &c,
+        &pod(app("x:1")),
+        Call {
+            labels: labels(&[("moat.dev/class", "gold")]),
+            ..Call::default()
+        },
+    );
+    assert_allowed(&d);
+    assert_eq!(d.object["metadata"]["labels"]["moat.dev/class"], "gold");
+    // Known and without the label: not isolated.
+    let d = run(
+        &c,
+        &pod(app("x:1")),
+        Call {
+            labels: labels(&[]),
+            ..Call::default()
+        },
+    );
+    assert_allowed(&d);
+    assert!(d.patch.0.is_empty());
+}
+
+#[test]
+fn isolated_pods_require_the_topology_label_to_exist() {
+    for mode in ["class", "pod"] {
+        let c = config(&format!(
+            "isolation: {{mode: {mode}, nodes: {{topologyKey: node-restriction.kubernetes.io/moat-host}}, classes: [{{name: '*', namespaces: ['*']}}]}}"
+        ));
+        let d = create(&c, &labelled("gold", app("x:1")));
+        let terms = &d.object["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"];
+        for term in terms.as_array().unwrap() {
+            assert!(
+                term["matchExpressions"].as_array().unwrap().contains(
+                    &json!({"key": "node-restriction.kubernetes.io/moat-host", "operator": "Exists"})
+                ),
+                "{mode}: {term}"
+            );
+        }
+        assert_eq!(
+            anti_affinity(&d)[0]["topologyKey"],
+            "node-restriction.kubernetes.io/moat-host"
+        );
+    }
+}
+
+#[test]
+fn image_volumes_go_through_the_image_rule() {
+    let c = config("images: {allowedRegistries: [ghcr.io/acme]}");
+    let p = pod(json!({
+        "containers": [{"name": "a", "image": "ghcr.io/acme/app:1"}],
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "x"}},
+            {"name": "models", "image": {"reference": "evil.example/models"}},
+            {"name": "ok", "image": {"reference": "ghcr.io/acme/data:2"}},
+            {"name": "empty", "image": {}},
+        ],
+    }));
+    let d = create(&c, &p);
+    assert_denied(
+        &d,
+        "image volume 'models' (spec.volumes[1].image.reference): image 'evil.example/models' is from",
+    );
+    assert_denied(&d, "image 'evil.example/models' has no tag");
+    assert_denied(
+        &d,
+        "image volume 'empty' (spec.volumes[3].image.reference) has no image",
+    );
+    assert!(!d.message().contains("'ok'"), "{}", d.message());
+    // On UPDATE, an image volume the pod already had is not decided again.
+    let d = run(
+        &Config::default(),
+        &p,
+        Call {
+            op: Operation::Update,
+            old: Some(p.clone()),
+            ..Call::default()
+        },
+    );
+    assert!(!d.message().contains("models"), "{}", d.message());
+}
+
+#[test]
+fn workload_updates_that_leave_the_template_alone_are_not_decided() {
+    let c = Config::embedded_default();
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "d", "namespace": "t", "finalizers": ["foregroundDeletion"]},
+        "spec": {"replicas": 3, "template": {"metadata": {"labels": {"app": "d"}}, "spec": app("nginx")}}});
+    let mut scaled = deployment.clone();
+    scaled["spec"]["replicas"] = json!(0);
+    scaled["metadata"]["labels"] = json!({"team": "a"});
+    scaled["metadata"]["finalizers"] = json!([]);
+    let d = run(
+        &c,
+        &scaled,
+        Call {
+            op: Operation::Update,
+            old: Some(deployment.clone()),
+            ..Call::default()
+        },
+    );
+    assert_allowed(&d);
+    assert_eq!(d.exemptions[0].reason, ExemptionReason::UnchangedTemplate);
+    // A template change is decided as new.
+    let mut changed = deployment.clone();
+    changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:latest");
+    let d = run(
+        &c,
+        &changed,
+        Call {
+            op: Operation::Update,
+            old: Some(deployment),
+            ..Call::default()
+        },
+    );
+    assert_denied(&d, "mutable tag 'latest'");
+}
+
+#[test]
+fn only_allowed_schedulers() {
+    let c = config(CLASS_MODE);
+    assert_denied(
+        &create(
+            &c,
+            &pod(
+                json!({"schedulerName": "my-scheduler", "containers": [{"name": "a", "image": "x:1"}]}),
+            ),
+        ),
+        "spec.schedulerName: scheduler 'my-scheduler' is not allowed (allowed: default-scheduler)",
+    );
+    assert_allowed(&create(
+        &c,
+        &pod(
+            json!({"schedulerName": "default-scheduler", "containers": [{"name": "a", "image": "x:1"}]}),
+        ),
+    ));
+    let more = config(&format!(
+        "{}, schedulerNames: [default-scheduler, my-scheduler]}}",
+        CLASS_MODE.trim_end_matches('}')
+    ));
+    assert_allowed(&create(
+        &more,
+        &pod(
+            json!({"schedulerName": "my-scheduler", "containers": [{"name": "a", "image": "x:1"}]}),
+        ),
+    ));
 }

@@ -116,6 +116,7 @@ fn decide_on_template(c: &Config, ns: &str, pod: &Template, stage: Stage) -> Dec
         namespace: ns,
         namespace_labels: None,
         dry_run: false,
+        requester: None,
         placement_seed: "seed",
     };
     decide(c, &req)
@@ -124,6 +125,8 @@ fn decide_on_template(c: &Config, ns: &str, pod: &Template, stage: Stage) -> Dec
 // -------------------------------------------------------------------------------------------
 // A model of the scheduler's filters, written apart from moat's code: node affinity, node
 // selector, taints and tolerations, and required pod anti-affinity in both directions.
+
+const TOPOLOGY_KEY: &str = "kubernetes.io/hostname";
 
 struct Node {
     name: String,
@@ -137,7 +140,11 @@ fn nodes(c: &Config) -> Vec<Node> {
     for zone in ["a", "b"] {
         out.push(Node {
             name: format!("plain-{zone}"),
-            labels: [("zone".into(), zone.into())].into(),
+            labels: [
+                ("zone".into(), zone.into()),
+                (TOPOLOGY_KEY.into(), format!("plain-{zone}")),
+            ]
+            .into(),
             taints: vec![],
         });
         for class in CLASSES {
@@ -154,14 +161,23 @@ fn nodes(c: &Config) -> Vec<Node> {
                 c.isolation.dedicated_node_label.to_string(),
                 format!("{class}-*"),
             );
+            let taints = vec![(
+                n.taint_key.to_string(),
+                taint.into(),
+                n.taint_effect.as_str().into(),
+            )];
+            // A kubelet may remove its own hostname label: the scheduler then ignores
+            // anti-affinity on that node.
+            out.push(Node {
+                name: format!("{class}-{zone}-unlabelled"),
+                labels: labels.clone(),
+                taints: taints.clone(),
+            });
+            labels.insert(TOPOLOGY_KEY.into(), format!("{class}-{zone}"));
             out.push(Node {
                 name: format!("{class}-{zone}"),
                 labels,
-                taints: vec![(
-                    n.taint_key.to_string(),
-                    taint.into(),
-                    n.taint_effect.as_str().into(),
-                )],
+                taints,
             });
         }
     }
@@ -246,7 +262,7 @@ fn repels(a: &Value, b: &Value) -> bool {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|t| t["topologyKey"] == "kubernetes.io/hostname")
+        .filter(|t| t["topologyKey"] == TOPOLOGY_KEY)
         .any(|t| {
             // Without a namespaceSelector a term sees only its own namespace.
             let same_ns = a["metadata"]["namespace"] == b["metadata"]["namespace"];
@@ -326,7 +342,9 @@ proptest! {
         };
         prop_assume!(must_be_apart);
         for node in nodes(&c) {
-            let together = selects(a, &node) && selects(b, &node) && !repels(a, b) && !repels(b, a);
+            // Required anti-affinity only counts on nodes that carry its topology label.
+            let apart = node.labels.contains_key(TOPOLOGY_KEY) && (repels(a, b) || repels(b, a));
+            let together = selects(a, &node) && selects(b, &node) && !apart;
             prop_assert!(!together, "{:?} and {:?} can share node {}", ca, cb, node.name);
         }
     }

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use moat_core::decision::{Request, Stage};
+use moat_core::decision::{Request, Requester, Stage};
 use moat_core::engine;
 use tracing::field::Empty;
 
@@ -174,6 +174,9 @@ fn review(
             namespace: &req.namespace,
             namespace_labels: labels.as_ref(),
             dry_run: req.dry_run,
+            requester: Some(Requester {
+                username: &req.user_info.username,
+            }),
             placement_seed: &req.uid,
         },
     );

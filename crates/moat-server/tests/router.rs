@@ -135,3 +135,56 @@ async fn an_unusable_pod_template_is_denied_and_a_wrongly_typed_field_is_a_400()
     .await;
     assert_eq!(status, 400, "{answer}");
 }
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/kube-apiserver-1.26")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_class_label_change_through_pods_status_is_denied() {
+    let state = Arc::new(AppState::new(
+        Config::embedded_default(),
+        None,
+        &mut Registry::default(),
+    ));
+    let mut review = fixture("023-validate-UPDATE-Pod-status-admin.json");
+    assert_eq!(review["request"]["subResource"], "status");
+    let (_, answer) = post(&state, "/validate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    review["request"]["object"]["metadata"]["labels"]["moat.dev/class"] = "other".into();
+    let (_, answer) = post(&state, "/validate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot change")
+    );
+}
+
+#[tokio::test]
+async fn a_tightened_policy_never_blocks_finalizer_removal_or_scaling() {
+    // The workloads were admitted under a policy that allowed any registry; now only one is.
+    let mut config = Config::embedded_default();
+    config.images.allowed_registries = vec!["registry.internal".parse().unwrap()];
+    let state = Arc::new(AppState::new(config, None, &mut Registry::default()));
+    for name in [
+        "025-validate-UPDATE-ReplicaSet-deployment-controller.json",
+        "031-validate-UPDATE-ReplicaSet-generic-garbage-collector.json",
+        "032-validate-UPDATE-ReplicaSet-generic-garbage-collector.json",
+        "033-validate-UPDATE-Deployment-generic-garbage-collector.json",
+    ] {
+        let review = fixture(name);
+        let (_, answer) = post(&state, "/validate", serde_json::to_vec(&review).unwrap()).await;
+        assert_eq!(answer["response"]["allowed"], true, "{name}: {answer}");
+        // The same object as a CREATE is refused: the policy did tighten.
+        let mut create = review.clone();
+        create["request"]["operation"] = "CREATE".into();
+        create["request"]["oldObject"] = Value::Null;
+        let (_, answer) = post(&state, "/validate", serde_json::to_vec(&create).unwrap()).await;
+        assert_eq!(answer["response"]["allowed"], false, "{name}: {answer}");
+    }
+}

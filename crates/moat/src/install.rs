@@ -531,7 +531,7 @@ fn webhooks(
             "name": "validate.moat.dev",
             "clientConfig": client("/validate"),
             "rules": [
-                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers", "replicationcontrollers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers", "pods/status", "replicationcontrollers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
                 {"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
                 {"apiGroups": ["batch"], "apiVersions": ["v1"], "resources": ["jobs", "cronjobs"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
             ],

@@ -284,8 +284,14 @@ fn review_object(
         .or_else(|| metadata_str(object, "generateName"))
         .unwrap_or_default()
         .to_owned();
-    let mut labels = namespaces.get(&namespace).cloned().unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+    // A namespace the input does not describe (no Namespace document, no --namespace-label) is
+    // unknown, as a namespace the server's cache has not seen: decisions that read its labels
+    // deny.
+    let labels = namespaces.get(&namespace).map(|known| {
+        let mut labels = known.clone();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+        labels
+    });
     let seed = format!("{kind}/{name}");
     let error = |message: String| DocumentError {
         file: file.to_owned(),
@@ -300,8 +306,9 @@ fn review_object(
         object: template.as_ref(),
         old_object: None,
         namespace: &namespace,
-        namespace_labels: Some(&labels),
+        namespace_labels: labels.as_ref(),
         dry_run: false,
+        requester: None,
         placement_seed: &seed,
     };
     let decision = engine::decide(config, &req);

@@ -2,6 +2,8 @@
 //! registry allow-list and required digests. Never mutates.
 
 use crate::config::ImagePolicy;
+use std::collections::HashSet;
+
 use crate::decision::Policy;
 use crate::engine::{Context, Findings};
 use crate::image::ImageRef;
@@ -40,24 +42,43 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     out
 }
 
-/// Whether the old pod already ran this container with this image (an UPDATE that leaves an
-/// image alone is not a new decision about it).
-fn unchanged(ctx: &Context<'_>, name: &str, image: &str) -> bool {
-    ctx.old.is_some_and(|old| {
-        all_containers(&old.spec)
-            .iter()
-            .any(|c| c.name == name && c.image == Some(image))
-    })
+/// Every image the kubelet pulls for a pod: containers of every kind and image volumes.
+fn all_images(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
+    let mut out = all_containers(spec);
+    for v in &spec.image_volumes {
+        out.push(ContainerRef {
+            field: format!("spec.volumes[{}].image.reference", v.index),
+            name: &v.name,
+            image: v.reference.as_deref(),
+        });
+    }
+    out
 }
 
 pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) {
-    for c in all_containers(&ctx.template.spec) {
-        let who = format!("container '{}' ({})", c.name, ctx.field(&c.field));
+    // An UPDATE that leaves an image alone is not a new decision about it. The old pod's images
+    // are looked up, not scanned: linear in the pod's size.
+    let unchanged: HashSet<(&str, &str)> = ctx
+        .old
+        .map(|old| {
+            all_images(&old.spec)
+                .into_iter()
+                .filter_map(|c| Some((c.name, c.image?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for c in all_images(&ctx.template.spec) {
+        let what = if c.field.starts_with("spec.volumes") {
+            "image volume"
+        } else {
+            "container"
+        };
+        let who = format!("{what} '{}' ({})", c.name, ctx.field(&c.field));
         let Some(raw) = c.image.filter(|i| !i.is_empty()) else {
             out.deny(Policy::Images, format!("{who} has no image"));
             continue;
         };
-        if unchanged(ctx, c.name, raw) {
+        if unchanged.contains(&(c.name, raw)) {
             continue;
         }
         for problem in judge(&ctx.config.images, raw) {

@@ -15,7 +15,7 @@
 //! - every change is added to the pod's own tolerations and affinity, never replacing them, and
 //!   only when missing, so reinvocation yields an empty patch.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 
 use k8s_openapi::api::core::v1::{
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodAffinityTerm,
@@ -23,13 +23,15 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use crate::config::{IsolationMode, IsolationPolicy};
+use crate::config::{ClassSpec, IsolationMode, IsolationPolicy};
 use crate::decision::{ExemptionReason, Policy};
 use crate::engine::{Context, Findings};
 use crate::fields::PodFields;
 use crate::names::{ClassName, RuntimeClassName};
+use crate::subject::Kind;
 
-const HOSTNAME_TOPOLOGY_KEY: &str = "kubernetes.io/hostname";
+/// The scheduler a pod gets when it names none.
+const DEFAULT_SCHEDULER: &str = "default-scheduler";
 const TRUE: &str = "true";
 
 /// Where a pod's class came from.
@@ -90,7 +92,14 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
                 ),
             );
         }
-        let old_tolerations = old.fields.tolerations.as_deref().unwrap_or_default();
+        // Linear in the number of tolerations: the old ones are looked up, not scanned.
+        let old_tolerations: HashSet<TolerationKey<'_>> = old
+            .fields
+            .tolerations
+            .iter()
+            .flatten()
+            .map(TolerationKey::of)
+            .collect();
         let added = ctx
             .template
             .fields
@@ -98,7 +107,7 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
             .iter()
             .flatten()
             .enumerate()
-            .filter(|(_, t)| !old_tolerations.contains(t));
+            .filter(|(_, t)| !old_tolerations.contains(&TolerationKey::of(t)));
         guard_tolerations(ctx, added, out);
         return None;
     }
@@ -113,29 +122,35 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
         );
     }
 
+    check_scheduler(ctx, out);
+
     let class = class_of(ctx, out);
-    let exemption = if ctx.template.is_daemonset_pod() {
-        Some(ExemptionReason::DaemonSet)
-    } else if ctx
-        .config
-        .exemptions
-        .ignore_annotation
-        .as_ref()
-        .is_some_and(|a| ctx.template.annotation(a.as_str()) == Some(TRUE))
-    {
-        Some(ExemptionReason::IgnoreAnnotation)
-    } else if ctx.config.exemptions.pinned_pods && pins_itself(iso, ctx) {
-        Some(ExemptionReason::PinnedPlacement)
-    } else if ctx.config.exemptions.dry_run && ctx.req.dry_run {
-        Some(ExemptionReason::DryRun)
-    } else {
-        None
-    };
+    // A class the operator forces on the namespace (its class label, isolateNamespaces) cannot
+    // be escaped by anything the tenant writes; elsewhere the tenant chose isolation and may opt
+    // out where the operator allows it.
+    let forced = matches!(
+        class,
+        Some(Some((_, Source::NamespaceLabel | Source::NamespaceDefault)))
+    );
+    let exemption = exemption(ctx, forced);
     if let Some(reason) = exemption {
         out.exempt(Policy::Isolation, reason);
     }
-    let class = match (class, exemption) {
+    let (class, source) = match (class, exemption) {
         (Some(Some((class, source))), None) => (class, source),
+        // Exempt, but still labelled: the label must be one its namespace may use, since other
+        // pods' anti-affinity reads it.
+        (Some(Some((class, Source::PodLabel))), Some(_)) => {
+            if let Some(spec) = iso.class_spec(&class) {
+                bound(ctx, &class, spec, out);
+            }
+            guard_tolerations(
+                ctx,
+                ctx.template.fields.tolerations.iter().flatten().enumerate(),
+                out,
+            );
+            return None;
+        }
         // Not isolated (or the class was refused): such a pod must not reach isolated nodes.
         _ => {
             guard_tolerations(
@@ -146,7 +161,6 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
             return None;
         }
     };
-    let (class, source) = class;
     let Some(class_spec) = iso.class_spec(&class) else {
         out.deny(
             Policy::Isolation,
@@ -154,22 +168,8 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
         );
         return None;
     };
-    if source != Source::NamespaceLabel {
-        let ns = ctx.req.namespace;
-        let empty = BTreeMap::new();
-        let labels = ctx.req.namespace_labels.unwrap_or(&empty);
-        let bound = class_spec.namespaces.iter().any(|p| p.matches(ns))
-            || class_spec
-                .namespace_selector
-                .as_ref()
-                .is_some_and(|s| s.matches(labels));
-        if !bound {
-            out.deny(
-                Policy::Isolation,
-                format!("namespace '{ns}' may not use isolation class '{class}'"),
-            );
-            return None;
-        }
+    if source != Source::NamespaceLabel && !bound(ctx, &class, class_spec, out) {
+        return None;
     }
     let target = target(ctx, &class, out);
     Some(Placement {
@@ -177,6 +177,119 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
         class,
         target,
     })
+}
+
+/// The exemption from isolation that applies, if any. Only facts a tenant cannot write decide
+/// the DaemonSet exemption: the DaemonSet template itself, or a pod the DaemonSet controller
+/// creates (`userInfo`, written by the API server; the pod's `ownerReferences` are written by
+/// whoever creates it). In a namespace whose class the operator forces, none of the exemptions a
+/// tenant can trigger applies.
+fn exemption(ctx: &Context<'_>, forced: bool) -> Option<ExemptionReason> {
+    let ex = &ctx.config.exemptions;
+    let daemonset = match ctx.template.kind {
+        Kind::DaemonSet => true,
+        Kind::Pod => {
+            ctx.req.requester.is_some_and(|r| {
+                ex.daemon_set_controllers
+                    .iter()
+                    .any(|c| c.as_str() == r.username)
+            }) && ctx.template.is_daemonset_pod()
+        }
+        _ => false,
+    };
+    if forced {
+        return None;
+    }
+    if daemonset {
+        Some(ExemptionReason::DaemonSet)
+    } else if ex
+        .ignore_annotation
+        .as_ref()
+        .is_some_and(|a| ctx.template.annotation(a.as_str()) == Some(TRUE))
+    {
+        Some(ExemptionReason::IgnoreAnnotation)
+    } else if ex.pinned_pods && pins_itself(&ctx.config.isolation, ctx) {
+        Some(ExemptionReason::PinnedPlacement)
+    } else if ex.dry_run && ctx.req.dry_run {
+        Some(ExemptionReason::DryRun)
+    } else {
+        None
+    }
+}
+
+/// Whether the pod's namespace may use `class` (recording the denial when not). A namespace
+/// whose labels moat has not seen is unknown, not unlabelled: denied, to be retried.
+fn bound(ctx: &Context<'_>, class: &ClassName, spec: &ClassSpec, out: &mut Findings) -> bool {
+    let ns = ctx.req.namespace;
+    if spec.namespaces.iter().any(|p| p.matches(ns)) {
+        return true;
+    }
+    let Some(selector) = &spec.namespace_selector else {
+        out.deny(
+            Policy::Isolation,
+            format!("namespace '{ns}' may not use isolation class '{class}'"),
+        );
+        return false;
+    };
+    let Some(labels) = ctx.req.namespace_labels else {
+        out.deny(Policy::Isolation, unknown_namespace(ns));
+        return false;
+    };
+    if selector.matches(labels) {
+        return true;
+    }
+    out.deny(
+        Policy::Isolation,
+        format!("namespace '{ns}' may not use isolation class '{class}'"),
+    );
+    false
+}
+
+fn unknown_namespace(ns: &str) -> String {
+    format!(
+        "namespace '{ns}' is not known to moat yet, and its labels decide the isolation class; retry in a moment"
+    )
+}
+
+/// A scheduler other than the allowed ones may ignore the taints that keep pods off isolated
+/// nodes.
+fn check_scheduler(ctx: &Context<'_>, out: &mut Findings) {
+    let name = ctx
+        .template
+        .spec
+        .scheduler_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_SCHEDULER);
+    let allowed = &ctx.config.isolation.scheduler_names;
+    if !allowed.iter().any(|a| a == name) {
+        out.deny(
+            Policy::Isolation,
+            format!(
+                "{}: scheduler '{name}' is not allowed (allowed: {}); another scheduler may ignore the isolation taints",
+                ctx.field("spec.schedulerName"),
+                allowed.join(", ")
+            ),
+        );
+    }
+}
+
+/// A toleration's fields, for set lookups.
+#[derive(Hash, PartialEq, Eq)]
+struct TolerationKey<'t>([Option<&'t str>; 4], Option<i64>);
+
+impl<'t> TolerationKey<'t> {
+    fn of(t: &'t Toleration) -> Self {
+        Self(
+            [
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value.as_deref(),
+                t.effect.as_deref(),
+            ],
+            t.toleration_seconds,
+        )
+    }
 }
 
 /// Checks the pod's own use of moat's node keys and chooses its target.
@@ -212,6 +325,10 @@ fn class_of(ctx: &Context<'_>, out: &mut Findings) -> Option<Option<(ClassName, 
     let pod_key = iso.pod_class_label.as_str();
     let pod_label = ctx.template.label(pod_key);
     let ns = ctx.req.namespace;
+    if iso.namespace_class_label.is_some() && ctx.req.namespace_labels.is_none() {
+        out.deny(Policy::Isolation, unknown_namespace(ns));
+        return None;
+    }
     let ns_label = iso
         .namespace_class_label
         .as_ref()
@@ -398,17 +515,31 @@ pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out:
         operator: "In".to_owned(),
         values: Some(vec![node_value.to_owned()]),
     };
-    let mut added = false;
+    // The scheduler ignores anti-affinity on a node that lacks the topology label, and a
+    // kubelet may remove labels outside node-restriction.kubernetes.io/ from its own Node: an
+    // isolated pod only goes to nodes that carry it.
+    let topology_key = iso.nodes.topology_key.as_str();
+    let topology = NodeSelectorRequirement {
+        key: topology_key.to_owned(),
+        operator: "Exists".to_owned(),
+        values: None,
+    };
+    let (mut added, mut added_topology) = (false, false);
     for term in terms.iter_mut() {
-        added |= push_unique(
-            term.match_expressions.get_or_insert_with(Vec::new),
-            requirement.clone(),
-        );
+        let expressions = term.match_expressions.get_or_insert_with(Vec::new);
+        added |= push_unique(expressions, requirement.clone());
+        added_topology |= push_unique(expressions, topology.clone());
     }
     if added {
         out.changed(
             Policy::Isolation,
             format!("require node label {label_key} in [{node_value}]"),
+        );
+    }
+    if added_topology {
+        out.changed(
+            Policy::Isolation,
+            format!("require node label {topology_key} to exist (the anti-affinity's topology)"),
         );
     }
 
@@ -441,7 +572,7 @@ pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out:
         }),
         // Empty: pods of every namespace, not only the pod's own.
         namespace_selector: Some(LabelSelector::default()),
-        topology_key: HOSTNAME_TOPOLOGY_KEY.to_owned(),
+        topology_key: topology_key.to_owned(),
         ..PodAffinityTerm::default()
     };
     let anti = affinity
