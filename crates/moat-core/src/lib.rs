@@ -32,6 +32,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod dedicated;
 pub mod engine;
 pub mod fields;
 pub mod image;

@@ -749,9 +749,25 @@ fn dedicated_node_mode_pins_by_node_selector() {
         .as_str()
         .unwrap();
     assert!(
-        id.starts_with("gold-") && id.len() == "gold-".len() + 10,
+        id.starts_with("gold-") && id.len() == "gold-".len() + 22,
         "{id}"
     );
+    // The id is the pod's namespace's: a pod of another namespace cannot claim it, one of the
+    // same namespace may name it (reinvocation, validation, sharing within a tenant).
+    let claim = |ns: &str| {
+        let mut p = labelled("gold", app("x:1"));
+        p["spec"]["nodeSelector"] = json!({"node-restriction.kubernetes.io/moat-node": id});
+        run(
+            &c,
+            &p,
+            Call {
+                ns,
+                ..Call::default()
+            },
+        )
+    };
+    assert_allowed(&claim("t"));
+    assert_denied(&claim("other"), "is a dedicated node of another namespace");
     assert!(
         d.object["spec"]["affinity"].is_null(),
         "no affinity in dedicated mode"

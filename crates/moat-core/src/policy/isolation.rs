@@ -25,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 
 use crate::config::{ClassSpec, IsolationMode, IsolationPolicy};
 use crate::decision::{ExemptionReason, Policy};
+use crate::dedicated::DedicatedNodeId;
 use crate::engine::{Context, Findings};
 use crate::fields::PodFields;
 use crate::names::{ClassName, RuntimeClassName};
@@ -293,9 +294,9 @@ impl<'t> TolerationKey<'t> {
 }
 
 /// Checks the pod's own use of moat's node keys and chooses its target.
-fn target(ctx: &Context<'_>, class: &ClassName, out: &mut Findings) -> Option<Target> {
+fn target(ctx: &Context<'_>, class_name: &ClassName, out: &mut Findings) -> Option<Target> {
     let iso = &ctx.config.isolation;
-    let class = class.as_str();
+    let class = class_name.as_str();
     let node_value = iso.nodes.label_value.as_ref().map_or(class, |v| v.as_str());
     let label_key = iso.nodes.label_key.as_str();
     if let Some(v) = ctx.template.node_selector(label_key)
@@ -310,7 +311,7 @@ fn target(ctx: &Context<'_>, class: &ClassName, out: &mut Findings) -> Option<Ta
     if iso.mode != IsolationMode::DedicatedNode {
         return Some(Target::Affinity);
     }
-    match dedicated_node(ctx, class) {
+    match dedicated_node(ctx, class_name) {
         Ok(id) => Some(Target::Dedicated(id)),
         Err(msg) => {
             out.deny(Policy::Isolation, msg);
@@ -594,36 +595,17 @@ fn push_unique<T: PartialEq>(items: &mut Vec<T>, item: T) -> bool {
     true
 }
 
-/// The dedicated node a pod is pinned to: the one already chosen (reinvocation, validation), or
-/// `<class>-<10 hex>` derived from the namespace and the request's placement seed.
-fn dedicated_node(ctx: &Context<'_>, class: &str) -> Result<String, String> {
+/// The dedicated node a pod is pinned to: the one it names, if bound to its namespace and class
+/// (reinvocation, validation, or pods of one namespace sharing a node on purpose), or a new one.
+fn dedicated_node(ctx: &Context<'_>, class: &ClassName) -> Result<String, String> {
     let key = ctx.config.isolation.dedicated_node_label.as_str();
+    let ns = ctx.req.namespace;
     if let Some(existing) = ctx.template.node_selector(key) {
-        let ok = existing
-            .strip_prefix(class)
-            .and_then(|r| r.strip_prefix('-'))
-            .is_some_and(|h| {
-                h.len() == 10
-                    && h.bytes()
-                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            });
-        return if ok {
-            Ok(existing.to_owned())
-        } else {
-            Err(format!(
-                "spec.nodeSelector['{key}']: '{existing}' is not a dedicated node of class '{class}'; moat sets this key"
-            ))
-        };
+        return DedicatedNodeId::verify(existing, ns, class)
+            .map(|id| id.to_string())
+            .map_err(|e| format!("spec.nodeSelector['{key}']: {e}; moat sets this key"));
     }
-    let hash = fnv1a64(format!("{}/{}", ctx.req.namespace, ctx.req.placement_seed).as_bytes());
-    Ok(format!("{class}-{:010x}", hash & 0xff_ffff_ffff))
-}
-
-/// FNV-1a, 64 bits: stable across releases and platforms (the id outlives a moat version).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    Ok(DedicatedNodeId::derive(ns, class, ctx.req.placement_seed).to_string())
 }
 
 fn quoted(v: Option<&str>) -> String {
