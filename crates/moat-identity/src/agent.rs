@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::annotations::{Defaults, IdentityEntry, entries_for};
+use crate::defaults;
 use crate::files::{ArtifactRoot, Artifacts, FilesError, publish};
 use crate::lock;
 use crate::metrics::{Failure, Metrics};
@@ -32,13 +33,9 @@ use crate::spiffe::pem;
 use crate::spire::{Bundles, SpireAgent, Svid, select_svid};
 use crate::ttrpc::{Code, RpcStatus};
 
-/// Default longest wait for a container's first SVID.
-pub const DEFAULT_SVID_WAIT: Duration = Duration::from_millis(1500);
 /// Kept free between the SVID wait and the runtime's request timeout, to write files and answer:
 /// a plugin that misses the timeout is disconnected and the container starts without it.
 pub const ANSWER_MARGIN: Duration = Duration::from_millis(300);
-/// The runtime's request timeout when Configure does not say (containerd's default).
-pub const DEFAULT_RUNTIME_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and longest pause before re-subscribing after a broken SVID stream.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -139,7 +136,7 @@ impl Agent {
                 root: ArtifactRoot::new(artifact_root)?,
                 svid_wait,
                 metrics,
-                request_timeout: Mutex::new(DEFAULT_RUNTIME_REQUEST_TIMEOUT),
+                request_timeout: Mutex::new(defaults::RUNTIME_REQUEST_TIMEOUT),
                 spire: Mutex::default(),
                 containers: Mutex::default(),
                 sync_pending: Mutex::default(),

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
+use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::defaults;
 use moat_identity::doubles::runtime::{PluginConn, RuntimeDouble, Style};
 use moat_identity::doubles::spire::{Mode, SpireDouble};
 use moat_identity::metrics::Metrics;
@@ -56,7 +57,7 @@ fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
             ..Defaults::default()
         },
         artifact_root: dir.join("artifacts"),
-        svid_wait: DEFAULT_SVID_WAIT,
+        svid_wait: defaults::SVID_WAIT,
     };
     Agent::new(config, Metrics::register(registry)).unwrap()
 }
@@ -68,7 +69,7 @@ async fn connect(
 ) -> (PluginConn, tokio::task::JoinHandle<Result<(), PluginError>>) {
     let options = PluginOptions {
         socket: socket.to_owned(),
-        name: "moat-identity".into(),
+        name: defaults::PLUGIN_NAME.into(),
         index: "10".parse().unwrap(),
     };
     let task = tokio::spawn(plugin::run(agent.clone(), options, std::future::pending()));

@@ -22,8 +22,9 @@ use k8s_cri::v1::{
     PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
-use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
+use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::defaults;
 use moat_identity::doubles::spire::SpireDouble;
 use moat_identity::metrics::Metrics;
 use moat_identity::plugin::{self, PluginOptions};
@@ -177,7 +178,7 @@ async fn start_agent(
                 ..Defaults::default()
             },
             artifact_root: artifacts.to_owned(),
-            svid_wait: DEFAULT_SVID_WAIT,
+            svid_wait: defaults::SVID_WAIT,
         },
         Metrics::register(&mut registry),
     )
@@ -186,7 +187,7 @@ async fn start_agent(
         agent.clone(),
         PluginOptions {
             socket: dir.join("nri.sock"),
-            name: "moat-identity".into(),
+            name: defaults::PLUGIN_NAME.into(),
             index: "10".parse().unwrap(),
         },
         std::future::pending(),

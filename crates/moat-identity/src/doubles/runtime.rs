@@ -24,7 +24,7 @@ use crate::proto::nri::{
 use crate::ttrpc::{CallError, Code, Handler, HandlerFuture, Peer, RpcStatus};
 
 /// containerd's default NRI request timeout.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT: Duration = crate::defaults::RUNTIME_REQUEST_TIMEOUT;
 
 /// How lifecycle events reach the plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
