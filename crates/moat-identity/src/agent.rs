@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::annotations::{Defaults, IdentityEntry, entries_for};
+use crate::backoff::Backoff;
 use crate::defaults;
 use crate::files::{ArtifactRoot, Artifacts, FilesError, publish};
 use crate::lock;
@@ -37,7 +38,7 @@ use crate::ttrpc::{Code, RpcStatus};
 /// a plugin that misses the timeout is disconnected and the container starts without it.
 pub const ANSWER_MARGIN: Duration = Duration::from_millis(300);
 /// First and longest pause before re-subscribing after a broken SVID stream.
-const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The events the agent subscribes to: bit `e - 1` for each event `e`.
@@ -557,7 +558,7 @@ impl Follower {
         let mut bundles = self.spire.bundles();
         let mut current: Option<Svid> = None;
         let mut published = Published::default();
-        let mut pause = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         loop {
             let status = match self.spire.subscribe(self.pid).await {
                 Err(status) => status,
@@ -565,7 +566,7 @@ impl Follower {
                     tokio::select! {
                         message = stream.message() => match message {
                             Ok(Some(answer)) => {
-                                pause = RETRY_MIN;
+                                backoff.reset();
                                 match select_svid(&answer, self.entry.spiffe_id.as_ref()) {
                                     // Not attested yet: the agent answers again when it can.
                                     Ok(None) => {
@@ -608,8 +609,7 @@ impl Follower {
                     let _ = first.send(Err((reason, last_error)));
                 }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RETRY_MAX);
+            tokio::time::sleep(backoff.next_pause()).await;
         }
     }
 

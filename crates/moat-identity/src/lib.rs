@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod annotations;
+mod backoff;
 pub mod defaults;
 #[cfg(feature = "doubles")]
 pub mod doubles;

@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::backoff::Backoff;
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 // prost's case conversion spells the "X509SVIDs" messages this way.
 pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
@@ -25,7 +26,7 @@ use crate::spiffe::{DerError, SpiffeId, pem, split_certificates, uri_sans};
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// First and longest pause before re-opening a broken bundle stream.
-const BUNDLE_RETRY_MIN: Duration = Duration::from_millis(100);
+const BUNDLE_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUNDLE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Trust bundles by trust domain ID (`spiffe://example.org`), each a list of DER certificates.
@@ -230,7 +231,7 @@ async fn follow_bundles(
     retry_now: Arc<tokio::sync::Notify>,
     on_error: impl Fn(&tonic::Status),
 ) {
-    let mut pause = BUNDLE_RETRY_MIN;
+    let mut backoff = Backoff::new(BUNDLE_RETRY_FIRST, BUNDLE_RETRY_MAX);
     loop {
         let status = match client
             .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
@@ -242,7 +243,7 @@ async fn follow_bundles(
                 loop {
                     match stream.message().await {
                         Ok(Some(answer)) => {
-                            pause = BUNDLE_RETRY_MIN;
+                            backoff.reset();
                             let mut bundles = Bundles::default();
                             for (td, der) in answer.ca_certificates {
                                 match split_certificates(&der) {
@@ -266,9 +267,8 @@ async fn follow_bundles(
         on_error(&status);
         tracing::warn!(code = ?status.code(), message = status.message(), "SPIRE bundle stream broken; reopening");
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
             () = retry_now.notified() => {}
         }
-        pause = (pause * 2).min(BUNDLE_RETRY_MAX);
     }
 }
