@@ -21,7 +21,7 @@ pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
 use crate::proto::delegated::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
 };
-use crate::spiffe::{DerError, SpiffeId, pem, split_certificates, uri_sans};
+use crate::spiffe::{ChainError, SpiffeId, check_chain, pem, split_certificates};
 
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -80,14 +80,10 @@ impl std::fmt::Debug for Svid {
 pub enum SvidError {
     #[error("the SPIRE agent issued {got:?}, not the expected {expected}")]
     NotIssued { expected: String, got: Vec<String> },
-    #[error("the SVID has no certificate")]
-    EmptyChain,
     #[error("the SVID has no private key")]
     EmptyKey,
-    #[error("the SVID's leaf certificate cannot be read: {0}")]
-    Der(#[from] DerError),
-    #[error("the SVID's leaf certificate carries {0:?}, not one SPIFFE ID")]
-    BadSan(Vec<String>),
+    #[error("the SVID's certificate chain: {0}")]
+    Chain(#[from] ChainError),
     #[error("the SVID is labelled {label} but its certificate says {cert}")]
     IdMismatch { label: String, cert: String },
 }
@@ -106,12 +102,7 @@ pub fn select_svid(
         let Some(svid) = &with_key.x509_svid else {
             continue;
         };
-        let leaf = svid.cert_chain.first().ok_or(SvidError::EmptyChain)?;
-        let sans = uri_sans(leaf)?;
-        let [san] = sans.as_slice() else {
-            return Err(SvidError::BadSan(sans));
-        };
-        let id: SpiffeId = san.parse().map_err(|_| SvidError::BadSan(sans.clone()))?;
+        let id = check_chain(&svid.cert_chain)?;
         if let Some(label) = &svid.id {
             let label = format!("spiffe://{}{}", label.trust_domain, label.path);
             if label != id.as_str() {

@@ -145,16 +145,8 @@ fn container(id: &str, name: &str, pid: u32) -> Container {
 const WEB: &str = "identity.noderesource.dev/container.web";
 
 fn spiffe_id_of(pem: &str) -> String {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .unwrap();
-    uri_sans(&der).unwrap().remove(0)
+    let leaf = pem::parse(pem).unwrap();
+    uri_sans(leaf.contents()).unwrap().remove(0)
 }
 
 fn pem_blocks(pem: &str) -> usize {
