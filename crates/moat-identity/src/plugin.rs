@@ -1,13 +1,16 @@
 //! The plugin's side of the NRI socket: connect, register, answer the runtime's calls, and end
 //! when the runtime goes away (the agent's supervisor restarts it, and Synchronize rebuilds its
 //! state).
+//!
+//! This is the edge between the wire and the agent: calls arrive typed through the generated
+//! `plugin_ttrpc::Server` trait, NRI's messages become the agent's own types ([`Pod`],
+//! [`ContainerInfo`]), and an [`AgentError`] becomes the ttrpc status the runtime shows.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::net::UnixStream;
 
 use crate::agent::{Agent, AgentError, BIND_MOUNT_OPTIONS, ContainerInfo, IdentityMount, Pod};
@@ -20,13 +23,10 @@ use crate::proto::nri::{
     StartContainerResponse, StateChangeEvent, StopContainerRequest, StopContainerResponse,
     SynchronizeRequest, SynchronizeResponse,
 };
+use crate::proto::nri::{plugin_ttrpc, runtime_ttrpc};
 use crate::ttrpc::{self, Code, Handler, HandlerFuture, NoService, Peer, RpcStatus};
 use crate::{AbortOnDrop, lock};
 
-/// The runtime's service (the plugin calls it).
-pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";
-/// The plugin's service (the runtime calls it).
-pub const PLUGIN_SERVICE: &str = "nri.pkg.api.v1alpha1.Plugin";
 /// How long registration may take.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,6 +109,7 @@ pub async fn run(
     let conns = mux::split(stream);
     let (_server, served) = Peer::start(conns.plugin_service, Arc::new(Dispatch::new(agent)));
     let (client, client_task) = Peer::start(conns.runtime_service, Arc::new(NoService));
+    let runtime = runtime_ttrpc::Client::new(client);
     // However run() ends (returned or dropped), the connection closes with it.
     let _guard = AbortOnDrop(vec![served.abort_handle(), client_task.abort_handle()]);
     let register = RegisterPluginRequest {
@@ -116,12 +117,7 @@ pub async fn run(
         plugin_idx: index.to_string(),
         nri_version: String::new(),
     };
-    let registered = client.call::<_, Empty>(
-        RUNTIME_SERVICE,
-        "RegisterPlugin",
-        &register,
-        REGISTRATION_TIMEOUT,
-    );
+    let registered = runtime.register_plugin(&register, REGISTRATION_TIMEOUT);
     let mut done = conns.done;
     let _done_guard = AbortOnDrop(vec![done.abort_handle()]);
     tokio::select! {
@@ -223,7 +219,7 @@ impl Dispatch {
         }
     }
 
-    fn configure(&self, request: &ConfigureRequest) -> ConfigureResponse {
+    fn configure_agent(&self, request: &ConfigureRequest) -> ConfigureResponse {
         let timeout = u64::try_from(request.request_timeout)
             .ok()
             .map(Duration::from_millis);
@@ -240,7 +236,7 @@ impl Dispatch {
         }
     }
 
-    fn synchronize(&self, request: SynchronizeRequest) -> SynchronizeResponse {
+    fn synchronize_agent(&self, request: SynchronizeRequest) -> SynchronizeResponse {
         let whole = {
             let mut pending = lock(&self.sync_pending);
             pending.pods.extend(request.pods);
@@ -266,7 +262,7 @@ impl Dispatch {
         }
     }
 
-    fn create_container(
+    fn create_container_agent(
         &self,
         request: CreateContainerRequest,
     ) -> Result<CreateContainerResponse, RpcStatus> {
@@ -286,7 +282,7 @@ impl Dispatch {
         })
     }
 
-    async fn start_container(
+    async fn start_container_agent(
         &self,
         pod_sandbox: Option<PodSandbox>,
         ctr: Option<Container>,
@@ -298,112 +294,146 @@ impl Dispatch {
     }
 }
 
-fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, RpcStatus> {
-    M::decode(payload)
-        .map_err(|e| RpcStatus::new(Code::InvalidArgument, format!("undecodable request: {e}")))
+impl Dispatch {
+    /// Runs one call, counting it and its duration under `call`.
+    async fn counted<T>(
+        &self,
+        call: Call,
+        answer: impl Future<Output = Result<T, RpcStatus>>,
+    ) -> Result<T, RpcStatus> {
+        let started = Instant::now();
+        let result = answer.await;
+        let metrics = self.agent.metrics();
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics
+            .calls
+            .get_or_create(&CallLabels {
+                call,
+                result: outcome,
+            })
+            .inc();
+        metrics
+            .call_duration
+            .get_or_create(&CallOnlyLabels { call })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
 }
 
 impl Handler for Dispatch {
     fn handle(&self, service: &str, method: &str, payload: Vec<u8>) -> HandlerFuture {
-        if service != PLUGIN_SERVICE {
-            let status = RpcStatus::new(Code::Unimplemented, format!("{service} is not served"));
-            return Box::pin(async move { Err(status) });
-        }
         let this = self.clone();
-        let method = method.to_owned();
+        let method = plugin_ttrpc::Method::route(service, method);
         Box::pin(async move {
-            let started = Instant::now();
-            let (call, result) = dispatch(&this, &method, &payload).await;
-            let metrics = this.agent.metrics();
-            let outcome = if result.is_ok() { "ok" } else { "error" };
-            metrics
-                .calls
-                .get_or_create(&CallLabels {
-                    call,
-                    result: outcome,
-                })
-                .inc();
-            metrics
-                .call_duration
-                .get_or_create(&CallOnlyLabels { call })
-                .observe(started.elapsed().as_secs_f64());
-            result
+            match method {
+                Ok(method) => plugin_ttrpc::serve(&this, method, &payload).await,
+                Err(status) => this.counted(Call::other, async { Err(status) }).await,
+            }
         })
     }
 }
 
-async fn dispatch(d: &Dispatch, method: &str, payload: &[u8]) -> (Call, ttrpc::HandlerResult) {
-    match method {
-        "Configure" => (
-            Call::configure,
-            decode::<ConfigureRequest>(payload).map(|r| d.configure(&r).encode_to_vec()),
-        ),
-        "Synchronize" => (
-            Call::synchronize,
-            decode::<SynchronizeRequest>(payload).map(|r| d.synchronize(r).encode_to_vec()),
-        ),
-        "CreateContainer" => (
-            Call::create_container,
-            decode::<CreateContainerRequest>(payload)
-                .and_then(|r| d.create_container(r))
-                .map(|a| a.encode_to_vec()),
-        ),
-        "StartContainer" => (
-            Call::start_container,
-            match decode::<StartContainerRequest>(payload) {
-                Ok(r) => d
-                    .start_container(r.pod, r.container)
-                    .await
-                    .map(|()| StartContainerResponse {}.encode_to_vec()),
-                Err(e) => Err(e),
-            },
-        ),
-        "StopContainer" => (
-            Call::stop_container,
-            decode::<StopContainerRequest>(payload).map(|r| {
-                d.agent.stop_container(&container(r.container).id);
-                StopContainerResponse::default().encode_to_vec()
-            }),
-        ),
-        "RemoveContainer" => (
-            Call::remove_container,
-            decode::<RemoveContainerRequest>(payload).map(|r| {
-                d.agent.remove_container(&container(r.container).id);
-                RemoveContainerResponse {}.encode_to_vec()
-            }),
-        ),
-        // containerd 1.7 (NRI before the dedicated calls) sends the other events here.
-        "StateChange" => match decode::<StateChangeEvent>(payload) {
-            Err(e) => (Call::other, Err(e)),
-            Ok(event) => match Event::try_from(event.event) {
-                Ok(Event::StartContainer) => (
-                    Call::start_container,
-                    d.start_container(event.pod, event.container)
+/// The runtime's calls, typed by the generated service code; each is counted under its call.
+impl plugin_ttrpc::Server for Dispatch {
+    async fn configure(&self, request: ConfigureRequest) -> Result<ConfigureResponse, RpcStatus> {
+        self.counted(Call::configure, async {
+            Ok(self.configure_agent(&request))
+        })
+        .await
+    }
+
+    async fn synchronize(
+        &self,
+        request: SynchronizeRequest,
+    ) -> Result<SynchronizeResponse, RpcStatus> {
+        self.counted(Call::synchronize, async {
+            Ok(self.synchronize_agent(request))
+        })
+        .await
+    }
+
+    async fn shutdown(&self, _: Empty) -> Result<Empty, RpcStatus> {
+        tracing::info!("the runtime is shutting down");
+        self.counted(Call::other, async { Ok(Empty {}) }).await
+    }
+
+    async fn create_container(
+        &self,
+        request: CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, RpcStatus> {
+        self.counted(Call::create_container, async {
+            self.create_container_agent(request)
+        })
+        .await
+    }
+
+    async fn start_container(
+        &self,
+        request: StartContainerRequest,
+    ) -> Result<StartContainerResponse, RpcStatus> {
+        self.counted(Call::start_container, async {
+            self.start_container_agent(request.pod, request.container)
+                .await
+                .map(|()| StartContainerResponse {})
+        })
+        .await
+    }
+
+    async fn stop_container(
+        &self,
+        request: StopContainerRequest,
+    ) -> Result<StopContainerResponse, RpcStatus> {
+        self.counted(Call::stop_container, async {
+            self.agent.stop_container(&container(request.container).id);
+            Ok(StopContainerResponse::default())
+        })
+        .await
+    }
+
+    async fn remove_container(
+        &self,
+        request: RemoveContainerRequest,
+    ) -> Result<RemoveContainerResponse, RpcStatus> {
+        self.counted(Call::remove_container, async {
+            self.agent
+                .remove_container(&container(request.container).id);
+            Ok(RemoveContainerResponse {})
+        })
+        .await
+    }
+
+    /// containerd 1.7 (NRI before the dedicated calls) sends the other events here.
+    async fn state_change(&self, event: StateChangeEvent) -> Result<Empty, RpcStatus> {
+        let StateChangeEvent {
+            event,
+            pod,
+            container: ctr,
+        } = event;
+        match Event::try_from(event) {
+            Ok(Event::StartContainer) => {
+                self.counted(Call::start_container, async {
+                    self.start_container_agent(pod, ctr)
                         .await
-                        .map(|()| Empty {}.encode_to_vec()),
-                ),
-                Ok(Event::StopContainer) => {
-                    d.agent.stop_container(&container(event.container).id);
-                    (Call::stop_container, Ok(Empty {}.encode_to_vec()))
-                }
-                Ok(Event::RemoveContainer) => {
-                    d.agent.remove_container(&container(event.container).id);
-                    (Call::remove_container, Ok(Empty {}.encode_to_vec()))
-                }
-                _ => (Call::other, Ok(Empty {}.encode_to_vec())),
-            },
-        },
-        "Shutdown" => {
-            tracing::info!("the runtime is shutting down");
-            (Call::other, Ok(Empty {}.encode_to_vec()))
+                        .map(|()| Empty {})
+                })
+                .await
+            }
+            Ok(Event::StopContainer) => {
+                self.counted(Call::stop_container, async {
+                    self.agent.stop_container(&container(ctr).id);
+                    Ok(Empty {})
+                })
+                .await
+            }
+            Ok(Event::RemoveContainer) => {
+                self.counted(Call::remove_container, async {
+                    self.agent.remove_container(&container(ctr).id);
+                    Ok(Empty {})
+                })
+                .await
+            }
+            _ => self.counted(Call::other, async { Ok(Empty {}) }).await,
         }
-        other => (
-            Call::other,
-            Err(RpcStatus::new(
-                Code::Unimplemented,
-                format!("{PLUGIN_SERVICE}/{other}"),
-            )),
-        ),
     }
 }
 
@@ -415,6 +445,28 @@ mod tests {
     fn subscribes_to_exactly_the_events_it_handles() {
         // CREATE_CONTAINER=4, START_CONTAINER=6, STOP_CONTAINER=10, REMOVE_CONTAINER=11.
         assert_eq!(event_mask(), (1 << 3) | (1 << 5) | (1 << 9) | (1 << 10));
+    }
+
+    #[test]
+    fn calls_route_by_the_generated_method_table_and_nothing_else() {
+        use plugin_ttrpc::{Method, SERVICE};
+        assert_eq!(SERVICE, "nri.pkg.api.v1alpha1.Plugin");
+        for method in Method::ALL {
+            assert_eq!(Method::route(SERVICE, method.name()), Ok(method));
+        }
+        assert_eq!(
+            Method::route(SERVICE, "StartContainer"),
+            Ok(Method::StartContainer)
+        );
+        for (service, method) in [
+            (SERVICE, "UpdateContainer"),
+            (SERVICE, "startcontainer"),
+            (runtime_ttrpc::SERVICE, "StartContainer"),
+        ] {
+            let status = Method::route(service, method).unwrap_err();
+            assert_eq!(status.code, Code::Unimplemented as i32);
+            assert_eq!(status.message, format!("{service}/{method}"));
+        }
     }
 
     #[test]
