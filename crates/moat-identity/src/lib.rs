@@ -17,6 +17,7 @@ pub mod defaults;
 pub mod doubles;
 pub mod files;
 pub mod metrics;
+pub mod metrics_server;
 pub mod mux;
 pub mod plugin;
 pub mod proto;

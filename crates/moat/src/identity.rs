@@ -10,6 +10,7 @@ use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
 use moat_identity::defaults;
 use moat_identity::metrics::Metrics;
+use moat_identity::metrics_server;
 use moat_identity::plugin::{self, PluginIndex, PluginOptions};
 use prometheus_client::registry::Registry;
 
@@ -118,10 +119,8 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         let listener = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
-        let app = moat_server::metrics_router(Arc::new(registry))
-            .route("/healthz", axum::routing::get(|| async { "ok" }));
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = metrics_server::serve(listener, Arc::new(registry)).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
