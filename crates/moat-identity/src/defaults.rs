@@ -2,7 +2,7 @@
 //!
 //! One place for every default path and port: the agent's annotation defaults, the
 //! `moat identity-agent` flags and the DaemonSet `moat install --identity-agent` writes all read
-//! these, so a node path can never differ between the agent and its manifest.
+//! these, so their defaults cannot drift apart.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -457,6 +457,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_beyond_the_concurrency_bound_are_refused_not_queued() {
+        let (client, _server) = pair();
+        let slow: Vec<_> = (0..MAX_CONCURRENT_REQUESTS)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    client
+                        .call::<_, Empty>("test.Svc", "Slow", &Empty {}, Duration::from_secs(10))
+                        .await
+                })
+            })
+            .collect();
+        // Every slow call is in its handler before the next one arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let err = client
+            .call::<_, Empty>("test.Svc", "Slow", &Empty {}, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CallError::Status(RpcStatus { code: 8, .. })),
+            "RESOURCE_EXHAUSTED, got {err}"
+        );
+        for call in slow {
+            call.abort();
+        }
+    }
+
+    #[tokio::test]
     async fn calls_fail_when_the_connection_closes() {
         let (a, b) = tokio::io::duplex(1024);
         let (client, task) = Peer::start(a, Arc::new(NoService));
