@@ -4,7 +4,7 @@
 use std::path::Component;
 
 use moat_identity::annotations::{Defaults, parse};
-use moat_identity::spiffe::{SpiffeId, split_certificates, uri_sans};
+use moat_identity::spiffe::{SpiffeId, check_chain, pem, split_certificates, uri_sans};
 
 /// Annotations: any value is an entry list or an error, never a panic; every accepted entry
 /// keeps its paths absolute and inside no `..`, and its file names plain.
@@ -40,13 +40,25 @@ pub(crate) fn annotation(data: &[u8]) {
     }
 }
 
-/// DER: splitting never panics, and the pieces put back together are the input; reading URI
-/// SANs never panics.
+/// DER: splitting never panics, and the pieces put back together are the input; each piece
+/// printed as PEM reads back as itself; reading URI SANs and checking the pieces as an SVID
+/// chain never panic, and a chain that passes names a SPIFFE ID that parses back to itself.
 pub(crate) fn der(data: &[u8]) {
     if let Ok(parts) = split_certificates(data) {
         assert_eq!(parts.concat(), data);
-        for part in parts {
+        let printed = pem("CERTIFICATE", &parts);
+        let read: Vec<Vec<u8>> = ::pem::parse_many(&printed)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(::pem::Pem::into_contents)
+            .collect();
+        assert_eq!(read, parts);
+        for part in &parts {
             let _ = uri_sans(part);
+        }
+        if let Ok(id) = check_chain(&parts) {
+            let again: SpiffeId = id.as_str().parse().unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_eq!(again, id);
         }
     }
     let _ = uri_sans(data);

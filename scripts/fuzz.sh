@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 60): image references, the configuration
-# loader, the whole decision, the identity agent's annotations and its DER reader. Installs cargo-fuzz when missing. A crash leaves its input in
+# loader, the whole decision, the identity agent's annotations and its certificate reading
+# (x509-parser). Installs cargo-fuzz when missing. A crash leaves its input in
 # fuzz/artifacts/<target>/ and fails the script; copy it to fuzz/seeds/<target>/ so the
 # regression tests (crates/moat-core/tests/fuzz_seeds.rs, crates/moat-identity/tests/fuzz_seeds.rs)
 # replay it on every test run.

@@ -5,8 +5,9 @@
 #
 # Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
 # the identity agent's end-to-end test, and protoc for the CRI client that test uses. Then
-# builds the test images, starts a containerd of its own under a temporary directory, and runs
-# the whole suite with MOAT_E2E_CONTAINERD_DIR pointing at it.
+# builds the test images, starts a containerd of its own under a temporary directory, runs the
+# whole suite, then the identity agent's end-to-end test (ignored in a plain `cargo test`) with
+# MOAT_E2E_CONTAINERD_DIR pointing at that containerd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== tests"
-MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" cargo test --workspace --locked
+cargo test --workspace --locked
+echo "== identity agent on a real containerd"
+MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" \
+  cargo test -p moat-identity --locked --test e2e_containerd -- --ignored

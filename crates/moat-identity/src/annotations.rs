@@ -23,6 +23,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::defaults::{
+    CERT_DIR, SPIRE_ADMIN_SOCKET, SVID_BUNDLE_FILE_NAME, SVID_FILE_NAME, SVID_KEY_FILE_NAME,
+};
 use crate::spiffe::{SpiffeId, SpiffeIdError};
 
 /// Prefix of the per-container key; the container's name follows.
@@ -51,9 +54,9 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Self {
         Self {
-            spire_agent_address: PathBuf::from("/run/spire/admin/admin.sock"),
+            spire_agent_address: PathBuf::from(SPIRE_ADMIN_SOCKET),
             allowed_spire_agent_addresses: BTreeSet::new(),
-            cert_dir: PathBuf::from("/var/run/secrets/spiffe.io"),
+            cert_dir: PathBuf::from(CERT_DIR),
         }
     }
 }
@@ -286,10 +289,14 @@ fn validate(
             })
         }
     };
-    let svid_file_name = file_name("svid_file_name", svid_file_name, "svid.pem")?;
-    let svid_key_file_name = file_name("svid_key_file_name", svid_key_file_name, "svid_key.pem")?;
-    let svid_bundle_file_name =
-        file_name("svid_bundle_file_name", svid_bundle_file_name, "bundle.pem")?;
+    let svid_file_name = file_name("svid_file_name", svid_file_name, SVID_FILE_NAME)?;
+    let svid_key_file_name =
+        file_name("svid_key_file_name", svid_key_file_name, SVID_KEY_FILE_NAME)?;
+    let svid_bundle_file_name = file_name(
+        "svid_bundle_file_name",
+        svid_bundle_file_name,
+        SVID_BUNDLE_FILE_NAME,
+    )?;
     if svid_file_name == svid_key_file_name
         || svid_file_name == svid_bundle_file_name
         || svid_key_file_name == svid_bundle_file_name

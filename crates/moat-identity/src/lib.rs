@@ -2,17 +2,22 @@
 //! SPIFFE X.509 SVID, on disk before the container's first instruction runs, with no sidecar.
 //!
 //! The data path, in module order: [`mux`] splits the NRI socket into its two connections,
-//! [`ttrpc`] carries calls over them, [`plugin`] registers with the runtime and dispatches its
-//! calls to [`agent`], which reads [`annotations`], mounts a per-container directory, and on
+//! [`ttrpc`] carries calls over them, [`plugin`] registers with the runtime and converts its
+//! calls (typed by code generated from NRI's service definitions, see [`proto`]) for
+//! [`agent`], which reads [`annotations`], mounts a per-container directory, and on
 //! StartContainer asks the SPIRE agent ([`spire`]) for the SVID of the container's PID and
-//! publishes it with [`files`]. [`metrics`] counts what happens.
+//! publishes it with [`files`]. [`metrics`] counts what happens and [`metrics_server`] serves
+//! it; [`defaults`] holds every default path and port.
 
 pub mod agent;
 pub mod annotations;
+mod backoff;
+pub mod defaults;
 #[cfg(feature = "doubles")]
 pub mod doubles;
 pub mod files;
 pub mod metrics;
+pub mod metrics_server;
 pub mod mux;
 pub mod plugin;
 pub mod proto;

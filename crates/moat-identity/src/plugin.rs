@@ -1,30 +1,32 @@
 //! The plugin's side of the NRI socket: connect, register, answer the runtime's calls, and end
 //! when the runtime goes away (the agent's supervisor restarts it, and Synchronize rebuilds its
 //! state).
+//!
+//! This is the edge between the wire and the agent: calls arrive typed through the generated
+//! `plugin_ttrpc::Server` trait, NRI's messages become the agent's own types ([`Pod`],
+//! [`ContainerInfo`]), and an [`AgentError`] becomes the ttrpc status the runtime shows.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::net::UnixStream;
 
-use crate::AbortOnDrop;
-use crate::agent::Agent;
+use crate::agent::{Agent, AgentError, BIND_MOUNT_OPTIONS, ContainerInfo, IdentityMount, Pod};
 use crate::metrics::{Call, CallLabels, CallOnlyLabels};
 use crate::mux;
 use crate::proto::nri::{
-    ConfigureRequest, CreateContainerRequest, Empty, Event, RegisterPluginRequest,
-    RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest, StartContainerResponse,
-    StateChangeEvent, StopContainerRequest, StopContainerResponse, SynchronizeRequest,
+    ConfigureRequest, ConfigureResponse, Container, ContainerAdjustment, ContainerState,
+    CreateContainerRequest, CreateContainerResponse, Empty, Event, Mount, PodSandbox,
+    RegisterPluginRequest, RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest,
+    StartContainerResponse, StateChangeEvent, StopContainerRequest, StopContainerResponse,
+    SynchronizeRequest, SynchronizeResponse,
 };
+use crate::proto::nri::{plugin_ttrpc, runtime_ttrpc};
 use crate::ttrpc::{self, Code, Handler, HandlerFuture, NoService, Peer, RpcStatus};
+use crate::{AbortOnDrop, lock};
 
-/// The runtime's service (the plugin calls it).
-pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";
-/// The plugin's service (the runtime calls it).
-pub const PLUGIN_SERVICE: &str = "nri.pkg.api.v1alpha1.Plugin";
 /// How long registration may take.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -105,8 +107,9 @@ pub async fn run(
             source,
         })?;
     let conns = mux::split(stream);
-    let (_server, served) = Peer::start(conns.plugin_service, Arc::new(Dispatch { agent }));
+    let (_server, served) = Peer::start(conns.plugin_service, Arc::new(Dispatch::new(agent)));
     let (client, client_task) = Peer::start(conns.runtime_service, Arc::new(NoService));
+    let runtime = runtime_ttrpc::Client::new(client);
     // However run() ends (returned or dropped), the connection closes with it.
     let _guard = AbortOnDrop(vec![served.abort_handle(), client_task.abort_handle()]);
     let register = RegisterPluginRequest {
@@ -114,12 +117,7 @@ pub async fn run(
         plugin_idx: index.to_string(),
         nri_version: String::new(),
     };
-    let registered = client.call::<_, Empty>(
-        RUNTIME_SERVICE,
-        "RegisterPlugin",
-        &register,
-        REGISTRATION_TIMEOUT,
-    );
+    let registered = runtime.register_plugin(&register, REGISTRATION_TIMEOUT);
     let mut done = conns.done;
     let _done_guard = AbortOnDrop(vec![done.abort_handle()]);
     tokio::select! {
@@ -141,141 +139,400 @@ fn ended(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> PluginE
     }
 }
 
-/// Decodes the runtime's calls and hands them to the agent.
-#[derive(Debug, Clone)]
-pub struct Dispatch {
-    /// The agent that answers.
-    pub agent: Agent,
+/// The events the agent subscribes to: bit `e - 1` for each event `e`.
+#[must_use]
+pub fn event_mask() -> i32 {
+    [
+        Event::CreateContainer,
+        Event::StartContainer,
+        Event::StopContainer,
+        Event::RemoveContainer,
+    ]
+    .iter()
+    .fold(0, |mask, e| mask | 1 << (*e as i32 - 1))
 }
 
-fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, RpcStatus> {
-    M::decode(payload)
-        .map_err(|e| RpcStatus::new(Code::InvalidArgument, format!("undecodable request: {e}")))
+/// The pod as the agent sees it (moved, not copied, out of the request).
+fn pod(p: Option<PodSandbox>) -> Pod {
+    let PodSandbox {
+        id,
+        name,
+        namespace,
+        annotations,
+        ..
+    } = p.unwrap_or_default();
+    Pod {
+        id,
+        namespace,
+        name,
+        annotations,
+    }
+}
+
+/// The container as the agent sees it.
+fn container(c: Option<Container>) -> ContainerInfo {
+    let c = c.unwrap_or_default();
+    ContainerInfo {
+        running: c.state == ContainerState::ContainerRunning as i32,
+        id: c.id,
+        pod_id: c.pod_sandbox_id,
+        name: c.name,
+        pid: c.pid,
+    }
+}
+
+fn mount(m: IdentityMount) -> Mount {
+    Mount {
+        destination: m.destination.display().to_string(),
+        r#type: "bind".to_owned(),
+        source: m.source.display().to_string(),
+        options: BIND_MOUNT_OPTIONS.map(str::to_owned).to_vec(),
+    }
+}
+
+/// The status the runtime shows for an agent's refusal (its message ends up in the container's
+/// creation or start error).
+fn status(error: &AgentError) -> RpcStatus {
+    let code = match error {
+        AgentError::Annotation(_) => Code::InvalidArgument,
+        AgentError::Directory(_) => Code::Internal,
+        AgentError::NoSvid { .. } => Code::FailedPrecondition,
+    };
+    RpcStatus::new(code, error.to_string())
+}
+
+/// Decodes the runtime's calls, converts them for the agent, and its answers back.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    agent: Agent,
+    /// Synchronize chunks received so far (`more` set): the agent sees the whole list at once.
+    sync_pending: Arc<std::sync::Mutex<SynchronizeRequest>>,
+}
+
+impl Dispatch {
+    /// Dispatches to `agent`.
+    #[must_use]
+    pub fn new(agent: Agent) -> Self {
+        Self {
+            agent,
+            sync_pending: Arc::default(),
+        }
+    }
+
+    fn configure_agent(&self, request: &ConfigureRequest) -> ConfigureResponse {
+        let timeout = u64::try_from(request.request_timeout)
+            .ok()
+            .map(Duration::from_millis);
+        self.agent.configure(timeout);
+        tracing::info!(
+            runtime = %request.runtime_name,
+            version = %request.runtime_version,
+            request_timeout_ms = request.request_timeout,
+            "configured by the runtime"
+        );
+        ConfigureResponse {
+            events: event_mask(),
+            request_timeout: 0,
+        }
+    }
+
+    fn synchronize_agent(&self, request: SynchronizeRequest) -> SynchronizeResponse {
+        let whole = {
+            let mut pending = lock(&self.sync_pending);
+            pending.pods.extend(request.pods);
+            pending.containers.extend(request.containers);
+            if request.more {
+                return SynchronizeResponse {
+                    update: Vec::new(),
+                    more: true,
+                };
+            }
+            std::mem::take(&mut *pending)
+        };
+        let pods: Vec<Pod> = whole.pods.into_iter().map(|p| pod(Some(p))).collect();
+        let containers: Vec<ContainerInfo> = whole
+            .containers
+            .into_iter()
+            .map(|c| container(Some(c)))
+            .collect();
+        self.agent.synchronize(&pods, &containers);
+        SynchronizeResponse {
+            update: Vec::new(),
+            more: false,
+        }
+    }
+
+    fn create_container_agent(
+        &self,
+        request: CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, RpcStatus> {
+        let mounts = self
+            .agent
+            .create_container(&pod(request.pod), &container(request.container))
+            .map_err(|e| status(&e))?;
+        if mounts.is_empty() {
+            return Ok(CreateContainerResponse::default());
+        }
+        Ok(CreateContainerResponse {
+            adjust: Some(ContainerAdjustment {
+                annotations: std::collections::HashMap::new(),
+                mounts: mounts.into_iter().map(mount).collect(),
+            }),
+            update: Vec::new(),
+        })
+    }
+
+    async fn start_container_agent(
+        &self,
+        pod_sandbox: Option<PodSandbox>,
+        ctr: Option<Container>,
+    ) -> Result<(), RpcStatus> {
+        self.agent
+            .start_container(&pod(pod_sandbox), &container(ctr))
+            .await
+            .map_err(|e| status(&e))
+    }
+}
+
+impl Dispatch {
+    /// Runs one call, counting it and its duration under `call`.
+    async fn counted<T>(
+        &self,
+        call: Call,
+        answer: impl Future<Output = Result<T, RpcStatus>>,
+    ) -> Result<T, RpcStatus> {
+        let started = Instant::now();
+        let result = answer.await;
+        let metrics = self.agent.metrics();
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics
+            .calls
+            .get_or_create(&CallLabels {
+                call,
+                result: outcome,
+            })
+            .inc();
+        metrics
+            .call_duration
+            .get_or_create(&CallOnlyLabels { call })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
 }
 
 impl Handler for Dispatch {
     fn handle(&self, service: &str, method: &str, payload: Vec<u8>) -> HandlerFuture {
-        if service != PLUGIN_SERVICE {
-            let status = RpcStatus::new(Code::Unimplemented, format!("{service} is not served"));
-            return Box::pin(async move { Err(status) });
-        }
-        let agent = self.agent.clone();
-        let method = method.to_owned();
+        let this = self.clone();
+        let method = plugin_ttrpc::Method::route(service, method);
         Box::pin(async move {
-            let started = Instant::now();
-            let (call, result) = dispatch(&agent, &method, &payload).await;
-            let metrics = agent.metrics();
-            let outcome = if result.is_ok() { "ok" } else { "error" };
-            metrics
-                .calls
-                .get_or_create(&CallLabels {
-                    call,
-                    result: outcome,
-                })
-                .inc();
-            metrics
-                .call_duration
-                .get_or_create(&CallOnlyLabels { call })
-                .observe(started.elapsed().as_secs_f64());
-            result
+            match method {
+                Ok(method) => plugin_ttrpc::serve(&this, method, &payload).await,
+                Err(status) => this.counted(Call::other, async { Err(status) }).await,
+            }
         })
     }
 }
 
-async fn dispatch(agent: &Agent, method: &str, payload: &[u8]) -> (Call, ttrpc::HandlerResult) {
-    match method {
-        "Configure" => (
-            Call::configure,
-            decode::<ConfigureRequest>(payload).map(|r| agent.configure(&r).encode_to_vec()),
-        ),
-        "Synchronize" => (
-            Call::synchronize,
-            decode::<SynchronizeRequest>(payload).map(|r| agent.synchronize(r).encode_to_vec()),
-        ),
-        "CreateContainer" => (
-            Call::create_container,
-            match decode::<CreateContainerRequest>(payload) {
-                Ok(r) => {
-                    let (pod, container) =
-                        (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
-                    agent
-                        .create_container(&pod, &container)
-                        .map(|a| a.encode_to_vec())
-                }
-                Err(e) => Err(e),
-            },
-        ),
-        "StartContainer" => (
-            Call::start_container,
-            match decode::<StartContainerRequest>(payload) {
-                Ok(r) => {
-                    let (pod, container) =
-                        (r.pod.unwrap_or_default(), r.container.unwrap_or_default());
-                    agent
-                        .start_container(&pod, &container)
+/// The runtime's calls, typed by the generated service code; each is counted under its call.
+impl plugin_ttrpc::Server for Dispatch {
+    async fn configure(&self, request: ConfigureRequest) -> Result<ConfigureResponse, RpcStatus> {
+        self.counted(Call::configure, async {
+            Ok(self.configure_agent(&request))
+        })
+        .await
+    }
+
+    async fn synchronize(
+        &self,
+        request: SynchronizeRequest,
+    ) -> Result<SynchronizeResponse, RpcStatus> {
+        self.counted(Call::synchronize, async {
+            Ok(self.synchronize_agent(request))
+        })
+        .await
+    }
+
+    async fn shutdown(&self, _: Empty) -> Result<Empty, RpcStatus> {
+        tracing::info!("the runtime is shutting down");
+        self.counted(Call::other, async { Ok(Empty {}) }).await
+    }
+
+    async fn create_container(
+        &self,
+        request: CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, RpcStatus> {
+        self.counted(Call::create_container, async {
+            self.create_container_agent(request)
+        })
+        .await
+    }
+
+    async fn start_container(
+        &self,
+        request: StartContainerRequest,
+    ) -> Result<StartContainerResponse, RpcStatus> {
+        self.counted(Call::start_container, async {
+            self.start_container_agent(request.pod, request.container)
+                .await
+                .map(|()| StartContainerResponse {})
+        })
+        .await
+    }
+
+    async fn stop_container(
+        &self,
+        request: StopContainerRequest,
+    ) -> Result<StopContainerResponse, RpcStatus> {
+        self.counted(Call::stop_container, async {
+            self.agent.stop_container(&container(request.container).id);
+            Ok(StopContainerResponse::default())
+        })
+        .await
+    }
+
+    async fn remove_container(
+        &self,
+        request: RemoveContainerRequest,
+    ) -> Result<RemoveContainerResponse, RpcStatus> {
+        self.counted(Call::remove_container, async {
+            self.agent
+                .remove_container(&container(request.container).id);
+            Ok(RemoveContainerResponse {})
+        })
+        .await
+    }
+
+    /// containerd 1.7 (NRI before the dedicated calls) sends the other events here.
+    async fn state_change(&self, event: StateChangeEvent) -> Result<Empty, RpcStatus> {
+        let StateChangeEvent {
+            event,
+            pod,
+            container: ctr,
+        } = event;
+        match Event::try_from(event) {
+            Ok(Event::StartContainer) => {
+                self.counted(Call::start_container, async {
+                    self.start_container_agent(pod, ctr)
                         .await
-                        .map(|()| StartContainerResponse {}.encode_to_vec())
-                }
-                Err(e) => Err(e),
-            },
-        ),
-        "StopContainer" => (
-            Call::stop_container,
-            decode::<StopContainerRequest>(payload).map(|r| {
-                agent.stop_container(&r.container.unwrap_or_default());
-                StopContainerResponse::default().encode_to_vec()
-            }),
-        ),
-        "RemoveContainer" => (
-            Call::remove_container,
-            decode::<RemoveContainerRequest>(payload).map(|r| {
-                agent.remove_container(&r.container.unwrap_or_default());
-                RemoveContainerResponse {}.encode_to_vec()
-            }),
-        ),
-        // containerd 1.7 (NRI before the dedicated calls) sends the other events here.
-        "StateChange" => match decode::<StateChangeEvent>(payload) {
-            Err(e) => (Call::other, Err(e)),
-            Ok(event) => {
-                let pod = event.pod.unwrap_or_default();
-                let container = event.container.unwrap_or_default();
-                match Event::try_from(event.event) {
-                    Ok(Event::StartContainer) => (
-                        Call::start_container,
-                        agent
-                            .start_container(&pod, &container)
-                            .await
-                            .map(|()| Empty {}.encode_to_vec()),
-                    ),
-                    Ok(Event::StopContainer) => {
-                        agent.stop_container(&container);
-                        (Call::stop_container, Ok(Empty {}.encode_to_vec()))
-                    }
-                    Ok(Event::RemoveContainer) => {
-                        agent.remove_container(&container);
-                        (Call::remove_container, Ok(Empty {}.encode_to_vec()))
-                    }
-                    _ => (Call::other, Ok(Empty {}.encode_to_vec())),
-                }
+                        .map(|()| Empty {})
+                })
+                .await
             }
-        },
-        "Shutdown" => {
-            tracing::info!("the runtime is shutting down");
-            (Call::other, Ok(Empty {}.encode_to_vec()))
+            Ok(Event::StopContainer) => {
+                self.counted(Call::stop_container, async {
+                    self.agent.stop_container(&container(ctr).id);
+                    Ok(Empty {})
+                })
+                .await
+            }
+            Ok(Event::RemoveContainer) => {
+                self.counted(Call::remove_container, async {
+                    self.agent.remove_container(&container(ctr).id);
+                    Ok(Empty {})
+                })
+                .await
+            }
+            _ => self.counted(Call::other, async { Ok(Empty {}) }).await,
         }
-        other => (
-            Call::other,
-            Err(RpcStatus::new(
-                Code::Unimplemented,
-                format!("{PLUGIN_SERVICE}/{other}"),
-            )),
-        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscribes_to_exactly_the_events_it_handles() {
+        // CREATE_CONTAINER=4, START_CONTAINER=6, STOP_CONTAINER=10, REMOVE_CONTAINER=11.
+        assert_eq!(event_mask(), (1 << 3) | (1 << 5) | (1 << 9) | (1 << 10));
+    }
+
+    #[test]
+    fn calls_route_by_the_generated_method_table_and_nothing_else() {
+        use plugin_ttrpc::{Method, SERVICE};
+        assert_eq!(SERVICE, "nri.pkg.api.v1alpha1.Plugin");
+        for method in Method::ALL {
+            assert_eq!(Method::route(SERVICE, method.name()), Ok(method));
+        }
+        assert_eq!(
+            Method::route(SERVICE, "StartContainer"),
+            Ok(Method::StartContainer)
+        );
+        for (service, method) in [
+            (SERVICE, "UpdateContainer"),
+            (SERVICE, "startcontainer"),
+            (runtime_ttrpc::SERVICE, "StartContainer"),
+        ] {
+            let status = Method::route(service, method).unwrap_err();
+            assert_eq!(status.code, Code::Unimplemented as i32);
+            assert_eq!(status.message, format!("{service}/{method}"));
+        }
+    }
+
+    #[test]
+    fn each_refusal_becomes_the_status_the_runtime_expects() {
+        let annotation = crate::annotations::parse(
+            "k",
+            "[{cert_dir: x}]",
+            &crate::annotations::Defaults::default(),
+        )
+        .unwrap_err();
+        let directory = crate::files::ArtifactRoot::new("/proc/moat-cannot-exist")
+            .map(drop)
+            .unwrap_err();
+        let cases = [
+            (AgentError::Annotation(annotation), Code::InvalidArgument),
+            (AgentError::Directory(directory), Code::Internal),
+            (
+                AgentError::NoSvid {
+                    container: "ns/pod/web".into(),
+                    missing: Vec::new(),
+                },
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (error, code) in cases {
+            let s = status(&error);
+            assert_eq!(s.code, code as i32, "{error}");
+            assert_eq!(s.message, error.to_string());
+            assert!(s.message.starts_with("moat identity: "), "{}", s.message);
+        }
+    }
+
+    #[test]
+    fn a_running_container_and_its_pod_convert_without_losing_what_the_agent_reads() {
+        let c = container(Some(Container {
+            id: "c1".into(),
+            pod_sandbox_id: "p1".into(),
+            name: "web".into(),
+            pid: 42,
+            state: ContainerState::ContainerRunning as i32,
+            ..Default::default()
+        }));
+        assert_eq!(
+            c,
+            ContainerInfo {
+                id: "c1".into(),
+                pod_id: "p1".into(),
+                name: "web".into(),
+                pid: 42,
+                running: true,
+            }
+        );
+        assert!(!container(None).running);
+        let p = pod(Some(PodSandbox {
+            id: "p1".into(),
+            name: "shop".into(),
+            namespace: "ns".into(),
+            annotations: [("a".to_owned(), "b".to_owned())].into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            (p.id.as_str(), p.namespace.as_str(), p.name.as_str()),
+            ("p1", "ns", "shop")
+        );
+        assert_eq!(p.annotations["a"], "b");
+    }
 
     #[test]
     fn plugin_index_is_two_digits() {

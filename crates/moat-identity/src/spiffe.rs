@@ -1,10 +1,13 @@
-//! SPIFFE IDs, and the few facts moat reads from X.509 DER: where one certificate ends in a
-//! concatenation (SPIRE sends a trust domain's roots back to back), and a certificate's URI
-//! SANs (the SVID's SPIFFE ID). A small DER reader is enough for both; nothing here verifies
-//! signatures, which is the workload's job with the bundle moat writes beside the SVID.
+//! SPIFFE IDs, and what moat reads from X.509 certificates (with `x509-parser`): where one
+//! certificate ends in a concatenation (SPIRE sends a trust domain's roots back to back), a
+//! certificate's URI SANs (the SVID's SPIFFE ID), and whether an SVID's chain holds together.
+//! PEM output is the `pem` crate's.
 
 use std::fmt;
 use std::str::FromStr;
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
 /// Longest SPIFFE ID accepted, in bytes (the SPIFFE specification's limit).
 pub const MAX_SPIFFE_ID_LEN_BYTES: usize = 2048;
@@ -105,146 +108,153 @@ impl fmt::Display for SpiffeId {
     }
 }
 
-/// DER that moat could not read.
+/// A certificate moat could not read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum DerError {
-    #[error("truncated DER")]
-    Truncated,
-    #[error("DER length form not allowed")]
-    Length,
-    #[error("expected a SEQUENCE")]
-    NotSequence,
+pub enum CertError {
     #[error("no certificate")]
     Empty,
+    #[error("not a DER X.509 certificate: {0}")]
+    Parse(String),
+    #[error("bytes follow the certificate")]
+    Trailing,
+    #[error("unreadable subjectAltName: {0}")]
+    SubjectAltName(String),
 }
 
-/// One DER element: its tag, its content, and everything after it.
-fn element(input: &[u8]) -> Result<(u8, &[u8], &[u8]), DerError> {
-    let (&tag, rest) = input.split_first().ok_or(DerError::Truncated)?;
-    let (&first, mut rest) = rest.split_first().ok_or(DerError::Truncated)?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let count = usize::from(first & 0x7f);
-        // Indefinite length (0x80) is BER, not DER; more than 4 length bytes is never a
-        // certificate moat needs to read.
-        if count == 0 || count > 4 {
-            return Err(DerError::Length);
-        }
-        if rest.len() < count {
-            return Err(DerError::Truncated);
-        }
-        let (bytes, after) = rest.split_at(count);
-        rest = after;
-        bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-    };
-    if rest.len() < len {
-        return Err(DerError::Truncated);
+/// Parses one DER certificate that is the whole of `der`.
+fn certificate(der: &[u8]) -> Result<X509Certificate<'_>, CertError> {
+    if der.is_empty() {
+        return Err(CertError::Empty);
     }
-    let (content, after) = rest.split_at(len);
-    Ok((tag, content, after))
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Parse(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CertError::Trailing);
+    }
+    Ok(cert)
 }
 
-const SEQUENCE: u8 = 0x30;
-
-/// Splits concatenated DER certificates (SPIRE's bundle values) into one slice each.
+/// Splits concatenated DER certificates (SPIRE's bundle values) into one slice each, every one a
+/// certificate that parses.
 ///
 /// # Errors
-/// [`DerError`] when the bytes are not whole DER SEQUENCEs, or there are none.
-pub fn split_certificates(mut der: &[u8]) -> Result<Vec<&[u8]>, DerError> {
+/// [`CertError`] when the bytes are not whole certificates, or there are none.
+pub fn split_certificates(mut der: &[u8]) -> Result<Vec<&[u8]>, CertError> {
+    if der.is_empty() {
+        return Err(CertError::Empty);
+    }
     let mut out = Vec::new();
     while !der.is_empty() {
-        let (tag, _, rest) = element(der)?;
-        if tag != SEQUENCE {
-            return Err(DerError::NotSequence);
-        }
-        out.push(&der[..der.len() - rest.len()]);
-        der = rest;
-    }
-    if out.is_empty() {
-        return Err(DerError::Empty);
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| CertError::Parse(e.to_string()))?;
+        let (cert, after) = der.split_at(der.len() - rest.len());
+        out.push(cert);
+        der = after;
     }
     Ok(out)
 }
 
-/// The subjectAltName extension's OID, 2.5.29.17, as DER content bytes.
-const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
-
 /// The URI SANs of a DER certificate.
 ///
 /// # Errors
-/// [`DerError`] when the certificate's structure cannot be read.
-pub fn uri_sans(cert: &[u8]) -> Result<Vec<String>, DerError> {
-    let (tag, certificate, _) = element(cert)?;
-    if tag != SEQUENCE {
-        return Err(DerError::NotSequence);
-    }
-    let (tag, mut tbs, _) = element(certificate)?;
-    if tag != SEQUENCE {
-        return Err(DerError::NotSequence);
-    }
-    let mut uris = Vec::new();
-    while !tbs.is_empty() {
-        let (tag, content, rest) = element(tbs)?;
-        tbs = rest;
-        // extensions [3] EXPLICIT Extensions
-        if tag != 0xa3 {
-            continue;
-        }
-        let (_, mut extensions, _) = element(content)?;
-        while !extensions.is_empty() {
-            let (_, extension, rest) = element(extensions)?;
-            extensions = rest;
-            let (_, oid, mut fields) = element(extension)?;
-            if oid != OID_SUBJECT_ALT_NAME {
-                continue;
-            }
-            // Optional `critical` BOOLEAN, then the OCTET STRING holding GeneralNames.
-            let (mut tag, mut value, rest) = element(fields)?;
-            if tag == 0x01 {
-                fields = rest;
-                (tag, value, _) = element(fields)?;
-            }
-            if tag != 0x04 {
-                return Err(DerError::NotSequence);
-            }
-            let (_, mut names, _) = element(value)?;
-            while !names.is_empty() {
-                let (tag, name, rest) = element(names)?;
-                names = rest;
-                // uniformResourceIdentifier [6] IA5String
-                if tag == 0x86 {
-                    uris.push(String::from_utf8_lossy(name).into_owned());
-                }
-            }
-        }
-    }
-    Ok(uris)
+/// [`CertError`] when the certificate or its subjectAltName cannot be read.
+pub fn uri_sans(cert: &[u8]) -> Result<Vec<String>, CertError> {
+    uris(&certificate(cert)?)
 }
 
-/// PEM-encodes DER blocks under `label` (`CERTIFICATE`, `PRIVATE KEY`).
+fn uris(cert: &X509Certificate<'_>) -> Result<Vec<String>, CertError> {
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| CertError::SubjectAltName(e.to_string()))?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Why a certificate chain is not an X.509-SVID's. Certificates are numbered from 0, the leaf.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainError {
+    #[error("the chain has no certificate")]
+    Empty,
+    #[error("certificate {index}: {source}")]
+    Certificate { index: usize, source: CertError },
+    #[error("the leaf certificate carries {0:?}, not one SPIFFE ID")]
+    LeafId(Vec<String>),
+    #[error("the leaf certificate is a CA")]
+    LeafIsCa,
+    #[error("certificate {index} is not a CA but signs the certificate before it")]
+    IssuerNotCa { index: usize },
+    #[error("certificate {index}'s issuer is not the subject of the certificate after it")]
+    Order { index: usize },
+    #[error("certificate {index}'s signature does not verify with the next certificate's key")]
+    Signature { index: usize },
+}
+
+/// Checks an X.509-SVID's chain (leaf first, DER) and returns the leaf's SPIFFE ID: every
+/// certificate parses; the leaf is not a CA and carries exactly one URI SAN, a SPIFFE ID; each
+/// further certificate is a CA, is the subject the one before it names as issuer, and its key
+/// verifies that one's signature.
+///
+/// The chain's link to a trust domain root is not checked here: the workload verifies it with
+/// the bundle written beside the SVID.
+///
+/// # Errors
+/// [`ChainError`] naming the first rule broken.
+pub fn check_chain<B: AsRef<[u8]>>(chain: &[B]) -> Result<SpiffeId, ChainError> {
+    let certs = chain
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            certificate(der.as_ref()).map_err(|source| ChainError::Certificate { index, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = certs.first().ok_or(ChainError::Empty)?;
+    let sans = uris(leaf).map_err(|source| ChainError::Certificate { index: 0, source })?;
+    let id = match sans.as_slice() {
+        [san] => san.parse::<SpiffeId>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| ChainError::LeafId(sans.clone()))?;
+    if leaf.is_ca() {
+        return Err(ChainError::LeafIsCa);
+    }
+    for (index, pair) in certs.windows(2).enumerate() {
+        let [cert, issuer] = pair else { continue };
+        let issuer_index = index + 1;
+        if cert.issuer().as_raw() != issuer.subject().as_raw() {
+            return Err(ChainError::Order { index });
+        }
+        if !issuer.is_ca() {
+            return Err(ChainError::IssuerNotCa {
+                index: issuer_index,
+            });
+        }
+        cert.verify_signature(Some(issuer.public_key()))
+            .map_err(|_| ChainError::Signature { index })?;
+    }
+    Ok(id)
+}
+
+/// PEM-encodes DER blocks under `label` (`CERTIFICATE`, `PRIVATE KEY`): one block after another,
+/// lines of 64 characters ending in `\n`.
 #[must_use]
 pub fn pem<B: AsRef<[u8]>>(label: &str, blocks: &[B]) -> String {
-    use base64::Engine as _;
-    let mut out = String::new();
-    for block in blocks {
-        out.push_str("-----BEGIN ");
-        out.push_str(label);
-        out.push_str("-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(block.as_ref());
-        for line in b64.as_bytes().chunks(64) {
-            // Base64 output is ASCII.
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out.push_str("-----END ");
-        out.push_str(label);
-        out.push_str("-----\n");
-    }
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    blocks
+        .iter()
+        .map(|block| pem::encode_config(&pem::Pem::new(label, block.as_ref()), config))
+        .collect()
 }
 
 #[cfg(test)]
@@ -306,30 +316,163 @@ mod tests {
     #[test]
     fn rejects_broken_der() {
         let a = cert_with_uri("spiffe://example.org");
-        assert_eq!(split_certificates(&[]), Err(DerError::Empty));
-        assert_eq!(
-            split_certificates(&a[..a.len() - 1]),
-            Err(DerError::Truncated)
-        );
-        assert_eq!(
-            split_certificates(&[0x04, 0x00]),
-            Err(DerError::NotSequence)
-        );
-        assert_eq!(
-            split_certificates(&[0x30, 0x80, 0, 0]),
-            Err(DerError::Length)
-        );
+        assert_eq!(split_certificates(&[]), Err(CertError::Empty));
+        for broken in [
+            &a[..a.len() - 1],
+            &[0x04, 0x00][..],
+            &[0x30, 0x80, 0, 0][..],
+            &[0x30][..],
+        ] {
+            assert!(
+                matches!(split_certificates(broken), Err(CertError::Parse(_))),
+                "{broken:x?}"
+            );
+            assert!(matches!(uri_sans(broken), Err(CertError::Parse(_))));
+        }
         assert!(uri_sans(&a[..40]).is_err());
-        assert!(uri_sans(&[0x30]).is_err());
+        let trailing = [a.as_slice(), &[0]].concat();
+        assert_eq!(uri_sans(&trailing), Err(CertError::Trailing));
+    }
+
+    /// A CA (root or intermediate) and what it needs to sign.
+    struct Ca {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        der: Vec<u8>,
+    }
+
+    fn ca_params(name: &str) -> rcgen::CertificateParams {
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params
+    }
+
+    fn root(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = ca_params(name);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            der,
+        }
+    }
+
+    fn intermediate(name: &str, by: &Ca) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = ca_params(name);
+        let der = params.signed_by(&key, &by.issuer).unwrap().der().to_vec();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            der,
+        }
+    }
+
+    fn leaf(uris: &[&str], is_ca: bool, by: &Ca) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        if is_ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.signed_by(&key, &by.issuer).unwrap().der().to_vec()
+    }
+
+    const WEB: &str = "spiffe://example.org/web";
+
+    #[test]
+    fn a_chain_that_holds_together_gives_the_leafs_spiffe_id() {
+        let root = root("root");
+        let alone = leaf(&[WEB], false, &root);
+        assert_eq!(check_chain(&[&alone]).unwrap().as_str(), WEB);
+        let mid = intermediate("intermediate", &root);
+        let chain = [leaf(&[WEB], false, &mid), mid.der.clone(), root.der.clone()];
+        assert_eq!(check_chain(&chain).unwrap().as_str(), WEB);
     }
 
     #[test]
-    fn pem_wraps_at_64_columns() {
+    fn chains_that_break_a_rule_are_refused_naming_it() {
+        let root = root("root");
+        let mid = intermediate("intermediate", &root);
+        let good = leaf(&[WEB], false, &mid);
+        let no_chain: [&[u8]; 0] = [];
+        assert_eq!(check_chain(&no_chain), Err(ChainError::Empty));
+        assert!(matches!(
+            check_chain(&[&good[..10]]),
+            Err(ChainError::Certificate { index: 0, .. })
+        ));
+        assert!(matches!(
+            check_chain(&[good.as_slice(), &mid.der[..10]]),
+            Err(ChainError::Certificate { index: 1, .. })
+        ));
+        let two = [WEB, "spiffe://example.org/db"];
+        assert_eq!(
+            check_chain(&[leaf(&two, false, &mid)]),
+            Err(ChainError::LeafId(two.map(str::to_owned).to_vec()))
+        );
+        assert_eq!(
+            check_chain(&[leaf(&[], false, &mid)]),
+            Err(ChainError::LeafId(Vec::new()))
+        );
+        assert_eq!(
+            check_chain(&[leaf(&["https://example.org/web"], false, &mid)]),
+            Err(ChainError::LeafId(vec!["https://example.org/web".into()]))
+        );
+        assert_eq!(
+            check_chain(&[leaf(&[WEB], true, &mid)]),
+            Err(ChainError::LeafIsCa)
+        );
+        // Out of order: the root where the intermediate should be.
+        assert_eq!(
+            check_chain(&[good.clone(), root.der.clone()]),
+            Err(ChainError::Order { index: 0 })
+        );
+        // A leaf where a CA should be: it names itself nobody's issuer, but say it did.
+        let signer_leaf = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "not a ca");
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            Ca {
+                issuer: rcgen::Issuer::new(params, key),
+                der,
+            }
+        };
+        let under_leaf = leaf(&[WEB], false, &signer_leaf);
+        assert_eq!(
+            check_chain(&[under_leaf, signer_leaf.der.clone()]),
+            Err(ChainError::IssuerNotCa { index: 1 })
+        );
+        // Same issuer name, another key: the signature does not verify.
+        let impostor = intermediate("intermediate", &root);
+        assert_eq!(
+            check_chain(&[good, impostor.der]),
+            Err(ChainError::Signature { index: 0 })
+        );
+    }
+
+    #[test]
+    fn pem_wraps_at_64_columns_and_reads_back() {
         let text = pem("CERTIFICATE", &[[0u8; 100]]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
         assert_eq!(lines[1].len(), 64);
         assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
-        assert_eq!(pem("X", &[[1], [2]]).matches("BEGIN X").count(), 2);
+        assert!(!text.contains('\r'));
+        let two = pem("X", &[[1], [2]]);
+        assert_eq!(two.matches("BEGIN X").count(), 2);
+        assert!(!two.contains("\n\n"), "no blank line between blocks");
+        let back: Vec<Vec<u8>> = ::pem::parse_many(&two)
+            .unwrap()
+            .into_iter()
+            .map(::pem::Pem::into_contents)
+            .collect();
+        assert_eq!(back, [[1], [2]]);
     }
 }

@@ -14,18 +14,19 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::backoff::Backoff;
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 // prost's case conversion spells the "X509SVIDs" messages this way.
 pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
 use crate::proto::delegated::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
 };
-use crate::spiffe::{DerError, SpiffeId, pem, split_certificates, uri_sans};
+use crate::spiffe::{ChainError, SpiffeId, check_chain, pem, split_certificates};
 
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// First and longest pause before re-opening a broken bundle stream.
-const BUNDLE_RETRY_MIN: Duration = Duration::from_millis(100);
+const BUNDLE_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUNDLE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Trust bundles by trust domain ID (`spiffe://example.org`), each a list of DER certificates.
@@ -79,14 +80,10 @@ impl std::fmt::Debug for Svid {
 pub enum SvidError {
     #[error("the SPIRE agent issued {got:?}, not the expected {expected}")]
     NotIssued { expected: String, got: Vec<String> },
-    #[error("the SVID has no certificate")]
-    EmptyChain,
     #[error("the SVID has no private key")]
     EmptyKey,
-    #[error("the SVID's leaf certificate cannot be read: {0}")]
-    Der(#[from] DerError),
-    #[error("the SVID's leaf certificate carries {0:?}, not one SPIFFE ID")]
-    BadSan(Vec<String>),
+    #[error("the SVID's certificate chain: {0}")]
+    Chain(#[from] ChainError),
     #[error("the SVID is labelled {label} but its certificate says {cert}")]
     IdMismatch { label: String, cert: String },
 }
@@ -105,12 +102,7 @@ pub fn select_svid(
         let Some(svid) = &with_key.x509_svid else {
             continue;
         };
-        let leaf = svid.cert_chain.first().ok_or(SvidError::EmptyChain)?;
-        let sans = uri_sans(leaf)?;
-        let [san] = sans.as_slice() else {
-            return Err(SvidError::BadSan(sans));
-        };
-        let id: SpiffeId = san.parse().map_err(|_| SvidError::BadSan(sans.clone()))?;
+        let id = check_chain(&svid.cert_chain)?;
         if let Some(label) = &svid.id {
             let label = format!("spiffe://{}{}", label.trust_domain, label.path);
             if label != id.as_str() {
@@ -230,7 +222,7 @@ async fn follow_bundles(
     retry_now: Arc<tokio::sync::Notify>,
     on_error: impl Fn(&tonic::Status),
 ) {
-    let mut pause = BUNDLE_RETRY_MIN;
+    let mut backoff = Backoff::new(BUNDLE_RETRY_FIRST, BUNDLE_RETRY_MAX);
     loop {
         let status = match client
             .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
@@ -242,7 +234,7 @@ async fn follow_bundles(
                 loop {
                     match stream.message().await {
                         Ok(Some(answer)) => {
-                            pause = BUNDLE_RETRY_MIN;
+                            backoff.reset();
                             let mut bundles = Bundles::default();
                             for (td, der) in answer.ca_certificates {
                                 match split_certificates(&der) {
@@ -266,9 +258,8 @@ async fn follow_bundles(
         on_error(&status);
         tracing::warn!(code = ?status.code(), message = status.message(), "SPIRE bundle stream broken; reopening");
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
             () = retry_now.notified() => {}
         }
-        pause = (pause * 2).min(BUNDLE_RETRY_MAX);
     }
 }

@@ -11,14 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use moat_identity::agent::{Agent, AgentConfig, DEFAULT_SVID_WAIT};
+use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::defaults;
 use moat_identity::doubles::runtime::{PluginConn, RuntimeDouble, Style};
 use moat_identity::doubles::spire::{Mode, SpireDouble};
 use moat_identity::metrics::Metrics;
 use moat_identity::plugin::{self, PluginError, PluginOptions};
 use moat_identity::proto::nri::{Container, ContainerState, PodSandbox};
-use moat_identity::spiffe::{split_certificates, uri_sans};
+use moat_identity::spiffe::{check_chain, split_certificates, uri_sans};
 use moat_identity::ttrpc::CallError;
 use prometheus_client::registry::Registry;
 
@@ -56,7 +57,7 @@ fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
             ..Defaults::default()
         },
         artifact_root: dir.join("artifacts"),
-        svid_wait: DEFAULT_SVID_WAIT,
+        svid_wait: defaults::SVID_WAIT,
     };
     Agent::new(config, Metrics::register(registry)).unwrap()
 }
@@ -68,7 +69,7 @@ async fn connect(
 ) -> (PluginConn, tokio::task::JoinHandle<Result<(), PluginError>>) {
     let options = PluginOptions {
         socket: socket.to_owned(),
-        name: "moat-identity".into(),
+        name: defaults::PLUGIN_NAME.into(),
         index: "10".parse().unwrap(),
     };
     let task = tokio::spawn(plugin::run(agent.clone(), options, std::future::pending()));
@@ -144,16 +145,47 @@ fn container(id: &str, name: &str, pid: u32) -> Container {
 const WEB: &str = "identity.noderesource.dev/container.web";
 
 fn spiffe_id_of(pem: &str) -> String {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .unwrap();
-    uri_sans(&der).unwrap().remove(0)
+    let leaf = pem::parse(pem).unwrap();
+    uri_sans(leaf.contents()).unwrap().remove(0)
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn der_blocks(text: &str, tag: &str) -> Vec<Vec<u8>> {
+    pem::parse_many(text)
+        .unwrap()
+        .into_iter()
+        .map(|block| {
+            assert_eq!(block.tag(), tag);
+            block.into_contents()
+        })
+        .collect()
+}
+
+/// Reads the three files of an entry's directory and checks them against each other: the chain
+/// holds together and its leaf carries `id`, the private key is the leaf's, and a root of the
+/// bundle signed the chain's last certificate.
+fn assert_svid(dir: &Path, id: &str) {
+    let chain = der_blocks(&read(dir, "svid.pem"), "CERTIFICATE");
+    assert_eq!(check_chain(&chain).unwrap().as_str(), id);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let key = rcgen::KeyPair::from_pem(&read(dir, "svid_key.pem")).unwrap();
+    assert_eq!(
+        key.public_key_raw(),
+        leaf.public_key().subject_public_key.data.as_ref(),
+        "the key file holds the leaf's key"
+    );
+    let (_, last) = x509_parser::parse_x509_certificate(chain.last().unwrap()).unwrap();
+    let roots = der_blocks(&read(dir, "bundle.pem"), "CERTIFICATE");
+    assert!(
+        roots.iter().any(|root| {
+            let (_, root) = x509_parser::parse_x509_certificate(root).unwrap();
+            last.verify_signature(Some(root.public_key())).is_ok()
+        }),
+        "a root of the bundle signed the SVID"
+    );
 }
 
 fn pem_blocks(pem: &str) -> usize {
@@ -203,6 +235,7 @@ async fn an_annotated_container_gets_its_svid_before_it_starts_and_rotations_rea
         .await
         .unwrap();
     // On disk when StartContainer returns: before the workload's first instruction.
+    assert_svid(&dir, "spiffe://example.org/ns/shop/sa/web");
     let svid = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
     assert_eq!(spiffe_id_of(&svid), "spiffe://example.org/ns/shop/sa/web");
     let key = std::fs::read_to_string(dir.join("svid_key.pem")).unwrap();
@@ -226,6 +259,7 @@ async fn an_annotated_container_gets_its_svid_before_it_starts_and_rotations_rea
         std::fs::read_to_string(dir.join("svid_key.pem")).unwrap(),
         key
     );
+    assert_svid(&dir, "spiffe://example.org/ns/shop/sa/web");
 
     // A CA rotation: both roots in the bundle.
     h.spire.add_root().unwrap();
@@ -275,7 +309,7 @@ async fn newer_runtimes_dedicated_calls_work_too() {
         .start_container(&pod, &ctr, Style::Dedicated)
         .await
         .unwrap();
-    assert!(dir.join("svid.pem").exists());
+    assert_svid(&dir, "spiffe://example.org/web");
     h.conn
         .remove_container(&pod, &ctr, Style::Dedicated)
         .await
@@ -328,11 +362,15 @@ async fn a_bad_annotation_fails_only_its_own_container() {
     );
     // The agent is still answering, and the pod's other container gets its identity.
     let side = container("c2", "side", workload.pid());
-    h.conn.create_container(&pod, &side).await.unwrap();
+    let created = h.conn.create_container(&pod, &side).await.unwrap();
     h.conn
         .start_container(&pod, &side, Style::StateChange)
         .await
         .unwrap();
+    assert_svid(
+        Path::new(&created.adjust.unwrap().mounts[0].source),
+        "spiffe://example.org/web",
+    );
     assert!(
         metrics_text(&h.registry).contains("moat_identity_failures_total{reason=\"annotation\"} 1")
     );
@@ -408,6 +446,7 @@ async fn fail_open_starts_without_an_svid_and_is_counted_then_catches_up() {
     h.spire
         .register_pid(web.workload.pid(), "spiffe://example.org/late");
     eventually("late SVID", || web.dir.join("svid.pem").exists()).await;
+    assert_svid(&web.dir, "spiffe://example.org/late");
 }
 
 #[tokio::test]
@@ -421,6 +460,7 @@ async fn an_unattested_pid_gets_its_svid_when_spire_catches_up_within_the_wait()
     };
     let (started, ()) = tokio::join!(web.start(&h), register);
     started.unwrap();
+    assert_svid(&web.dir, "spiffe://example.org/web");
 }
 
 #[tokio::test]
@@ -458,6 +498,7 @@ async fn a_broken_stream_keeps_the_files_and_recovers() {
     let h = harness("recover").await;
     let web = Web::create(&h, "[{}]", Some("spiffe://example.org/web")).await;
     web.start(&h).await.unwrap();
+    assert_svid(&web.dir, "spiffe://example.org/web");
     let first = web.svid();
     // PermissionDenied on an open stream: the files stay, the failure is counted.
     h.spire.set_mode(Mode::Deny);
@@ -469,6 +510,7 @@ async fn a_broken_stream_keeps_the_files_and_recovers() {
     // And when SPIRE serves again, the agent re-subscribes on its own.
     h.spire.set_mode(Mode::Serve);
     eventually("re-subscribed with a new SVID", || web.svid() != first).await;
+    assert_svid(&web.dir, "spiffe://example.org/web");
 }
 
 #[tokio::test]
@@ -476,6 +518,7 @@ async fn after_a_restart_synchronize_rebuilds_state_without_duplicate_streams() 
     let mut h = harness("restart").await;
     let mut web = Web::create(&h, "[{}]", Some("spiffe://example.org/web")).await;
     web.start(&h).await.unwrap();
+    assert_svid(&web.dir, "spiffe://example.org/web");
     // A directory for a container the runtime no longer has.
     let stale = h.dir.join("artifacts/gone/0");
     std::fs::create_dir_all(&stale).unwrap();
@@ -507,6 +550,7 @@ async fn after_a_restart_synchronize_rebuilds_state_without_duplicate_streams() 
     let before = web.svid();
     h.spire.rotate();
     eventually("rotation after restart", || web.svid() != before).await;
+    assert_svid(&web.dir, "spiffe://example.org/web");
     h.agent = agent;
     h.conn = conn;
     h.plugin = plugin;

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::defaults;
 use moat_identity::metrics::Metrics;
+use moat_identity::metrics_server;
 use moat_identity::plugin::{self, PluginIndex, PluginOptions};
 use prometheus_client::registry::Registry;
 
@@ -22,45 +24,37 @@ const EXIT_RUNTIME_LOST: u8 = 3;
 #[derive(Debug, clap::Args)]
 pub struct IdentityAgentArgs {
     /// The runtime's NRI socket.
-    #[arg(long, default_value = "/var/run/nri/nri.sock", value_name = "PATH")]
+    #[arg(long, default_value = defaults::NRI_SOCKET, value_name = "PATH")]
     nri_socket: PathBuf,
     /// Name to register with the runtime.
-    #[arg(long, default_value = "moat-identity", value_name = "NAME")]
+    #[arg(long, default_value = defaults::PLUGIN_NAME, value_name = "NAME")]
     plugin_name: String,
     /// Two-digit plugin index (the runtime calls plugins in ascending order).
-    #[arg(long, default_value = "10", value_name = "NN")]
+    #[arg(long, default_value = defaults::PLUGIN_INDEX, value_name = "NN")]
     plugin_index: PluginIndex,
     /// The SPIRE agent's admin socket (Delegated Identity API), used when an annotation names
     /// none.
-    #[arg(
-        long,
-        default_value = "/run/spire/admin/admin.sock",
-        value_name = "PATH"
-    )]
+    #[arg(long, default_value = defaults::SPIRE_ADMIN_SOCKET, value_name = "PATH")]
     spire_admin_socket: PathBuf,
     /// A further SPIRE admin socket annotations may name (repeatable). No other socket is ever
     /// dialled, whatever an annotation says.
     #[arg(long = "allowed-spire-admin-socket", value_name = "PATH")]
     allowed_spire_admin_sockets: Vec<PathBuf>,
     /// Where the files appear in a container when an annotation names no `cert_dir`.
-    #[arg(
-        long,
-        default_value = "/var/run/secrets/spiffe.io",
-        value_name = "PATH"
-    )]
+    #[arg(long, default_value = defaults::CERT_DIR, value_name = "PATH")]
     default_cert_dir: PathBuf,
     /// Host directory for the per-container SVID files (bind-mounted read-only into
     /// containers). Keep it on tmpfs (`/run` is on most hosts): private keys then never reach a
     /// disk, and nothing survives a reboot that no container could use.
-    #[arg(long, default_value = "/run/moat/identity", value_name = "DIR")]
+    #[arg(long, default_value = defaults::ARTIFACT_DIR, value_name = "DIR")]
     artifact_dir: PathBuf,
     /// Longest wait for a container's first SVID, in milliseconds (capped 300 ms below the
     /// runtime's NRI request timeout, so the agent always answers in time).
-    #[arg(long, default_value_t = 1500, value_name = "MS")]
+    #[arg(long, default_value_t = defaults::SVID_WAIT_MS, value_name = "MS")]
     svid_wait_ms: u64,
     /// Address for Prometheus metrics and the liveness probe (plain HTTP: GET /metrics,
     /// GET /healthz).
-    #[arg(long, default_value = "127.0.0.1:9091", value_name = "HOST:PORT")]
+    #[arg(long, default_value_t = defaults::METRICS_ADDR, value_name = "HOST:PORT")]
     metrics_addr: SocketAddr,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -125,10 +119,8 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         let listener = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
-        let app = moat_server::metrics_router(Arc::new(registry))
-            .route("/healthz", axum::routing::get(|| async { "ok" }));
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = metrics_server::serve(listener, Arc::new(registry)).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceA
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use moat_core::config::Config;
+use moat_identity::defaults as identity_defaults;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -84,7 +85,7 @@ pub struct InstallArgs {
     /// The runtime's NRI socket on each node.
     #[arg(
         long,
-        default_value = "/var/run/nri/nri.sock",
+        default_value = identity_defaults::NRI_SOCKET,
         value_name = "PATH",
         requires = "identity_agent"
     )]
@@ -92,7 +93,7 @@ pub struct InstallArgs {
     /// The SPIRE agent's admin socket on each node (its `admin_socket_path`).
     #[arg(
         long,
-        default_value = "/run/spire/admin/admin.sock",
+        default_value = identity_defaults::SPIRE_ADMIN_SOCKET,
         value_name = "PATH",
         requires = "identity_agent"
     )]
@@ -100,11 +101,10 @@ pub struct InstallArgs {
 }
 
 /// Where the identity agent keeps per-container files on each node: the same path inside the
-/// agent's container, because the runtime bind-mounts them by host path. Under /run, which is
-/// tmpfs on the hosts Kubernetes runs on, so private keys never reach a disk.
-const IDENTITY_ARTIFACT_DIR: &str = "/run/moat/identity";
+/// agent's container, because the runtime bind-mounts them by host path.
+const IDENTITY_ARTIFACT_DIR: &str = identity_defaults::ARTIFACT_DIR;
 const IDENTITY_NAME: &str = "moat-identity-agent";
-const IDENTITY_METRICS_PORT: u16 = 9091;
+const IDENTITY_METRICS_PORT: u16 = identity_defaults::METRICS_PORT;
 
 /// Converts `v` through `T` and back; refuses it if anything changed (an unknown or misspelt
 /// field, a wrong type).

@@ -7,24 +7,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use tokio::io::DuplexStream;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use crate::mux;
-use crate::plugin::{PLUGIN_SERVICE, RUNTIME_SERVICE};
 use crate::proto::nri::{
     ConfigureRequest, ConfigureResponse, Container, CreateContainerRequest,
     CreateContainerResponse, Empty, Event, PodSandbox, RegisterPluginRequest,
-    RemoveContainerRequest, RemoveContainerResponse, StartContainerRequest, StartContainerResponse,
-    StateChangeEvent, StopContainerRequest, StopContainerResponse, SynchronizeRequest,
-    SynchronizeResponse,
+    RemoveContainerRequest, StartContainerRequest, StateChangeEvent, StopContainerRequest,
+    SynchronizeRequest, SynchronizeResponse, plugin_ttrpc, runtime_ttrpc,
 };
-use crate::ttrpc::{CallError, Code, Handler, HandlerFuture, Peer, RpcStatus};
+use crate::ttrpc::{CallError, Handler, HandlerFuture, NoService, Peer, RpcStatus};
 
 /// containerd's default NRI request timeout.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT: Duration = crate::defaults::RUNTIME_REQUEST_TIMEOUT;
 
 /// How lifecycle events reach the plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,28 +38,28 @@ pub struct RuntimeDouble {
     listener: UnixListener,
 }
 
+#[derive(Clone)]
 struct Registrar(mpsc::Sender<RegisterPluginRequest>);
+
+impl runtime_ttrpc::Server for Registrar {
+    async fn register_plugin(&self, request: RegisterPluginRequest) -> Result<Empty, RpcStatus> {
+        let _ = self.0.send(request).await;
+        Ok(Empty {})
+    }
+}
 
 impl Handler for Registrar {
     fn handle(&self, service: &str, method: &str, payload: Vec<u8>) -> HandlerFuture {
-        let tx = self.0.clone();
-        let known = service == RUNTIME_SERVICE && method == "RegisterPlugin";
-        Box::pin(async move {
-            if !known {
-                return Err(RpcStatus::new(Code::Unimplemented, "not served"));
-            }
-            let request = RegisterPluginRequest::decode(payload.as_slice())
-                .map_err(|e| RpcStatus::new(Code::InvalidArgument, e.to_string()))?;
-            let _ = tx.send(request).await;
-            Ok(Empty {}.encode_to_vec())
-        })
+        let this = self.clone();
+        let method = runtime_ttrpc::Method::route(service, method);
+        Box::pin(async move { runtime_ttrpc::serve(&this, method?, &payload).await })
     }
 }
 
 /// A plugin connected to the double.
 #[derive(Debug)]
 pub struct PluginConn {
-    plugin: Arc<Peer<DuplexStream>>,
+    plugin: plugin_ttrpc::Client<DuplexStream>,
     /// What the plugin registered as.
     pub registration: RegisterPluginRequest,
     done: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -91,13 +88,13 @@ impl RuntimeDouble {
         let conns = mux::split(stream);
         let (tx, mut rx) = mpsc::channel(1);
         let (_runtime_side, _) = Peer::start(conns.runtime_service, Arc::new(Registrar(tx)));
-        let (plugin, _) = Peer::start(conns.plugin_service, Arc::new(crate::ttrpc::NoService));
+        let (plugin, _) = Peer::start(conns.plugin_service, Arc::new(NoService));
         let registration = rx
             .recv()
             .await
             .ok_or_else(|| std::io::Error::other("the plugin closed before registering"))?;
         Ok(PluginConn {
-            plugin,
+            plugin: plugin_ttrpc::Client::new(plugin),
             registration,
             done: conns.done,
             timeout: REQUEST_TIMEOUT,
@@ -106,16 +103,6 @@ impl RuntimeDouble {
 }
 
 impl PluginConn {
-    async fn call<Req: Message, Resp: Message + Default>(
-        &self,
-        method: &str,
-        request: &Req,
-    ) -> Result<Resp, CallError> {
-        self.plugin
-            .call(PLUGIN_SERVICE, method, request, self.timeout)
-            .await
-    }
-
     /// Configure, telling the plugin the request timeout.
     ///
     /// # Errors
@@ -128,7 +115,7 @@ impl PluginConn {
             request_timeout: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX),
             ..Default::default()
         };
-        self.call("Configure", &request).await
+        self.plugin.configure(&request, self.timeout).await
     }
 
     /// Synchronize with the given pods and containers (one chunk).
@@ -145,7 +132,7 @@ impl PluginConn {
             containers,
             more: false,
         };
-        self.call("Synchronize", &request).await
+        self.plugin.synchronize(&request, self.timeout).await
     }
 
     /// CreateContainer.
@@ -161,7 +148,7 @@ impl PluginConn {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.call("CreateContainer", &request).await
+        self.plugin.create_container(&request, self.timeout).await
     }
 
     /// StartContainer, in the given style.
@@ -191,7 +178,8 @@ impl PluginConn {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.call::<_, StopContainerResponse>("StopContainer", &request)
+        self.plugin
+            .stop_container(&request, self.timeout)
             .await
             .map(drop)
     }
@@ -224,12 +212,14 @@ impl PluginConn {
         let (pod, container) = (Some(pod.clone()), Some(container.clone()));
         if event == Event::StartContainer {
             let request = StartContainerRequest { pod, container };
-            self.call::<_, StartContainerResponse>("StartContainer", &request)
+            self.plugin
+                .start_container(&request, self.timeout)
                 .await
                 .map(drop)
         } else {
             let request = RemoveContainerRequest { pod, container };
-            self.call::<_, RemoveContainerResponse>("RemoveContainer", &request)
+            self.plugin
+                .remove_container(&request, self.timeout)
                 .await
                 .map(drop)
         }
@@ -246,7 +236,8 @@ impl PluginConn {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.call::<_, Empty>("StateChange", &request)
+        self.plugin
+            .state_change(&request, self.timeout)
             .await
             .map(drop)
     }
