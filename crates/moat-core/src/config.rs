@@ -523,6 +523,36 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What is valid but weakens isolation, in words an operator can act on (printed by
+    /// `moat config check`, logged by `moat serve` at start).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in self.exemptions.namespaces.iter().enumerate() {
+            if p.is_glob() {
+                out.push(format!(
+                    "exemptions.namespaces[{i}]: '{p}' is a pattern: where tenants can create namespaces (HNC, Capsule, self-service), one named to match escapes every policy; list exact names"
+                ));
+            }
+        }
+        // Pod and dedicatedNode modes give each pod a node of its own; only class mode shares.
+        if self.isolation.mode == IsolationMode::Class {
+            for (i, c) in self.isolation.classes.iter().enumerate() {
+                if c.namespaces.iter().any(|p| p.as_str() == "*") {
+                    let name = match &c.name {
+                        ClassPattern::Any => "every class".to_owned(),
+                        ClassPattern::Name(n) => format!("class '{n}'"),
+                    };
+                    out.push(format!(
+                        "isolation.classes[{i}]: {name} is open to every namespace, so pods of different tenants share its nodes; bind classes per namespace (namespaces, namespaceSelector or namespaceClassLabel) to keep tenants apart"
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// serde_yaml's message without its own path prefix (we print the full path) and with the
 /// location written once, in words.
 fn yaml_message(e: &serde_yaml::Error) -> String {
@@ -693,6 +723,29 @@ mod tests {
             c.isolation.class_spec(&other).unwrap().name,
             ClassPattern::Any
         );
+    }
+
+    #[test]
+    fn warns_about_what_weakens_isolation() {
+        let c = Config::from_yaml(
+            "isolation: {mode: class, classes: [{name: a, namespaces: ['*']}, {name: b, namespaces: [bank]}]}\nexemptions: {namespaces: [kube-system, '*-system']}",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("exemptions.namespaces[1]: '*-system' is a pattern"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("isolation.classes[0]: class 'a' is open to every namespace"),
+            "{w:?}"
+        );
+        let bound = Config::from_yaml(
+            "isolation: {mode: class, classes: [{name: a, namespaces: [shop]}]}\nexemptions: {namespaces: [kube-system]}",
+        )
+        .unwrap();
+        assert!(bound.warnings().is_empty());
     }
 
     #[test]

@@ -146,6 +146,11 @@ string_newtype!(
 );
 
 impl NamespacePattern {
+    /// Whether the pattern has a wildcard (matches more than one name).
+    pub fn is_glob(&self) -> bool {
+        self.0.contains('*')
+    }
+
     /// Whether `namespace` matches this pattern.
     pub fn matches(&self, namespace: &str) -> bool {
         glob_match(self.0.as_bytes(), namespace.as_bytes())

@@ -121,6 +121,10 @@ impl Args {
                 .map_err(|e| e.to_string()),
             Command::Config(ConfigCommand::Check { file }) => {
                 load_config(Some(&file)).and_then(|c| {
+                    for warning in c.warnings() {
+                        // A failed write to stderr leaves nothing else to report to.
+                        let _ = writeln!(stderr, "moat: warning: {warning}");
+                    }
                     let text = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
                     stdout
                         .write_all(text.as_bytes())

@@ -124,10 +124,14 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
             return Err("give --tls-cert and --tls-key, or --self-signed with --ca-out".to_owned());
         }
     };
+    let loaded = load_config(config.as_ref())?;
+    for warning in loaded.warnings() {
+        tracing::warn!(%warning, "configuration weakens isolation");
+    }
     let options = ServeOptions {
         addr,
         metrics_addr,
-        config: load_config(config.as_ref())?,
+        config: loaded,
         config_path: config,
         tls,
         kubeconfig,
