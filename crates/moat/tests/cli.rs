@@ -269,7 +269,10 @@ fn default_config_prints_and_round_trips() {
 fn ipp_compatible_example_reproduces_class_mode_with_holes_closed() {
     let cfg = repo("examples/ipp-compatible.yaml");
     let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: team-a, labels: {ipp-class: blue}}\nspec: {containers: [{name: c, image: 'busybox:1.36'}]}\n\
-                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: sneaky, namespace: team-b}\nspec: {tolerations: [{key: ipp, operator: Exists}], containers: [{name: c, image: 'busybox:1.36'}]}\n";
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: sneaky, namespace: team-b}\nspec: {tolerations: [{key: ipp, operator: Exists}], containers: [{name: c, image: 'busybox:1.36'}]}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: joiner, namespace: team-b, labels: {ipp-class: blue}}\nspec: {containers: [{name: c, image: 'busybox:1.36'}]}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: stranger, namespace: team-c}\nspec: {containers: [{name: c, image: 'busybox:1.36'}]}\n";
+    // The operator binds team-a to class blue; team-b is a known namespace with no class.
     let o = run_stdin(
         &[
             "review",
@@ -277,6 +280,10 @@ fn ipp_compatible_example_reproduces_class_mode_with_holes_closed() {
             "json",
             "--config",
             cfg.to_str().unwrap(),
+            "--namespace-label",
+            "team-a:ipp-class=blue",
+            "--namespace-label",
+            "team-b:tier=tenant",
             "-",
         ],
         pods,
@@ -306,6 +313,25 @@ fn ipp_compatible_example_reproduces_class_mode_with_holes_closed() {
             .as_str()
             .unwrap()
             .contains("tolerates moat's isolation taint 'ipp'")
+    );
+    // A pod of another namespace cannot join class blue by labelling itself.
+    assert_eq!(v[2]["allowed"], false);
+    assert!(
+        v[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace 'team-b' may not use isolation class 'blue'"),
+        "{}",
+        v[2]["message"]
+    );
+    // A namespace moat knows nothing about is denied until it does.
+    assert!(
+        v[3]["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace 'team-c' is not known to moat yet"),
+        "{}",
+        v[3]["message"]
     );
 }
 
