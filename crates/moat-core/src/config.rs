@@ -7,9 +7,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::RegistryPrefix;
 use crate::names::{ClassName, LabelKey, LabelValue, NamespacePattern, RuntimeClassName};
+use crate::resources::{IdleAfter, Quantity};
 
 /// The embedded default configuration (`moat config default`), documented inline.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
+
+/// Most warm nodes one class may keep (`warmNodes`): each is a whole idle node paid for, so a
+/// larger number is more likely a typo than a pool.
+pub const MAX_WARM_NODES_PER_CLASS: u32 = 100;
+
+/// How long an empty node of a class stays when the class sets no `idleAfter`: long enough
+/// that a pod which restarts or a Job's next attempt finds its node, short enough that a node
+/// per pod costs little after the pod is gone.
+pub const DEFAULT_IDLE_AFTER: IdleAfter = IdleAfter::Seconds(60);
 
 /// Largest configuration document accepted, in bytes: a config is a few KiB, so anything larger
 /// is a mistake (a wrong file) rather than a policy.
@@ -261,6 +271,29 @@ pub struct ClassSpec {
     /// Pods of this class run with this RuntimeClass (set when unset; any other is denied).
     #[serde(default)]
     pub runtime_class_name: Option<RuntimeClassName>,
+    /// How long an empty node of this class stays before the autoscaler removes it (Karpenter's
+    /// `consolidateAfter`); unset: [`DEFAULT_IDLE_AFTER`].
+    #[serde(default)]
+    pub idle_after: Option<IdleAfter>,
+    /// Most resources all nodes of this class may hold together (Karpenter's NodePool
+    /// `limits`): resource name to quantity, e.g. `cpu: 64`, `memory: 256Gi`.
+    #[serde(default)]
+    pub limits: BTreeMap<LabelKey, Quantity>,
+    /// Idle nodes of this class kept ready for its next pods (warm capacity), at most
+    /// [`MAX_WARM_NODES_PER_CLASS`].
+    #[serde(default)]
+    pub warm_nodes: u32,
+    /// Requests of one warm placeholder: size it as one node's worth of this class in class
+    /// mode, so that a real pod displaces it and the autoscaler adds a node for it.
+    #[serde(default)]
+    pub warm_requests: BTreeMap<LabelKey, Quantity>,
+}
+
+impl ClassSpec {
+    /// The idle time of this class's nodes, defaulted.
+    pub fn idle_after(&self) -> IdleAfter {
+        self.idle_after.unwrap_or(DEFAULT_IDLE_AFTER)
+    }
 }
 
 /// A label selector over namespaces, as in Kubernetes (`matchLabels` and `matchExpressions`
@@ -476,6 +509,7 @@ impl Config {
                     format!("runtime '{r}' is in runtimeClass.reservedRuntimes"),
                 ));
             }
+            check_capacity(i, &key, class, iso.mode)?;
             if class.namespaces.is_empty()
                 && class.namespace_selector.is_none()
                 && iso.namespace_class_label.is_none()
@@ -521,6 +555,46 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The per-class capacity rules of [`Config::validate`].
+fn check_capacity(
+    i: usize,
+    name: &str,
+    class: &ClassSpec,
+    mode: IsolationMode,
+) -> Result<(), ConfigError> {
+    let at = |field: &str| format!("isolation.classes[{i}].{field}");
+    if class.warm_nodes > MAX_WARM_NODES_PER_CLASS {
+        return Err(ConfigError::invalid(
+            at("warmNodes"),
+            format!(
+                "{} is more than the {MAX_WARM_NODES_PER_CLASS} warm nodes a class may keep",
+                class.warm_nodes
+            ),
+        ));
+    }
+    if class.warm_nodes > 0 && class.name == ClassPattern::Any {
+        return Err(ConfigError::invalid(
+            at("warmNodes"),
+            "'*' covers class names not known in advance, so no warm node can be made for them; set warmNodes on a named class",
+        ));
+    }
+    if class.warm_nodes > 0 && mode == IsolationMode::DedicatedNode {
+        return Err(ConfigError::invalid(
+            at("warmNodes"),
+            format!(
+                "class '{name}': dedicatedNode mode pins each pod to a node id that exists only once the pod does, so no node can be warmed for it; use pod mode for warm capacity"
+            ),
+        ));
+    }
+    if class.warm_nodes == 0 && !class.warm_requests.is_empty() {
+        return Err(ConfigError::invalid(
+            at("warmRequests"),
+            format!("class '{name}' sets warmRequests but no warmNodes"),
+        ));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -702,6 +776,66 @@ mod tests {
             (
                 "isolation: {mode: dedicatedNode, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: '*', namespaces: ['*']}]}",
                 "at 'isolation.dedicatedNodeLabel'",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = parse_err(yaml);
+            assert!(got.starts_with(want), "{yaml}: got {got}");
+        }
+    }
+
+    #[test]
+    fn reads_per_class_capacity_settings() {
+        let c = Config::from_yaml(
+            "isolation: {mode: pod, classes: [{name: gold, namespaces: [bank], idleAfter: 5m, limits: {cpu: 64, memory: 256Gi}, warmNodes: 2, warmRequests: {cpu: 500m}}, {name: lead, namespaces: [shop]}]}",
+        )
+        .unwrap();
+        let gold = &c.isolation.classes[0];
+        assert_eq!(gold.idle_after(), IdleAfter::Seconds(300));
+        assert_eq!(gold.limits.len(), 2);
+        assert_eq!(gold.limits.values().next().unwrap().as_str(), "64");
+        assert_eq!(gold.warm_nodes, 2);
+        assert_eq!(c.isolation.classes[1].idle_after(), DEFAULT_IDLE_AFTER);
+        assert_eq!(c.isolation.classes[1].warm_nodes, 0);
+        // Printed and read again (`moat config check`), the settings are the same.
+        let again = Config::from_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn checks_capacity_rules() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], warmNodes: 101}]}",
+                "at 'isolation.classes[0].warmNodes': 101 is more than the 100",
+            ),
+            (
+                "isolation: {classes: [{name: '*', namespaces: [x], warmNodes: 1}]}",
+                "at 'isolation.classes[0].warmNodes': '*' covers class names",
+            ),
+            (
+                "isolation: {mode: dedicatedNode, classes: [{name: a, namespaces: [x], warmNodes: 1}]}",
+                "at 'isolation.classes[0].warmNodes': class 'a': dedicatedNode mode pins",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], warmRequests: {cpu: 1}}]}",
+                "at 'isolation.classes[0].warmRequests': class 'a' sets warmRequests but no warmNodes",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], idleAfter: 5}]}",
+                "at 'isolation.classes[0].idleAfter': '5' is not an idle time",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], limits: {cpu: -1}}]}",
+                "at 'isolation.classes[0].limits.cpu': '-1' is not a non-negative",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], limits: {'a b': 1}}]}",
+                "at 'isolation.classes[0].limits",
+            ),
+            (
+                "isolation: {classes: [{name: a, namespaces: [x], warmNodes: -1}]}",
+                "at 'isolation.classes[0].warmNodes'",
             ),
         ];
         for (yaml, want) in cases {

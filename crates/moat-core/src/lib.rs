@@ -38,4 +38,5 @@ pub mod fields;
 pub mod image;
 pub mod names;
 pub(crate) mod policy;
+pub mod resources;
 pub mod subject;
