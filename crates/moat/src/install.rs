@@ -98,6 +98,9 @@ pub struct InstallArgs {
         requires = "identity_agent"
     )]
     spire_admin_socket: String,
+    /// Karpenter NodePools and warm capacity (docs/capacity.md).
+    #[command(flatten)]
+    capacity: crate::capacity::CapacityArgs,
 }
 
 /// Where the identity agent keeps per-container files on each node: the same path inside the
@@ -108,7 +111,7 @@ const IDENTITY_METRICS_PORT: u16 = identity_defaults::METRICS_PORT;
 
 /// Converts `v` through `T` and back; refuses it if anything changed (an unknown or misspelt
 /// field, a wrong type).
-fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
+pub(crate) fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
     let kind = v["kind"].as_str().unwrap_or_default().to_owned();
     let t: T = serde_json::from_value(v.clone()).map_err(|e| format!("{kind}: {e}"))?;
     let back = serde_json::to_value(&t).map_err(|e| format!("{kind}: {e}"))?;
@@ -267,6 +270,8 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
     objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
+    // After the webhooks: the placeholders' pods are then reviewed like any other.
+    objects.extend(crate::capacity::objects(config, &args.capacity).map_err(|e| e.to_string())?);
 
     let image_policy_files = match (&args.image_policy_dir, &ca_pem) {
         (None, _) => Vec::new(),

@@ -1,6 +1,7 @@
 //! The `moat` command: offline review, configuration, the admission server, certificates, the
 //! installer and the node identity agent, all on the same policy core.
 
+pub mod capacity;
 pub mod identity;
 pub mod install;
 pub mod review;
@@ -62,6 +63,16 @@ struct ReviewArgs {
     /// are read too.
     #[arg(long = "namespace-label", value_name = "NS:KEY=VALUE", value_parser = parse_namespace_label)]
     namespace_labels: Vec<(String, String, String)>,
+    /// Instead of verdicts, report how many nodes of which class the pods need in each
+    /// isolation mode (docs/capacity.md).
+    #[arg(long)]
+    capacity: bool,
+    /// One node's allocatable CPU, for the class-mode packing estimate of `--capacity`.
+    #[arg(long, value_name = "QUANTITY", requires = "capacity")]
+    node_cpu: Option<moat_core::resources::Quantity>,
+    /// One node's allocatable memory, for the class-mode packing estimate of `--capacity`.
+    #[arg(long, value_name = "QUANTITY", requires = "capacity")]
+    node_memory: Option<moat_core::resources::Quantity>,
     /// Manifest files (multi-document YAML or JSON); `-` reads standard input.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -174,6 +185,9 @@ fn run_review(
         output,
         namespace,
         namespace_labels,
+        capacity,
+        node_cpu,
+        node_memory,
         files,
     } = args;
     let config = load_config(config.as_ref())?;
@@ -213,6 +227,20 @@ fn run_review(
                 let _ = writeln!(stderr, "moat: {e}");
             }
         }
+    }
+    if capacity {
+        let node = capacity::report::NodeSize {
+            cpu: node_cpu,
+            memory: node_memory,
+        };
+        let report = capacity::report::report(&config, &inputs, &options, &node, stderr)
+            .and_then(|r| capacity::report::render(&r, output, stdout).map(|()| r))
+            .map_err(|e| format!("writing output: {e}"))?;
+        return Ok(if failed || report.errors > 0 {
+            EXIT_ERROR
+        } else {
+            0
+        });
     }
     let summary = review::review(&config, &inputs, &options, output, stdout, stderr)
         .map_err(|e| format!("writing output: {e}"))?;

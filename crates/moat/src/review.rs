@@ -18,7 +18,7 @@ use serde_json::Value;
 pub const MAX_INPUT_LEN_BYTES: usize = 256 * 1024 * 1024;
 
 /// The label every namespace carries with its own name (Kubernetes ≥ 1.21).
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// How verdicts are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -144,7 +144,7 @@ fn is_blank(doc: &str) -> bool {
 }
 
 /// Parses one document into the objects it holds (`List` kinds are expanded into their items).
-fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
+pub(crate) fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
     let value: Value =
         serde_yaml::from_str(doc).map_err(|e| format!("does not parse as YAML or JSON: {e}"))?;
     if !value.is_object() {
@@ -166,7 +166,7 @@ fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
 }
 
 /// Every non-blank document of every input, with its file name and 1-based index.
-fn documents(inputs: &[Input]) -> impl Iterator<Item = (&str, usize, &str)> {
+pub(crate) fn documents(inputs: &[Input]) -> impl Iterator<Item = (&str, usize, &str)> {
     inputs.iter().flat_map(|input| {
         split_documents(&input.text)
             .into_iter()
@@ -177,7 +177,7 @@ fn documents(inputs: &[Input]) -> impl Iterator<Item = (&str, usize, &str)> {
 }
 
 /// Labels of the `Namespace` objects in the input, over those given by flag.
-fn namespace_labels(
+pub(crate) fn namespace_labels(
     inputs: &[Input],
     options: &Options,
 ) -> BTreeMap<String, BTreeMap<String, String>> {
@@ -203,7 +203,7 @@ fn namespace_labels(
     namespaces
 }
 
-fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
+pub(crate) fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
     object.get("metadata")?.get(key)?.as_str()
 }
 

@@ -1,0 +1,447 @@
+//! `moat review --capacity`: how many nodes of which class the pods of a set of manifests need
+//! in each isolation mode, so an operator sees the cost of pod mode before turning it on.
+//!
+//! Every object is decided as `moat review` decides it; a workload counts as its replicas
+//! (`replicas`, a Job's `parallelism`), each decided as the pod its template makes. A pod is
+//! isolated in class C when moat gives it C's toleration and class label. Node counts per class:
+//! pod and dedicatedNode modes need one node per pod; class mode packs a class's pods onto
+//! shared nodes, at least the sum of their requests over one node's allocatable (`--node-cpu`,
+//! `--node-memory`) and at least one; warm nodes come on top.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use moat_core::config::{Config, IsolationMode};
+use moat_core::decision::{Operation, Request, Stage};
+use moat_core::engine;
+use moat_core::resources::Quantity;
+use moat_core::subject::{Kind, Template, type_of};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::review::{
+    Input, NAMESPACE_NAME_LABEL, Options, OutputFormat, documents, metadata_str, namespace_labels,
+    parse_document,
+};
+
+/// One node's allocatable resources, for class mode's packing estimate.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSize {
+    pub cpu: Option<Quantity>,
+    pub memory: Option<Quantity>,
+}
+
+/// The pods of one class and the nodes they need per mode.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCapacity {
+    pub class: String,
+    pub pods: u64,
+    /// Sum of the pods' CPU requests, in millicores.
+    pub cpu_millis: u128,
+    /// Sum of the pods' memory requests, in bytes.
+    pub memory_bytes: u128,
+    pub nodes: NodesPerMode,
+    /// Idle nodes kept for the class (`warmNodes`) on top.
+    pub warm_nodes: u32,
+}
+
+/// Nodes one class needs in each mode.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesPerMode {
+    /// At least this many; exact only up to bin packing. `None` when no node size was given
+    /// (then: at least one).
+    pub class: Option<u64>,
+    pub pod: u64,
+    pub dedicated_node: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityReport {
+    /// The configuration's own mode.
+    pub mode: String,
+    pub classes: Vec<ClassCapacity>,
+    /// Pods moat admits without isolation (any node).
+    pub unisolated_pods: u64,
+    /// Objects moat would refuse (not counted).
+    pub denied_objects: u64,
+    /// DaemonSets: a pod on every node, exempt from isolation.
+    pub daemon_sets: u64,
+    /// Documents that could not be read.
+    pub errors: u64,
+}
+
+/// Builds the report over `inputs`, writing each unreadable document's error to `errors`.
+///
+/// # Errors
+/// Only the writer's.
+pub fn report(
+    config: &Config,
+    inputs: &[Input],
+    options: &Options,
+    node: &NodeSize,
+    errors: &mut dyn Write,
+) -> std::io::Result<CapacityReport> {
+    let iso = &config.isolation;
+    // With isolation off, count as class mode would: the classes are declared all the same.
+    let mut deciding = config.clone();
+    if iso.mode == IsolationMode::Off {
+        deciding.isolation.mode = IsolationMode::Class;
+    }
+    let namespaces = namespace_labels(inputs, options);
+    let mut report = CapacityReport {
+        mode: mode_name(iso.mode).to_owned(),
+        ..CapacityReport::default()
+    };
+    let mut classes: BTreeMap<String, ClassCapacity> = BTreeMap::new();
+    for (file, document, doc) in documents(inputs) {
+        let objects = match parse_document(doc) {
+            Ok(o) => o,
+            Err(e) => {
+                report.errors += 1;
+                writeln!(errors, "moat: {file}: document {document}: {e}")?;
+                continue;
+            }
+        };
+        for object in objects {
+            let Some(kind) = type_of(&object) else {
+                continue;
+            };
+            if kind == Kind::DaemonSet {
+                report.daemon_sets += 1;
+                continue;
+            }
+            let namespace = metadata_str(&object, "namespace")
+                .unwrap_or(&options.default_namespace)
+                .to_owned();
+            let labels = namespaces.get(&namespace).map(|known| {
+                let mut l = known.clone();
+                l.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+                l
+            });
+            let Some(pod) = pod_of(&object, kind, &namespace) else {
+                report.errors += 1;
+                writeln!(errors, "moat: {file}: document {document}: no pod template")?;
+                continue;
+            };
+            let count = replicas(&object, kind);
+            match placed(&deciding, &pod, &namespace, labels.as_ref()) {
+                Placed::Denied => report.denied_objects += 1,
+                Placed::Unisolated => report.unisolated_pods += count,
+                Placed::Class(class, pod) => {
+                    let c = classes
+                        .entry(class.clone())
+                        .or_insert_with(|| ClassCapacity {
+                            class,
+                            ..ClassCapacity::default()
+                        });
+                    let (cpu, memory) = requests(&pod);
+                    c.pods += count;
+                    c.cpu_millis += cpu * u128::from(count);
+                    // Memory quantities are bytes; `milli` is thousandths of a byte.
+                    c.memory_bytes += memory.div_ceil(1000) * u128::from(count);
+                }
+            }
+        }
+    }
+    for c in classes.values_mut() {
+        c.nodes = NodesPerMode {
+            class: class_mode_nodes(c, node),
+            pod: c.pods,
+            dedicated_node: c.pods,
+        };
+        c.warm_nodes = c
+            .class
+            .parse()
+            .ok()
+            .and_then(|n| iso.class_spec(&n))
+            .map_or(0, |s| s.warm_nodes);
+    }
+    report.classes = classes.into_values().collect();
+    Ok(report)
+}
+
+fn mode_name(mode: IsolationMode) -> &'static str {
+    match mode {
+        IsolationMode::Off => "off",
+        IsolationMode::Class => "class",
+        IsolationMode::Pod => "pod",
+        IsolationMode::DedicatedNode => "dedicatedNode",
+    }
+}
+
+/// Class mode: the larger of the CPU and memory packing bounds, and at least one node.
+fn class_mode_nodes(c: &ClassCapacity, node: &NodeSize) -> Option<u64> {
+    if node.cpu.is_none() && node.memory.is_none() {
+        return None;
+    }
+    let bound = |need: u128, size: Option<&Quantity>, unit: u128| {
+        size.map_or(0, |s| need.div_ceil(s.milli().div_ceil(unit).max(1)))
+    };
+    let n = bound(c.cpu_millis, node.cpu.as_ref(), 1)
+        .max(bound(c.memory_bytes, node.memory.as_ref(), 1000))
+        .max(u128::from(c.pods > 0));
+    Some(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// The pod a workload's template makes (a Pod is itself).
+fn pod_of(object: &Value, kind: Kind, namespace: &str) -> Option<Value> {
+    if kind == Kind::Pod {
+        return Some(object.clone());
+    }
+    let template = object.pointer(kind.template_pointer())?;
+    let mut metadata = template
+        .get("metadata")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    metadata["namespace"] = json!(namespace);
+    if metadata.get("name").is_none() {
+        metadata["name"] = json!(metadata_str(object, "name").unwrap_or_default());
+    }
+    Some(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": metadata,
+        "spec": template.get("spec").cloned().unwrap_or_else(|| json!({})),
+    }))
+}
+
+/// How many pods an object runs at once.
+fn replicas(object: &Value, kind: Kind) -> u64 {
+    let field = match kind {
+        Kind::Pod => return 1,
+        Kind::Job => "/spec/parallelism",
+        Kind::CronJob => "/spec/jobTemplate/spec/parallelism",
+        _ => "/spec/replicas",
+    };
+    object.pointer(field).and_then(Value::as_u64).unwrap_or(1)
+}
+
+enum Placed {
+    Denied,
+    Unisolated,
+    Class(String, Value),
+}
+
+fn placed(
+    config: &Config,
+    pod: &Value,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Placed {
+    let Ok(Some(template)) = Template::from_value(pod) else {
+        return Placed::Denied;
+    };
+    let req = Request {
+        operation: Operation::Create,
+        stage: Stage::Mutate,
+        object: Some(&template),
+        old_object: None,
+        namespace,
+        namespace_labels: labels,
+        dry_run: false,
+        requester: None,
+        placement_seed: namespace,
+    };
+    let decision = engine::decide(config, &req);
+    if !decision.allowed() {
+        return Placed::Denied;
+    }
+    let Ok(pod) = decision.patched(pod) else {
+        return Placed::Denied;
+    };
+    let iso = &config.isolation;
+    let tolerates = pod
+        .pointer("/spec/tolerations")
+        .and_then(Value::as_array)
+        .is_some_and(|ts| {
+            ts.iter()
+                .any(|t| t.get("key").and_then(Value::as_str) == Some(iso.nodes.taint_key.as_str()))
+        });
+    let class = pod
+        .pointer("/metadata/labels")
+        .and_then(|l| l.get(iso.pod_class_label.as_str()))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    match class {
+        Some(class) if tolerates => Placed::Class(class, pod),
+        _ => Placed::Unisolated,
+    }
+}
+
+/// A pod's effective CPU (millicores) and memory (thousandths of a byte) requests: the sum over
+/// its containers, or its largest init container if larger, as the scheduler counts them.
+fn requests(pod: &Value) -> (u128, u128) {
+    let of = |c: &Value, resource: &str| {
+        c.pointer(&format!("/resources/requests/{resource}"))
+            .and_then(|q| match q {
+                Value::String(s) => s.parse::<Quantity>().ok(),
+                Value::Number(n) => n.to_string().parse::<Quantity>().ok(),
+                _ => None,
+            })
+            .map_or(0, |q| q.milli())
+    };
+    let list = |field: &str| {
+        pod.pointer(&format!("/spec/{field}"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (containers, inits) = (list("containers"), list("initContainers"));
+    let total = |r: &str| {
+        let sum: u128 = containers.iter().map(|c| of(c, r)).sum();
+        let init = inits.iter().map(|c| of(c, r)).max().unwrap_or(0);
+        sum.max(init)
+    };
+    (total("cpu"), total("memory"))
+}
+
+/// Writes the report as a table (text) or as one JSON/YAML document.
+///
+/// # Errors
+/// Only the writer's.
+pub fn render(
+    report: &CapacityReport,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, report).map_err(std::io::Error::other)?;
+            writeln!(out)
+        }
+        OutputFormat::Yaml => {
+            let text = serde_yaml::to_string(report).map_err(std::io::Error::other)?;
+            out.write_all(text.as_bytes())
+        }
+        OutputFormat::Text => render_text(report, out),
+    }
+}
+
+fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "nodes for isolated pods per mode (this configuration: {} mode)",
+        r.mode
+    )?;
+    let rows: Vec<[String; 8]> = r
+        .classes
+        .iter()
+        .map(|c| {
+            [
+                c.class.clone(),
+                c.pods.to_string(),
+                format!("{}m", c.cpu_millis),
+                format!("{}Mi", c.memory_bytes.div_ceil(1 << 20)),
+                c.nodes
+                    .class
+                    .map_or_else(|| "≥1".to_owned(), |n| format!("≥{n}")),
+                c.nodes.pod.to_string(),
+                c.nodes.dedicated_node.to_string(),
+                format!("+{}", c.warm_nodes),
+            ]
+        })
+        .collect();
+    let header = [
+        "CLASS",
+        "PODS",
+        "CPU",
+        "MEMORY",
+        "CLASS MODE",
+        "POD MODE",
+        "DEDICATED MODE",
+        "WARM",
+    ];
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (cell, w) in cells.iter().zip(widths) {
+            s.push_str(cell);
+            s.push_str(&" ".repeat(w - cell.chars().count() + 2));
+        }
+        s.trim_end().to_owned()
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    let (pods, pod_nodes) = r
+        .classes
+        .iter()
+        .fold((0, 0), |(p, n), c| (p + c.pods, n + c.nodes.pod));
+    writeln!(
+        out,
+        "{pods} isolated pods: pod and dedicatedNode modes need {pod_nodes} nodes; class mode shares each class's nodes{}",
+        if r.classes.iter().any(|c| c.nodes.class.is_none()) {
+            " (give --node-cpu and --node-memory for a packing estimate)"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "{} pods not isolated, {} objects denied (not counted), {} DaemonSets (a pod on every node), {} errors",
+        r.unisolated_pods, r.denied_objects, r.daemon_sets, r.errors
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &str) -> Option<Quantity> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn class_mode_packs_by_the_tighter_resource() {
+        let c = ClassCapacity {
+            pods: 5,
+            cpu_millis: 5000,
+            memory_bytes: 3 << 30,
+            ..ClassCapacity::default()
+        };
+        let node = |cpu: &str, memory: &str| NodeSize {
+            cpu: q(cpu),
+            memory: q(memory),
+        };
+        assert_eq!(class_mode_nodes(&c, &node("2", "16Gi")), Some(3));
+        assert_eq!(class_mode_nodes(&c, &node("8", "1Gi")), Some(3));
+        assert_eq!(class_mode_nodes(&c, &node("8", "16Gi")), Some(1));
+        assert_eq!(class_mode_nodes(&c, &NodeSize::default()), None);
+        let no_requests = ClassCapacity {
+            pods: 2,
+            ..ClassCapacity::default()
+        };
+        assert_eq!(class_mode_nodes(&no_requests, &node("2", "2Gi")), Some(1));
+    }
+
+    #[test]
+    fn effective_requests_count_init_containers_as_the_scheduler_does() {
+        let pod = json!({"spec": {
+            "containers": [
+                {"resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}},
+                {"resources": {"requests": {"cpu": 1}}},
+            ],
+            "initContainers": [{"resources": {"requests": {"cpu": "2", "memory": "32Mi"}}}],
+        }});
+        assert_eq!(requests(&pod), (2000, (64u128 << 20) * 1000));
+    }
+
+    #[test]
+    fn workloads_count_their_replicas() {
+        let deployment =
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"replicas": 3}});
+        assert_eq!(replicas(&deployment, Kind::Deployment), 3);
+        let job = json!({"apiVersion": "batch/v1", "kind": "Job", "spec": {}});
+        assert_eq!(replicas(&job, Kind::Job), 1);
+    }
+}
