@@ -486,7 +486,7 @@ fn node_pool(pool: Pool, node_class_ref: NodeClassReference) -> NodePool {
         },
         spec: NodePoolSpec {
             template: NodeClaimTemplate {
-                metadata: (!labels.is_empty()).then(|| TemplateMetadata {
+                metadata: (!labels.is_empty()).then_some(TemplateMetadata {
                     labels: Some(labels),
                     annotations: None,
                 }),
