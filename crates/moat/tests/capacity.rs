@@ -413,3 +413,64 @@ fn capacity_buffer_version_is_the_operators_choice() {
         "autoscaling.x-k8s.io/v1alpha1"
     );
 }
+
+#[test]
+fn review_capacity_counts_nodes_per_class_and_mode() {
+    let config = config_file(
+        "report",
+        "isolation: {mode: class, classes: [{name: gold, namespaces: [bank], warmNodes: 1}, {name: lead, namespaces: [shop]}]}",
+    );
+    let manifests = config_file(
+        "report-manifests",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: bank}\nspec:\n  replicas: 3\n  template:\n    metadata: {labels: {moat.dev/class: gold}}\n    spec: {containers: [{name: a, image: 'app:1', resources: {requests: {cpu: 1500m, memory: 1Gi}}}]}\n---\napiVersion: batch/v1\nkind: Job\nmetadata: {name: j, namespace: shop}\nspec:\n  parallelism: 2\n  template:\n    metadata: {labels: {moat.dev/class: lead}}\n    spec: {containers: [{name: a, image: 'app:1'}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: plain, namespace: shop}\nspec: {containers: [{name: a, image: 'app:1'}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: shop}\nspec: {containers: [{name: a, image: app}]}\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args([
+            "review",
+            "--capacity",
+            "--node-cpu",
+            "2",
+            "-o",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "class");
+    let gold = &report["classes"][0];
+    assert_eq!(gold["class"], "gold");
+    assert_eq!(gold["pods"], 3);
+    assert_eq!(gold["cpuMillis"], 4500);
+    assert_eq!(
+        gold["nodes"],
+        json!({"class": 3, "pod": 3, "dedicatedNode": 3})
+    );
+    assert_eq!(gold["warmNodes"], 1);
+    let lead = &report["classes"][1];
+    assert_eq!(lead["pods"], 2);
+    assert_eq!(lead["nodes"]["class"], 1, "no requests: at least one node");
+    assert_eq!(report["unisolatedPods"], 1);
+    assert_eq!(report["deniedObjects"], 1, "the untagged image");
+
+    let text = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["review", "--capacity", "--config"])
+        .arg(&config)
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("CLASS  PODS"), "{text}");
+    assert!(
+        text.contains("5 isolated pods: pod and dedicatedNode modes need 5 nodes"),
+        "{text}"
+    );
+}

@@ -388,7 +388,7 @@ fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{} pods not isolated, {} objects denied (not counted), {} DaemonSets (a pod on every node), {} errors",
+        "not isolated: {} pods; denied (not counted): {} objects; DaemonSets (a pod on every node): {}; errors: {}",
         r.unisolated_pods, r.denied_objects, r.daemon_sets, r.errors
     )
 }
