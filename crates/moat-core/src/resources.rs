@@ -98,7 +98,11 @@ impl FromStr for Quantity {
                 if exponent < 0 { (1, scale) } else { (scale, 1) }
             }
         };
-        let den = den * 10u128.pow(u32::try_from(fraction.len()).map_err(|_| err())?);
+        let den = u32::try_from(fraction.len())
+            .ok()
+            .and_then(|digits| 10u128.checked_pow(digits))
+            .and_then(|scale| scale.checked_mul(den))
+            .ok_or_else(err)?;
         let scaled = mantissa
             .checked_mul(num)
             .and_then(|v| v.checked_mul(1000))
@@ -224,6 +228,21 @@ mod tests {
         for bad in ["", "-1", "1.2.3", "4GB", "Gi", "1 Gi", ".", "1e99", "1x"] {
             assert!(bad.parse::<Quantity>().is_err(), "{bad}");
         }
+        // More digits than the arithmetic holds is an error, never an overflow.
+        let fraction = format!("0.{}1", "0".repeat(45));
+        assert!(fraction.parse::<Quantity>().is_err());
+        assert!("1".repeat(40).parse::<Quantity>().is_err());
+        // Past the length limit nothing is read at all.
+        let long = format!("1{}", "0".repeat(MAX_QUANTITY_LEN_CHARS));
+        assert_eq!(
+            long.parse::<Quantity>(),
+            Err(ResourceError::Quantity(long.clone()))
+        );
+        assert!(
+            "1.000000000000000000000000000000"
+                .parse::<Quantity>()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -680,6 +680,13 @@ fn admitted(
     if !mutated.allowed() {
         return Err(denied(mutated.message()));
     }
+    // An exempt placeholder would get no placement: it would hold no node of its class.
+    if let Some(e) = mutated.exemptions.first() {
+        return Err(denied(format!(
+            "it would be exempt ({}) and so not placed on its class's nodes",
+            e.reason.as_str()
+        )));
+    }
     let pod = mutated
         .patched(pod)
         .map_err(|e| CapacityError::Object(e.to_string()))?;

@@ -235,6 +235,11 @@ fn install_refuses_pools_it_cannot_make() {
             &["--pause-image", PAUSE],
             "moat would refuse its warm placeholders in namespace 'moat-warm-a'",
         ),
+        (
+            "isolation: {mode: pod, classes: [{name: a, namespaces: ['*'], warmNodes: 1}]}\nexemptions: {namespaces: ['moat-*']}",
+            &["--pause-image", PAUSE],
+            "it would be exempt (namespace)",
+        ),
     ];
     for (i, (yaml, args, want)) in cases.iter().enumerate() {
         let (code, docs, err) = install(&config_file(&format!("refused-{i}"), yaml), args);
