@@ -420,7 +420,11 @@ impl Config {
         if text.len() > MAX_CONFIG_LEN_BYTES {
             return Err(ConfigError::TooLarge(text.len()));
         }
-        let de = serde_yaml::Deserializer::from_str(text);
+        crate::nesting::check_depth(text).map_err(|e| ConfigError::Parse {
+            path: ".".to_owned(),
+            message: format!("the document {e}"),
+        })?;
+        let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::Parse {
@@ -553,9 +557,9 @@ impl Config {
     }
 }
 
-/// serde_yaml's message without its own path prefix (we print the full path) and with the
+/// The YAML parser's message without its own path prefix (we print the full path) and with the
 /// location written once, in words.
-fn yaml_message(e: &serde_yaml::Error) -> String {
+fn yaml_message(e: &serde_yaml_ng::Error) -> String {
     let mut text = e.to_string();
     if let Some(loc) = e.location() {
         let suffix = format!(" at line {} column {}", loc.line(), loc.column());
@@ -759,7 +763,7 @@ mod tests {
 
     #[test]
     fn namespace_selector_semantics() {
-        let sel: NamespaceSelector = serde_yaml::from_str(
+        let sel: NamespaceSelector = serde_yaml_ng::from_str(
             "{matchLabels: {tier: tenant}, matchExpressions: [{key: pci, operator: DoesNotExist}, {key: team, operator: In, values: [a, b]}]}",
         )
         .unwrap();

@@ -37,5 +37,6 @@ pub mod engine;
 pub mod fields;
 pub mod image;
 pub mod names;
+pub mod nesting;
 pub(crate) mod policy;
 pub mod subject;
