@@ -52,6 +52,9 @@ pub struct Config {
     /// Node isolation per class or per pod.
     #[serde(default)]
     pub isolation: IsolationPolicy,
+    /// Facts moat stamps on pods for the node identity agent.
+    #[serde(default)]
+    pub identity: IdentityStamp,
     /// What the policies do not apply to.
     #[serde(default)]
     pub exemptions: Exemptions,
@@ -81,6 +84,22 @@ pub struct EnforcementModes {
     pub runtime_class: Enforcement,
     #[serde(default)]
     pub isolation: Enforcement,
+}
+
+/// The annotation `moat install --identity-agent` uses for [`IdentityStamp`] when the
+/// configuration names none; the node agent reads the same key by default.
+pub const DEFAULT_SERVICE_ACCOUNT_ANNOTATION: &str = "moat.dev/service-account";
+
+/// `identity`: what moat writes on pods for the node identity agent, which sees a pod's
+/// annotations but not its spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityStamp {
+    /// An annotation moat sets to the pod's `spec.serviceAccountName` at creation, checks at
+    /// validation and keeps immutable, so the agent can ask SPIRE by service account for pods in
+    /// sandboxes. Null: off.
+    #[serde(default)]
+    pub service_account_annotation: Option<LabelKey>,
 }
 
 /// `images`: every container's image must carry a tag other than `latest`, or a digest.

@@ -159,6 +159,17 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     ];
     let labels =
         json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "admission"});
+    // The node agent asks SPIRE by service account for sandboxed pods, from the annotation moat
+    // stamps: installing the agent turns the stamp on.
+    let mut config = config.clone();
+    if *identity_agent && config.identity.service_account_annotation.is_none() {
+        config.identity.service_account_annotation = Some(
+            moat_core::config::DEFAULT_SERVICE_ACCOUNT_ANNOTATION
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        );
+    }
+    let config = &config;
     let config_yaml = serde_yaml_ng::to_string(config).map_err(|e| e.to_string())?;
     let watch_namespaces = moat_server::namespaces::needed(config);
 

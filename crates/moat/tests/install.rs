@@ -296,6 +296,18 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
         .expect("a DaemonSet");
     let _: k8s_openapi::api::apps::v1::DaemonSet = round_trips(ds);
     assert_eq!(ds["metadata"]["namespace"], "moat-node");
+    // The webhook stamps the service account the agent asks SPIRE by.
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the configuration");
+    assert!(
+        config["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("serviceAccountAnnotation: moat.dev/service-account"),
+        "{config}"
+    );
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["tolerations"][0]["operator"], "Exists");
     assert_eq!(spec["automountServiceAccountToken"], false);
