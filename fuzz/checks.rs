@@ -36,8 +36,8 @@ pub(crate) fn config(data: &[u8]) {
         return;
     };
     if let Ok(c) = Config::from_yaml(s) {
-        let yaml =
-            serde_yaml::to_string(&c).unwrap_or_else(|e| panic!("config does not serialise: {e}"));
+        let yaml = serde_yaml_ng::to_string(&c)
+            .unwrap_or_else(|e| panic!("config does not serialise: {e}"));
         let again = Config::from_yaml(&yaml)
             .unwrap_or_else(|e| panic!("serialised config does not load: {e}\n{yaml}"));
         assert_eq!(c, again);

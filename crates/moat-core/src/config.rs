@@ -62,6 +62,9 @@ pub struct Config {
     /// Node isolation per class or per pod.
     #[serde(default)]
     pub isolation: IsolationPolicy,
+    /// Facts moat stamps on pods for the node identity agent.
+    #[serde(default)]
+    pub identity: IdentityStamp,
     /// What the policies do not apply to.
     #[serde(default)]
     pub exemptions: Exemptions,
@@ -91,6 +94,22 @@ pub struct EnforcementModes {
     pub runtime_class: Enforcement,
     #[serde(default)]
     pub isolation: Enforcement,
+}
+
+/// The annotation `moat install --identity-agent` uses for [`IdentityStamp`] when the
+/// configuration names none; the node agent reads the same key by default.
+pub const DEFAULT_SERVICE_ACCOUNT_ANNOTATION: &str = "moat.dev/service-account";
+
+/// `identity`: what moat writes on pods for the node identity agent, which sees a pod's
+/// annotations but not its spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityStamp {
+    /// An annotation moat sets to the pod's `spec.serviceAccountName` at creation, checks at
+    /// validation and keeps immutable, so the agent can ask SPIRE by service account for pods in
+    /// sandboxes. Null: off.
+    #[serde(default)]
+    pub service_account_annotation: Option<LabelKey>,
 }
 
 /// `images`: every container's image must carry a tag other than `latest`, or a digest.
@@ -453,7 +472,11 @@ impl Config {
         if text.len() > MAX_CONFIG_LEN_BYTES {
             return Err(ConfigError::TooLarge(text.len()));
         }
-        let de = serde_yaml::Deserializer::from_str(text);
+        crate::nesting::check_depth(text).map_err(|e| ConfigError::Parse {
+            path: ".".to_owned(),
+            message: format!("the document {e}"),
+        })?;
+        let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::Parse {
@@ -627,9 +650,9 @@ impl Config {
     }
 }
 
-/// serde_yaml's message without its own path prefix (we print the full path) and with the
+/// The YAML parser's message without its own path prefix (we print the full path) and with the
 /// location written once, in words.
-fn yaml_message(e: &serde_yaml::Error) -> String {
+fn yaml_message(e: &serde_yaml_ng::Error) -> String {
     let mut text = e.to_string();
     if let Some(loc) = e.location() {
         let suffix = format!(" at line {} column {}", loc.line(), loc.column());
@@ -798,7 +821,7 @@ mod tests {
         assert_eq!(c.isolation.classes[1].idle_after(), DEFAULT_IDLE_AFTER);
         assert_eq!(c.isolation.classes[1].warm_nodes, 0);
         // Printed and read again (`moat config check`), the settings are the same.
-        let again = Config::from_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        let again = Config::from_yaml(&serde_yaml_ng::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);
     }
 
@@ -893,7 +916,7 @@ mod tests {
 
     #[test]
     fn namespace_selector_semantics() {
-        let sel: NamespaceSelector = serde_yaml::from_str(
+        let sel: NamespaceSelector = serde_yaml_ng::from_str(
             "{matchLabels: {tier: tenant}, matchExpressions: [{key: pci, operator: DoesNotExist}, {key: team, operator: In, values: [a, b]}]}",
         )
         .unwrap();

@@ -60,6 +60,8 @@ pub enum Policy {
     Images,
     RuntimeClass,
     Isolation,
+    /// Identity facts for the node agent (always enforced).
+    Identity,
 }
 
 impl Policy {
@@ -69,6 +71,7 @@ impl Policy {
             Self::Images => "images",
             Self::RuntimeClass => "runtimeClass",
             Self::Isolation => "isolation",
+            Self::Identity => "identity",
         }
     }
 }

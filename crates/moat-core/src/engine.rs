@@ -12,7 +12,7 @@ use crate::decision::{
     Change, Decision, Denial, Exemption, ExemptionReason, Operation, Policy, Request, Stage,
 };
 use crate::fields::PodFields;
-use crate::policy::{images, isolation, runtime};
+use crate::policy::{identity, images, isolation, runtime};
 use crate::subject::{Kind, Template};
 
 /// Everything a policy reads.
@@ -70,14 +70,16 @@ pub fn enforcement(modes: &EnforcementModes, policy: Policy) -> Enforcement {
         Policy::Images => modes.images,
         Policy::RuntimeClass => modes.runtime_class,
         Policy::Isolation => modes.isolation,
+        // A stamp the node agent trusts must always be right; it denies nothing on CREATE.
+        Policy::Identity => Enforcement::Enforce,
     }
 }
 
 /// Decides on one object.
 ///
 /// The policies run in this order: images (check), isolation (check: the pod's class and its
-/// placement), runtimeClass (check, reading the class's runtime), then the mutations of
-/// runtimeClass and isolation. Mutations of a policy in audit mode go to a copy that is thrown
+/// placement), runtimeClass (check, reading the class's runtime), identity (check), then the
+/// mutations of runtimeClass, isolation and identity. Mutations of a policy in audit mode go to a copy that is thrown
 /// away and are reported as warnings.
 pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
     let Some(template) = req.object else {
@@ -115,6 +117,7 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
         placement.as_ref().and_then(|p| p.runtime()),
         &mut found,
     );
+    let stamp = identity::check(&ctx, &mut found);
 
     let modes = &config.enforcement;
     let mut pod = template.fields.clone();
@@ -127,6 +130,9 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
     if let Some(p) = &placement {
         let pod = target(modes, Policy::Isolation, template, &mut pod, &mut shadow);
         isolation::mutate(&ctx, p, pod, &mut found);
+    }
+    if let Some(s) = stamp {
+        identity::mutate(&ctx, s, &mut pod, &mut found);
     }
 
     let mut decision = enforce(modes, Some(kind), found);

@@ -17,11 +17,13 @@ use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use serde::Serialize;
 use serde_json::Value;
 
-/// `metadata.labels` and `spec.{runtimeClassName, tolerations, affinity, nodeSelector}` of a pod
-/// template: everything moat may change. `None` is "absent or null" in the object.
+/// `metadata.{labels, annotations}` and `spec.{runtimeClassName, tolerations, affinity,
+/// nodeSelector}` of a pod template: everything moat may change. `None` is "absent or null" in
+/// the object.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodFields {
     pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
     pub runtime_class_name: Option<String>,
     pub tolerations: Option<Vec<Toleration>>,
     pub affinity: Option<Affinity>,
@@ -32,6 +34,11 @@ impl PodFields {
     /// The labels, created empty when absent.
     pub fn labels_mut(&mut self) -> &mut BTreeMap<String, String> {
         self.labels.get_or_insert_with(BTreeMap::new)
+    }
+
+    /// The annotations, created empty when absent.
+    pub fn annotations_mut(&mut self) -> &mut BTreeMap<String, String> {
+        self.annotations.get_or_insert_with(BTreeMap::new)
     }
 
     /// The tolerations, created empty when absent.
@@ -50,19 +57,37 @@ impl PodFields {
     }
 
     /// The RFC 6902 patch that turns a template whose fields are `self` into one whose fields are
-    /// `after`. `has_metadata`: whether the template has a `metadata` object to add labels to.
+    /// `after`. `has_metadata`: whether the template has a `metadata` object to add labels and
+    /// annotations to.
     pub fn patch_to(&self, after: &Self, has_metadata: bool) -> Patch {
         let mut ops = Vec::new();
-        if self.labels != after.labels {
-            if has_metadata {
+        if !has_metadata && (after.labels.is_some() || after.annotations.is_some()) {
+            let mut metadata = serde_json::Map::new();
+            for (key, map) in [
+                ("labels", &after.labels),
+                ("annotations", &after.annotations),
+            ] {
+                if let Some(map) = map {
+                    metadata.insert(key.to_owned(), to_value(map));
+                }
+            }
+            ops.push(add(&["metadata"], Value::Object(metadata)));
+        } else {
+            if self.labels != after.labels {
                 map_ops(
                     &mut ops,
                     &["metadata", "labels"],
                     &self.labels,
                     &after.labels,
                 );
-            } else if let Some(labels) = &after.labels {
-                ops.push(add(&["metadata"], serde_json::json!({ "labels": labels })));
+            }
+            if self.annotations != after.annotations {
+                map_ops(
+                    &mut ops,
+                    &["metadata", "annotations"],
+                    &self.annotations,
+                    &after.annotations,
+                );
             }
         }
         match (&self.runtime_class_name, &after.runtime_class_name) {

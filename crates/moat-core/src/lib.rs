@@ -37,6 +37,7 @@ pub mod engine;
 pub mod fields;
 pub mod image;
 pub mod names;
+pub mod nesting;
 pub(crate) mod policy;
 pub mod resources;
 pub mod subject;

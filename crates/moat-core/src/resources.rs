@@ -184,10 +184,10 @@ macro_rules! serde_via_string {
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 // Quantities are often written as YAML numbers (`cpu: 4`).
-                let v = serde_yaml::Value::deserialize(d)?;
+                let v = serde_yaml_ng::Value::deserialize(d)?;
                 let s = match v {
-                    serde_yaml::Value::String(s) => s,
-                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml_ng::Value::String(s) => s,
+                    serde_yaml_ng::Value::Number(n) => n.to_string(),
                     _ => return Err(serde::de::Error::custom("expected a string or a number")),
                 };
                 s.parse().map_err(serde::de::Error::custom)

@@ -2,8 +2,6 @@
 //! and reads it leniently (API servers add fields over time, so nothing here rejects unknown
 //! ones).
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserialize;
 use serde_json::Value;
@@ -95,13 +93,11 @@ pub enum ReadError {
     Malformed(#[from] MalformedObject),
 }
 
-/// The metadata fields the policies read, other than labels (which are in [`PodFields`]).
-/// Lenient: unknown fields are skipped.
+/// The metadata fields the policies read, other than labels and annotations (which are in
+/// [`PodFields`]). Lenient: unknown fields are skipped.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetaView {
-    #[serde(default)]
-    pub annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub owner_references: Option<Vec<OwnerReference>>,
 }
@@ -122,6 +118,8 @@ pub struct PodSpecView {
     pub ephemeral_containers: Option<Vec<ContainerView>>,
     pub node_name: Option<String>,
     pub scheduler_name: Option<String>,
+    /// `spec.serviceAccountName` (or the deprecated `serviceAccount`), as sent.
+    pub service_account_name: Option<String>,
     /// Volumes of the `image` type: images the kubelet pulls like a container's.
     pub image_volumes: Vec<ImageVolume>,
 }
@@ -238,7 +236,6 @@ impl Template {
         Ok(Self {
             kind,
             metadata: MetaView {
-                annotations: metadata.annotations,
                 owner_references: metadata.owner_references,
             },
             spec: PodSpecView {
@@ -247,6 +244,7 @@ impl Template {
                 ephemeral_containers: spec.ephemeral_containers,
                 node_name: spec.node_name,
                 scheduler_name: spec.scheduler_name,
+                service_account_name: spec.service_account_name.or(spec.service_account),
                 image_volumes: spec
                     .volumes
                     .into_iter()
@@ -263,6 +261,7 @@ impl Template {
             },
             fields: PodFields {
                 labels: metadata.labels,
+                annotations: metadata.annotations,
                 runtime_class_name: spec.runtime_class_name,
                 tolerations: spec.tolerations,
                 affinity: spec.affinity,
@@ -288,7 +287,7 @@ impl Template {
 
     /// A template annotation.
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.metadata
+        self.fields
             .annotations
             .as_ref()?
             .get(key)
@@ -368,6 +367,10 @@ mod wire {
         pub(super) runtime_class_name: Option<String>,
         #[serde(default)]
         pub(super) scheduler_name: Option<String>,
+        #[serde(default)]
+        pub(super) service_account_name: Option<String>,
+        #[serde(default)]
+        pub(super) service_account: Option<String>,
         #[serde(default)]
         pub(super) volumes: Option<Vec<Volume>>,
     }

@@ -1345,3 +1345,67 @@ fn only_allowed_schedulers() {
         ),
     ));
 }
+
+#[test]
+fn the_service_account_stamp_is_moats_own() {
+    const KEY: &str = "moat.dev/service-account";
+    assert!(
+        create(&Config::default(), &pod(app("x:1")))
+            .patch
+            .0
+            .is_empty(),
+        "off unless configured"
+    );
+    let c = config("identity: {serviceAccountAnnotation: moat.dev/service-account}");
+    let d = create(&c, &pod(app("x:1")));
+    assert_eq!(
+        d.object["metadata"]["annotations"][KEY], "default",
+        "{:?} {:?} {:?}",
+        d.patch, d.changes, d.denials
+    );
+    // Whatever the pod wrote there is replaced by its real service account.
+    let mut forged =
+        pod(json!({"serviceAccountName": "web", "containers": [{"name": "a", "image": "x:1"}]}));
+    forged["metadata"]["annotations"] = json!({KEY: "payments", "other": "kept"});
+    let d = create(&c, &forged);
+    assert_allowed(&d);
+    assert_eq!(d.object["metadata"]["annotations"][KEY], "web");
+    assert_eq!(d.object["metadata"]["annotations"]["other"], "kept");
+    // The validating webhook refuses a final pod whose stamp is not its service account.
+    let validate = |object: &Value| {
+        run(
+            &c,
+            object,
+            Call {
+                stage: Stage::Validate,
+                ..Call::default()
+            },
+        )
+    };
+    assert_allowed(&validate(&d.object));
+    assert_denied(
+        &validate(&forged),
+        "set annotation moat.dev/service-account=web",
+    );
+    // An UPDATE may not change it, nor add it.
+    let mut changed = d.object.clone();
+    changed["metadata"]["annotations"][KEY] = json!("payments");
+    for (old, new) in [(&d.object, &changed), (&pod(app("x:1")), &d.object)] {
+        let u = run(
+            &c,
+            new,
+            Call {
+                op: Operation::Update,
+                old: Some(old.clone()),
+                ..Call::default()
+            },
+        );
+        assert_denied(&u, "cannot change on a running pod");
+    }
+    // A pod without metadata gets it, with the annotation.
+    let bare = json!({"apiVersion": "v1", "kind": "Pod", "spec": app("x:1")});
+    assert_eq!(
+        create(&c, &bare).object["metadata"]["annotations"][KEY],
+        "default"
+    );
+}

@@ -181,10 +181,15 @@ pub fn parse(
             key: key.to_owned(),
         });
     }
-    let raw: Vec<RawEntry> = serde_yaml::from_str(value).map_err(|e| AnnotationError::Syntax {
+    moat_core::nesting::check_depth(value).map_err(|e| AnnotationError::Syntax {
         key: key.to_owned(),
-        reason: e.to_string(),
+        reason: format!("the annotation {e}"),
     })?;
+    let raw: Vec<RawEntry> =
+        serde_yaml_ng::from_str(value).map_err(|e| AnnotationError::Syntax {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
     if raw.len() > MAX_ENTRIES_PER_CONTAINER {
         return Err(AnnotationError::TooManyEntries {
             key: key.to_owned(),
@@ -404,6 +409,15 @@ mod tests {
         assert_eq!(other[0].cert_dir, PathBuf::from("/pod"));
         assert_eq!(entries_for(&a, "log", &d).unwrap(), Some(vec![]));
         assert_eq!(entries_for(&annotations(&[]), "web", &d).unwrap(), None);
+    }
+
+    #[test]
+    fn deeply_nested_annotations_are_refused_before_parsing() {
+        // 8,000 levels fit in the length limit; the parser's work would grow with the square.
+        let deep = format!("{}{}", "[".repeat(8000), "]".repeat(8000));
+        assert!(deep.len() <= MAX_ANNOTATION_LEN_BYTES);
+        let e = parse("k", &deep, &defaults()).unwrap_err();
+        assert!(e.to_string().contains("levels deep"), "{e}");
     }
 
     #[test]

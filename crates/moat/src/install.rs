@@ -162,7 +162,18 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     ];
     let labels =
         json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "admission"});
-    let config_yaml = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
+    // The node agent asks SPIRE by service account for sandboxed pods, from the annotation moat
+    // stamps: installing the agent turns the stamp on.
+    let mut config = config.clone();
+    if *identity_agent && config.identity.service_account_annotation.is_none() {
+        config.identity.service_account_annotation = Some(
+            moat_core::config::DEFAULT_SERVICE_ACCOUNT_ANNOTATION
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        );
+    }
+    let config = &config;
+    let config_yaml = serde_yaml_ng::to_string(config).map_err(|e| e.to_string())?;
     let watch_namespaces = moat_server::namespaces::needed(config);
 
     let mut objects = vec![
@@ -585,7 +596,7 @@ fn image_policy(
         "contexts": [{"name": NAME, "context": {"cluster": NAME, "user": "kube-apiserver"}}],
         "current-context": NAME,
     });
-    let yaml = |v: &Value| serde_yaml::to_string(v).map_err(|e| e.to_string());
+    let yaml = |v: &Value| serde_yaml_ng::to_string(v).map_err(|e| e.to_string());
     Ok(vec![
         ("admission-config.yaml".to_owned(), yaml(&admission)?),
         ("imagepolicy-kubeconfig.yaml".to_owned(), yaml(&kubeconfig)?),
@@ -605,7 +616,7 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
         }
     }
     for object in &install.objects {
-        let text = serde_yaml::to_string(object).map_err(|e| e.to_string())?;
+        let text = serde_yaml_ng::to_string(object).map_err(|e| e.to_string())?;
         write!(out, "---\n{text}").map_err(|e| format!("writing output: {e}"))?;
     }
     Ok(0)

@@ -136,7 +136,7 @@ impl Args {
                         // A failed write to stderr leaves nothing else to report to.
                         let _ = writeln!(stderr, "moat: warning: {warning}");
                     }
-                    let text = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
+                    let text = serde_yaml_ng::to_string(&c).map_err(|e| e.to_string())?;
                     stdout
                         .write_all(text.as_bytes())
                         .map(|()| 0)

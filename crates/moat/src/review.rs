@@ -145,8 +145,9 @@ fn is_blank(doc: &str) -> bool {
 
 /// Parses one document into the objects it holds (`List` kinds are expanded into their items).
 pub(crate) fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
+    moat_core::nesting::check_depth(doc).map_err(|e| format!("the document {e}"))?;
     let value: Value =
-        serde_yaml::from_str(doc).map_err(|e| format!("does not parse as YAML or JSON: {e}"))?;
+        serde_yaml_ng::from_str(doc).map_err(|e| format!("does not parse as YAML or JSON: {e}"))?;
     if !value.is_object() {
         return Err("is not an object (expected a Kubernetes manifest)".to_owned());
     }
@@ -395,7 +396,7 @@ impl Renderer {
                 serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::other)
             }
             OutputFormat::Yaml => {
-                let text = serde_yaml::to_string(std::slice::from_ref(v))
+                let text = serde_yaml_ng::to_string(std::slice::from_ref(v))
                     .map_err(std::io::Error::other)?;
                 out.write_all(text.as_bytes())
             }

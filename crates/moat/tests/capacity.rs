@@ -41,7 +41,7 @@ fn install(config: &PathBuf, args: &[&str]) -> (i32, Vec<Value>, String) {
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let docs = serde_yaml::Deserializer::from_str(&stdout)
+    let docs = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|d| !d.is_null())
         .collect();

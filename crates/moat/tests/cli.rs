@@ -142,7 +142,7 @@ fn yaml_output_parses() {
         "yaml",
         repo("examples/demo.yaml").to_str().unwrap(),
     ]);
-    let v: Vec<Value> = serde_yaml::from_slice(&o.stdout).unwrap();
+    let v: Vec<Value> = serde_yaml_ng::from_slice(&o.stdout).unwrap();
     assert_eq!(v.len(), 5);
 }
 
@@ -377,7 +377,7 @@ fn empty_input_is_an_empty_array() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
     let o = run_stdin(&["review", "-o", "yaml", "-"], "");
-    let v: Vec<Value> = serde_yaml::from_slice(&o.stdout).unwrap();
+    let v: Vec<Value> = serde_yaml_ng::from_slice(&o.stdout).unwrap();
     assert!(v.is_empty());
 }
 
@@ -423,4 +423,19 @@ fn identity_agent_without_a_runtime_exits_3_naming_the_socket() {
     assert!(err.contains("connecting to the NRI socket"), "{err}");
     assert!(err.contains("missing.sock"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deeply_nested_documents_are_refused_at_once_and_the_others_reviewed() {
+    let deep = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: deep}}\nspec: {{containers: {}{}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: fine, namespace: t}}\nspec: {{runtimeClassName: gvisor, containers: [{{name: c, image: 'x:1'}}]}}\n",
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    let o = run_stdin(&["review", "-o", "json", "-"], &deep);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("levels deep"), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], "fine");
 }

@@ -25,7 +25,7 @@ fn install(args: &[&str]) -> (i32, Vec<Value>, String) {
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let docs = serde_yaml::Deserializer::from_str(&stdout)
+    let docs = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
     (
@@ -249,9 +249,10 @@ fn writes_the_image_policy_webhook_files() {
     let dir = std::env::temp_dir().join(format!("moat-imagepolicy-{}", std::process::id()));
     let (code, docs, err) = install(&["--image-policy-dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    let admission: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("admission-config.yaml")).unwrap())
-            .unwrap();
+    let admission: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(dir.join("admission-config.yaml")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(admission["kind"], "AdmissionConfiguration");
     let policy = &admission["plugins"][0]["configuration"]["imagePolicy"];
     assert_eq!(policy["defaultAllow"], false);
@@ -261,7 +262,7 @@ fn writes_the_image_policy_webhook_files() {
             .display()
             .to_string()
     );
-    let kubeconfig: Value = serde_yaml::from_str(
+    let kubeconfig: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(dir.join("imagepolicy-kubeconfig.yaml")).unwrap(),
     )
     .unwrap();
@@ -295,6 +296,18 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
         .expect("a DaemonSet");
     let _: k8s_openapi::api::apps::v1::DaemonSet = round_trips(ds);
     assert_eq!(ds["metadata"]["namespace"], "moat-node");
+    // The webhook stamps the service account the agent asks SPIRE by.
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the configuration");
+    assert!(
+        config["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("serviceAccountAnnotation: moat.dev/service-account"),
+        "{config}"
+    );
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["tolerations"][0]["operator"], "Exists");
     assert_eq!(spec["automountServiceAccountToken"], false);

@@ -3,6 +3,7 @@
 //! ([`crate::engine`]) runs them in order; nothing here knows about enforcement, exemptions by
 //! namespace, stages or patches.
 
+pub(crate) mod identity;
 pub(crate) mod images;
 pub(crate) mod isolation;
 pub(crate) mod runtime;

@@ -91,7 +91,7 @@ mod tests {
             "apiVersion: autoscaling.x-k8s.io/v1beta1\nkind: CapacityBuffer\nmetadata: {name: a, namespace: b}\nspec: {provisioningStrategy: buffer.x-k8s.io/active-capacity, podTemplateRef: {name: t}, replicas: 3, limits: {cpu: '20', memory: 40Gi}}",
             "apiVersion: autoscaling.x-k8s.io/v1alpha1\nkind: CapacityBuffer\nmetadata: {name: a}\nspec: {scalableRef: {apiGroup: apps, kind: Deployment, name: web}, percentage: 20}",
         ] {
-            let value: serde_json::Value = serde_yaml::from_str(text).unwrap();
+            let value: serde_json::Value = serde_yaml_ng::from_str(text).unwrap();
             let buffer: CapacityBuffer = serde_json::from_value(value.clone()).unwrap();
             assert_eq!(serde_json::to_value(&buffer).unwrap(), value, "{text}");
         }

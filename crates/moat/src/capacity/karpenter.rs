@@ -197,7 +197,7 @@ spec:
 
     #[test]
     fn every_documented_field_round_trips() {
-        let value: serde_json::Value = serde_yaml::from_str(EVERY_FIELD).unwrap();
+        let value: serde_json::Value = serde_yaml_ng::from_str(EVERY_FIELD).unwrap();
         let pool: NodePool = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(serde_json::to_value(&pool).unwrap(), value);
         assert_eq!(
@@ -208,7 +208,7 @@ spec:
 
     #[test]
     fn unknown_fields_from_newer_versions_are_tolerated() {
-        let mut value: serde_json::Value = serde_yaml::from_str(EVERY_FIELD).unwrap();
+        let mut value: serde_json::Value = serde_yaml_ng::from_str(EVERY_FIELD).unwrap();
         value["spec"]["replicas"] = 3.into();
         value["status"] = serde_json::json!({"conditions": []});
         assert!(serde_json::from_value::<NodePool>(value).is_ok());

@@ -313,7 +313,7 @@ pub fn render(
             writeln!(out)
         }
         OutputFormat::Yaml => {
-            let text = serde_yaml::to_string(report).map_err(std::io::Error::other)?;
+            let text = serde_yaml_ng::to_string(report).map_err(std::io::Error::other)?;
             out.write_all(text.as_bytes())
         }
         OutputFormat::Text => render_text(report, out),
