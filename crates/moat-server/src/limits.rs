@@ -30,8 +30,17 @@ pub const MAX_CONCURRENT_REQUESTS: usize = 512;
 /// Time a request may wait for a slot before it is answered 503.
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Open connections at once; the accept loop waits when all are taken.
+/// Open connections at once; more are closed as they are accepted (the accept loop never waits).
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Open connections from one source address. The API server needs a handful (HTTP/2 multiplexes
+/// reviews); a tenant pod that floods the port from its one address gets no more than this.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+
+/// A connection on which no byte moved for this long is closed, whatever its state (TLS
+/// handshake, HTTP version detection, between requests, an idle HTTP/2 connection). The API
+/// server reconnects when it needs to.
+pub const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How often the TLS and configuration files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);

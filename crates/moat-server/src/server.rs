@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,12 +14,13 @@ use hyper_util::service::TowerToHyperService;
 use moat_core::config::Config;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::certs;
+use crate::conn::{Activity, ConnectionLimits, Tracked};
 use crate::limits::{
-    HEADER_READ_TIMEOUT, MAX_CONNECTIONS, RELOAD_INTERVAL, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,
+    HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, RELOAD_INTERVAL,
+    SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,
 };
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     /// Kubeconfig for the namespace cache; `None`: in-cluster, else `KUBECONFIG` or
     /// `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// Connections idle this long are closed ([`CONNECTION_IDLE_TIMEOUT`] in production).
+    pub idle_timeout: Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -78,6 +81,7 @@ pub struct Server {
     registry: Arc<Registry>,
     certs: Arc<CertStore>,
     config_path: Option<PathBuf>,
+    idle_timeout: Duration,
 }
 
 impl Server {
@@ -94,6 +98,7 @@ impl Server {
             config_path,
             tls,
             kubeconfig,
+            idle_timeout,
         } = options;
         let certs = match tls {
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
@@ -140,6 +145,7 @@ impl Server {
             registry: Arc::new(registry),
             certs: Arc::new(certs),
             config_path,
+            idle_timeout,
         })
     }
 
@@ -169,6 +175,7 @@ impl Server {
             registry,
             certs,
             config_path,
+            idle_timeout,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -195,7 +202,7 @@ impl Server {
 
         let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
         let graceful = GracefulShutdown::new();
-        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let limits = ConnectionLimits::new(MAX_CONNECTIONS_PER_SOURCE, MAX_CONNECTIONS);
         let app = router(state.clone());
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -204,16 +211,11 @@ impl Server {
             .header_read_timeout(HEADER_READ_TIMEOUT);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
-        tracing::info!(addr = ?listener.local_addr().ok(), "serving reviews");
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving reviews");
+        }
 
         loop {
-            let permit = tokio::select! {
-                () = &mut shutdown => break,
-                permit = connections.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
             let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
@@ -226,6 +228,16 @@ impl Server {
                     }
                 },
             };
+            // Refused at once, never queued: the accept loop keeps taking the API server's
+            // connections however many a flooding client holds.
+            let slot = match limits.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    state.metrics.connection_refused(refusal);
+                    tracing::debug!(%peer, reason = refusal.as_str(), "connection refused");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, builder, app, watcher) = (
                 acceptor.clone(),
@@ -234,23 +246,35 @@ impl Server {
                 graceful.watcher(),
             );
             tokio::spawn(async move {
-                let _permit = permit;
-                let tls =
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let service = TowerToHyperService::new(app);
-                let conn = builder.serve_connection(TokioIo::new(tls), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let _slot = slot;
+                let activity = Activity::new();
+                let tcp = Tracked::new(tcp, activity.clone());
+                let serve = async move {
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let service = TowerToHyperService::new(app);
+                    let conn = builder.serve_connection(TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                };
+                tokio::select! {
+                    () = serve => {}
+                    () = activity.idle_for(idle_timeout) => {
+                        tracing::debug!(%peer, "closed an idle connection");
+                    }
                 }
             });
         }

@@ -232,6 +232,7 @@ async fn classes_bound_by_namespace_labels_follow_the_watched_cache() {
         config_path: None,
         tls: TlsSource::SelfSigned { ca_out: ca.clone() },
         kubeconfig: Some(kubeconfig.clone()),
+        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
     })
     .await
     .unwrap();

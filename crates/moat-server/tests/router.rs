@@ -188,3 +188,28 @@ async fn a_tightened_policy_never_blocks_finalizer_removal_or_scaling() {
         assert_eq!(answer["response"]["allowed"], false, "{name}: {answer}");
     }
 }
+
+#[tokio::test]
+async fn image_review_honours_the_exempt_namespaces() {
+    let state = Arc::new(AppState::new(
+        Config::embedded_default(),
+        None,
+        &mut Registry::default(),
+    ));
+    let review = |namespace: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "imagepolicy.k8s.io/v1alpha1", "kind": "ImageReview",
+            "spec": {"containers": [{"image": "busybox:latest"}], "namespace": namespace}}))
+        .unwrap()
+    };
+    let (_, answer) = post(&state, "/imagereview", review("kube-system")).await;
+    assert_eq!(answer["status"]["allowed"], true, "{answer}");
+    let (_, answer) = post(&state, "/imagereview", review("shop")).await;
+    assert_eq!(answer["status"]["allowed"], false, "{answer}");
+    assert!(
+        answer["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("spec.containers[0]")
+    );
+}

@@ -77,6 +77,7 @@ async fn start(
         config_path,
         tls,
         kubeconfig: None,
+        idle_timeout: limits::CONNECTION_IDLE_TIMEOUT,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());
@@ -193,6 +194,16 @@ impl Harness {
             .unwrap();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A TCP connection from a given loopback address (127.0.0.0/8 is all this machine's), so tests
+/// can tell an attacker's connections from a good client's.
+async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
 }
 
 fn decoded_patch(review: &Value) -> Value {
@@ -521,8 +532,8 @@ async fn slow_headers_and_idle_connections_are_cut_off() {
     // A flood of TCP connections that never start TLS: each is closed at TLS_HANDSHAKE_TIMEOUT,
     // and a good client is served meanwhile.
     let mut idle = Vec::new();
-    for _ in 0..200 {
-        idle.push(TcpStream::connect(h.addr).await.unwrap());
+    for _ in 0..100 {
+        idle.push(connect_from("127.0.0.2", h.addr).await);
     }
     let (status, _) = h
         .send(Proto::H1, "/mutate", fixture("pod-create-isolated.json"))
@@ -542,7 +553,7 @@ async fn slow_headers_and_idle_connections_are_cut_off() {
         }
     }
     assert_eq!(
-        closed, 200,
+        closed, 100,
         "idle connections are closed after the handshake timeout"
     );
 
@@ -748,4 +759,181 @@ async fn shutdown_finishes_in_flight_requests() {
         TcpStream::connect(addr).await.is_err(),
         "no new connections after shutdown"
     );
+}
+
+#[tokio::test]
+async fn a_connection_flood_from_tenants_does_not_stop_the_api_servers_reviews() {
+    let h = Arc::new(start("flood", default_config(), None, None).await);
+    // More idle TCP connections from one source than the server holds in all: all but the
+    // source's share are closed at once, and the accept loop never waits for a free slot.
+    let mut idle = Vec::new();
+    for _ in 0..limits::MAX_CONNECTIONS + 400 {
+        if let Ok(c) = tokio::time::timeout(
+            Duration::from_millis(200),
+            connect_from("127.0.0.2", h.addr),
+        )
+        .await
+        {
+            idle.push(c);
+        }
+    }
+    // Connections that finish TLS and then say nothing, and handshakes that trickle in, from
+    // other sources.
+    let mut quiet = Vec::new();
+    for _ in 0..150 {
+        let tcp = connect_from("127.0.0.3", h.addr).await;
+        if let Ok(tls) = h
+            .connector(Proto::H2)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+        {
+            quiet.push(tls);
+        }
+    }
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut tcp = connect_from("127.0.0.4", h.addr).await;
+        let _ = tcp.write_all(&[0x16, 0x03, 0x01]).await;
+        slow.push(tcp);
+    }
+    // A request flood from one more source, running all through the good client's reviews.
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let (h, flooding) = (h.clone(), flooding.clone());
+        flood.push(tokio::spawn(async move {
+            let mut sent = 0u32;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let tcp = connect_from("127.0.0.5", h.addr).await;
+                let Ok(tls) = h
+                    .connector(Proto::H1)
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await
+                else {
+                    continue;
+                };
+                let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+                else {
+                    continue;
+                };
+                tokio::spawn(conn);
+                for _ in 0..50 {
+                    let request = http::Request::post("https://localhost/mutate")
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(fixture("pod-create-isolated.json"))))
+                        .unwrap();
+                    if sender.send_request(request).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+            }
+            sent
+        }));
+    }
+
+    // The API server's reviews, each on a new connection (the hardest case), keep being answered,
+    // well before its webhook timeout.
+    let mut slowest = Duration::ZERO;
+    for proto in [Proto::H1, Proto::H2].into_iter().cycle().take(60) {
+        let started = Instant::now();
+        let (status, review) = h
+            .send(proto, "/mutate", fixture("pod-create-isolated.json"))
+            .await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(status, 200, "{review}");
+        assert_eq!(review["response"]["allowed"], true);
+    }
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut flooded = 0;
+    for f in flood {
+        flooded += f.await.unwrap();
+    }
+    assert!(flooded > 0, "the flood ran");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a review took {slowest:?} during the flood"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("moat_connections_refused_total{reason=\"perSource\"}"),
+        "{metrics}"
+    );
+    drop((idle, quiet, slow));
+    Arc::try_unwrap(h).ok().unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_in_any_state() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("idle");
+    let ca = dir.join("ca.pem");
+    let idle_timeout = Duration::from_secs(1);
+    let server = Server::bind(ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        config: default_config(),
+        config_path: None,
+        tls: TlsSource::SelfSigned { ca_out: ca.clone() },
+        kubeconfig: None,
+        idle_timeout,
+    })
+    .await
+    .unwrap();
+    let h = Harness {
+        addr: server.local_addr().unwrap(),
+        metrics_addr: server.metrics_addr().unwrap(),
+        ca,
+        stop: None,
+        task: None,
+        dir,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    // An HTTP/2 connection that completed its handshake and a review, then went quiet; and an
+    // HTTP/1.1 connection that sent nothing after TLS.
+    for proto in [Proto::H2, Proto::H1] {
+        let tcp = TcpStream::connect(h.addr).await.unwrap();
+        let tls = h
+            .connector(proto)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let closed = match proto {
+            Proto::H2 => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                        .await
+                        .unwrap();
+                let conn = tokio::spawn(conn);
+                let request = http::Request::post("https://localhost/mutate")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(fixture("pod-create-isolated.json"))))
+                    .unwrap();
+                assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+                tokio::time::timeout(idle_timeout * 5, conn).await.is_ok()
+            }
+            Proto::H1 => {
+                let mut tls = tls;
+                let mut buf = Vec::new();
+                tokio::time::timeout(
+                    idle_timeout * 5,
+                    tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut buf),
+                )
+                .await
+                .is_ok()
+            }
+        };
+        assert!(closed, "{proto:?}: the idle connection was closed");
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
 }

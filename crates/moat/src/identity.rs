@@ -18,7 +18,7 @@ use crate::serve::{LogFormat, LogLevel, init_logging, shutdown_signal};
 
 /// Exit status when the runtime goes away: the DaemonSet restarts the agent, and Synchronize
 /// rebuilds its state.
-const EXIT_RUNTIME_LOST: u8 = 3;
+const EXIT_RUNTIME_LOST: u8 = crate::EXIT_FAILED;
 
 /// Arguments of `moat identity-agent`.
 #[derive(Debug, clap::Args)]

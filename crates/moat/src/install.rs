@@ -70,6 +70,13 @@ pub struct InstallArgs {
     /// which often cannot resolve cluster DNS: give a Service IP or node address then).
     #[arg(long, value_name = "URL")]
     image_policy_url: Option<String>,
+    /// Make the ImagePolicyWebhook fail closed (`defaultAllow: false`). Beware: the API server
+    /// then refuses every pod in the cluster, kube-system and moat's own included, while moat
+    /// is unreachable, so moat cannot even restart itself. By default it fails open: the
+    /// admission webhooks, which skip moat's own and the exempt namespaces, already enforce the
+    /// image rule fail-closed.
+    #[arg(long, requires = "image_policy_dir")]
+    image_policy_fail_closed: bool,
     /// Also install the node identity agent (a DaemonSet on every node, in its own namespace).
     #[arg(long)]
     identity_agent: bool,
@@ -294,7 +301,7 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
             let url = image_policy_url
                 .clone()
                 .unwrap_or_else(|| format!("https://{NAME}.{ns}.svc:443/imagereview"));
-            image_policy(dir, &url, ca)?
+            image_policy(dir, &url, ca, args.image_policy_fail_closed)?
         }
     };
     Ok(Install {
@@ -572,6 +579,7 @@ fn image_policy(
     dir: &std::path::Path,
     url: &str,
     ca_pem: &str,
+    fail_closed: bool,
 ) -> Result<Vec<(String, String)>, String> {
     let kubeconfig_path = dir.join("imagepolicy-kubeconfig.yaml");
     let admission = json!({
@@ -584,8 +592,9 @@ fn image_policy(
                 "allowTTL": 50,
                 "denyTTL": 50,
                 "retryBackoff": 500,
-                // Fail closed when moat cannot answer.
-                "defaultAllow": false,
+                // The plugin has no namespace selector: failing closed would stop every pod in
+                // the cluster, moat's own included, whenever moat is down.
+                "defaultAllow": !fail_closed,
             }},
         }],
     });

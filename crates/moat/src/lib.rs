@@ -20,6 +20,10 @@ use crate::review::{Input, MAX_INPUT_LEN_BYTES, Options, OutputFormat};
 /// Exit status for usage, configuration and parse errors.
 const EXIT_ERROR: u8 = 2;
 
+/// Exit status of a command whose arguments were fine but that could not run (a port in use,
+/// TLS files that do not load, a runtime that went away).
+pub(crate) const EXIT_FAILED: u8 = 3;
+
 /// Isolation for untrusted Kubernetes workloads.
 #[derive(Debug, Parser)]
 #[command(name = "moat", version, about)]

@@ -88,8 +88,10 @@ pub(crate) fn init_logging(format: LogFormat, level: LogLevel) {
         LogLevel::Debug => tracing::Level::DEBUG,
         LogLevel::Trace => tracing::Level::TRACE,
     };
+    // Colour only for a person at a terminal, never into a file, pipe or log collector.
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second initialisation (tests calling run twice) keeps the first subscriber.
     let _ = match format {
@@ -135,19 +137,26 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         config_path: config,
         tls,
         kubeconfig,
+        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    runtime.block_on(async {
-        let server = Server::bind(options).await.map_err(|e| e.to_string())?;
-        server
-            .run(shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
-    })?;
-    Ok(0)
+    let served = runtime.block_on(async {
+        let server = Server::bind(options).await?;
+        server.run(shutdown_signal()).await
+    });
+    match served {
+        Ok(()) => Ok(0),
+        // The arguments were fine; the server could not run (a port in use, TLS files that do
+        // not load, no API access): a runtime failure, not a usage error.
+        Err(e) => {
+            tracing::error!(error = %e, "the server stopped");
+            eprintln!("moat: {e}");
+            Ok(crate::EXIT_FAILED)
+        }
+    }
 }
 
 /// Completes on SIGTERM (what the kubelet sends) or SIGINT.

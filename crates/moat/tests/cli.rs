@@ -439,3 +439,28 @@ fn deeply_nested_documents_are_refused_at_once_and_the_others_reviewed() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["name"], "fine");
 }
+
+#[test]
+fn serve_with_a_port_in_use_is_a_runtime_failure_logged_without_colour() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let ca = temp_file("serve-ca.pem", "");
+    let o = run(&[
+        "serve",
+        "--self-signed",
+        "--ca-out",
+        ca.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        &addr,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no ANSI codes into a pipe: {err:?}"
+    );
+    assert!(!err.contains("Some("), "{err}");
+}

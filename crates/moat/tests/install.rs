@@ -255,7 +255,10 @@ fn writes_the_image_policy_webhook_files() {
     .unwrap();
     assert_eq!(admission["kind"], "AdmissionConfiguration");
     let policy = &admission["plugins"][0]["configuration"]["imagePolicy"];
-    assert_eq!(policy["defaultAllow"], false);
+    assert_eq!(
+        policy["defaultAllow"], true,
+        "fails open: the admission webhooks enforce"
+    );
     assert_eq!(
         policy["kubeConfigFile"],
         dir.join("imagepolicy-kubeconfig.yaml")
@@ -386,4 +389,113 @@ fn identity_agent_options_are_checked() {
     // Without the flag, no DaemonSet.
     let (_, docs, _) = install(&[]);
     assert!(!docs.iter().any(|d| d["kind"] == "DaemonSet"));
+}
+
+/// Whether the API server, with moat unreachable, admits a pod CREATE in `namespace`: every
+/// webhook whose namespaceSelector and rules match is called and fails, and its failurePolicy
+/// decides; the ImagePolicyWebhook (no selector) falls back to its `defaultAllow`.
+fn admitted_while_moat_is_down(
+    docs: &[Value],
+    image_policy: Option<&Value>,
+    namespace: &str,
+) -> bool {
+    let labels = serde_json::json!({"kubernetes.io/metadata.name": namespace});
+    let selects = |selector: &Value| {
+        selector["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| {
+                let got = labels[e["key"].as_str().unwrap()].as_str();
+                let values: Vec<&str> = e["values"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.as_str().unwrap())
+                    .collect();
+                match e["operator"].as_str().unwrap() {
+                    "In" => got.is_some_and(|g| values.contains(&g)),
+                    "NotIn" => got.is_none_or(|g| !values.contains(&g)),
+                    "Exists" => got.is_some(),
+                    "DoesNotExist" => got.is_none(),
+                    other => panic!("{other}"),
+                }
+            })
+    };
+    for config in docs.iter().filter(|d| {
+        d["kind"] == "MutatingWebhookConfiguration" || d["kind"] == "ValidatingWebhookConfiguration"
+    }) {
+        for webhook in config["webhooks"].as_array().unwrap() {
+            let covers_pods = webhook["rules"].as_array().unwrap().iter().any(|r| {
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == "pods")
+                    && r["operations"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|o| o == "CREATE")
+            });
+            if covers_pods
+                && selects(&webhook["namespaceSelector"])
+                && webhook["failurePolicy"] == "Fail"
+            {
+                return false;
+            }
+        }
+    }
+    image_policy.is_none_or(|p| p["defaultAllow"] == true)
+}
+
+#[test]
+fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
+    let dir = std::env::temp_dir().join(format!("moat-lockout-{}", std::process::id()));
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    let variants: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--identity-agent"],
+        vec!["--cert-manager"],
+        vec!["--image-policy-dir", &dir_arg],
+        vec!["--identity-agent", "--image-policy-dir", &dir_arg],
+    ];
+    for args in variants {
+        let _ = std::fs::remove_dir_all(&dir);
+        let (code, docs, err) = install(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let policy: Option<Value> = std::fs::read_to_string(dir.join("admission-config.yaml"))
+            .ok()
+            .map(|t| serde_yaml_ng::from_str::<Value>(&t).unwrap()["plugins"][0]["configuration"]["imagePolicy"].clone());
+        let mut trusted = vec!["moat-system", "kube-system"];
+        if args.contains(&"--identity-agent") {
+            trusted.push("moat-node");
+        }
+        for ns in trusted {
+            assert!(
+                admitted_while_moat_is_down(&docs, policy.as_ref(), ns),
+                "{args:?}: pods in {ns} are refused while moat is down"
+            );
+        }
+        assert!(
+            !admitted_while_moat_is_down(&docs, policy.as_ref(), "shop"),
+            "{args:?}: tenant pods are not admitted unreviewed"
+        );
+    }
+    // The explicit fail-closed flag does lock every namespace out, as its help says.
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, docs, err) =
+        install(&["--image-policy-dir", &dir_arg, "--image-policy-fail-closed"]);
+    assert_eq!(code, 0, "{err}");
+    let policy: Value = serde_yaml_ng::from_str::<Value>(
+        &std::fs::read_to_string(dir.join("admission-config.yaml")).unwrap(),
+    )
+    .unwrap()["plugins"][0]["configuration"]["imagePolicy"]
+        .clone();
+    assert!(!admitted_while_moat_is_down(
+        &docs,
+        Some(&policy),
+        "kube-system"
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
 }
