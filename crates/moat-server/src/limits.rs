@@ -24,6 +24,12 @@ pub const INLINE_DECISION_MAX_BODY_BYTES: usize = 64 * 1024;
 /// worker.
 pub const MAX_BLOCKING_DECISIONS: usize = 2;
 
+/// The API server's timeout for a call to moat's webhooks, as `moat install` writes it
+/// (`timeoutSeconds`): longer than the longest moat takes to answer anything, including a
+/// refusal ([`QUEUE_TIMEOUT`] waiting for a slot plus [`BODY_READ_TIMEOUT`] for a slow body), so
+/// the API server always sees moat's answer, never its own timeout; well below its 30 s maximum.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Requests decided at once; more wait for a slot, up to [`QUEUE_TIMEOUT`].
 pub const MAX_CONCURRENT_REQUESTS: usize = 512;
 

@@ -12,6 +12,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use moat_core::config::Config;
@@ -23,9 +24,8 @@ use serde_json::{Value, json};
 const NAME: &str = "moat";
 const REVIEW_PORT: u16 = 8443;
 const METRICS_PORT: u16 = 9090;
-/// The webhook timeout the API server applies, in seconds: above moat's p99.9 by orders of
-/// magnitude, below the API server's own request budget.
-const WEBHOOK_TIMEOUT_SECONDS: i32 = 5;
+/// The webhook timeout the API server applies (`timeoutSeconds`), from the server's limits.
+const WEBHOOK_TIMEOUT_SECONDS: i32 = moat_server::limits::WEBHOOK_TIMEOUT.as_secs() as i32;
 /// An unprivileged uid/gid with no account in the image.
 const RUN_AS_ID: i64 = 65532;
 
@@ -77,6 +77,13 @@ pub struct InstallArgs {
     /// image rule fail-closed.
     #[arg(long, requires = "image_policy_dir")]
     image_policy_fail_closed: bool,
+    /// Addresses (CIDRs) that may reach the review port: the API server's, as its connections
+    /// to webhooks appear in the pod network (often the control-plane nodes' addresses). Given
+    /// once or more, the installed NetworkPolicy admits only them, so tenant pods cannot reach
+    /// moat at all; without it the review port stays open to every source. Add the nodes' CIDR
+    /// too if your network plugin applies policies to the kubelet's probes.
+    #[arg(long = "apiserver-cidr", value_name = "CIDR")]
+    apiserver_cidrs: Vec<String>,
     /// Also install the node identity agent (a DaemonSet on every node, in its own namespace).
     #[arg(long)]
     identity_agent: bool,
@@ -256,6 +263,11 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         &labels,
         watch_namespaces,
     ))?);
+    objects.push(typed::<NetworkPolicy>(network_policy(
+        ns,
+        &labels,
+        &args.apiserver_cidrs,
+    )?)?);
     objects.push(typed::<PodDisruptionBudget>(json!({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
@@ -273,9 +285,6 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         },
     }))?);
 
-    if *identity_agent {
-        objects.extend(identity_agent_objects(args, image)?);
-    }
     let agent_ns = identity_agent.then_some(identity_namespace.as_str());
     let (mutating, validating) = webhooks(
         ns,
@@ -288,6 +297,12 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
     objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
+    // After the webhook configurations that exempt its namespace: applied over an earlier
+    // install, whose webhooks do not know that namespace yet, the agent's DaemonSet (which
+    // tolerates every taint, isolation's included) would otherwise be refused by them.
+    if *identity_agent {
+        objects.extend(identity_agent_objects(args, image)?);
+    }
     // After the webhooks: the placeholders' pods are then reviewed like any other.
     objects.extend(crate::capacity::objects(config, &args.capacity).map_err(|e| e.to_string())?);
 
@@ -308,6 +323,40 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         objects,
         image_policy_files,
     })
+}
+
+/// Ingress to moat's pods: the review port from the API server's CIDRs (from anywhere when none
+/// are given), the metrics port from anywhere (counts only, no objects).
+fn network_policy(ns: &str, labels: &Value, cidrs: &[String]) -> Result<Value, String> {
+    for c in cidrs {
+        valid_cidr(c)
+            .ok_or_else(|| format!("--apiserver-cidr '{c}' is not a CIDR (e.g. 10.0.0.0/24)"))?;
+    }
+    let mut review = json!({"ports": [{"port": "https", "protocol": "TCP"}]});
+    if !cidrs.is_empty() {
+        review["from"] = cidrs
+            .iter()
+            .map(|c| json!({"ipBlock": {"cidr": c}}))
+            .collect();
+    }
+    Ok(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": labels},
+            "policyTypes": ["Ingress"],
+            "ingress": [review, {"ports": [{"port": "metrics", "protocol": "TCP"}]}],
+        },
+    }))
+}
+
+/// `address/prefix` with a prefix that fits the address family.
+fn valid_cidr(c: &str) -> Option<()> {
+    let (addr, prefix) = c.split_once('/')?;
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some(())
 }
 
 fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: bool) -> Value {

@@ -66,6 +66,7 @@ fn prints_every_manifest_as_valid_objects() {
             "ConfigMap",
             "Secret",
             "Deployment",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Service",
             "MutatingWebhookConfiguration",
@@ -498,4 +499,139 @@ fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
         "kube-system"
     ));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An API server's admission path, enough for `kubectl apply`: each object in order; a pod
+/// template in a namespace the validating webhooks in force select is decided by moat's engine
+/// with the installed configuration (moat is running); webhook configurations replace their
+/// predecessors as they are applied.
+fn apply(webhooks: &mut Vec<Value>, docs: &[Value]) -> Result<(), String> {
+    use moat_core::decision::{Operation, Request, Stage};
+    for doc in docs {
+        let kind = doc["kind"].as_str().unwrap();
+        if kind == "ValidatingWebhookConfiguration" || kind == "MutatingWebhookConfiguration" {
+            webhooks.retain(|w| {
+                w["kind"] != doc["kind"] || w["metadata"]["name"] != doc["metadata"]["name"]
+            });
+            webhooks.push(doc.clone());
+            continue;
+        }
+        let Ok(Some(template)) = moat_core::subject::Template::from_value(doc) else {
+            continue;
+        };
+        let ns = doc["metadata"]["namespace"].as_str().unwrap_or_default();
+        if admitted_while_moat_is_down(webhooks, None, ns) {
+            continue; // not selected by any webhook
+        }
+        let installed = docs
+            .iter()
+            .chain(webhooks.iter())
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "moat-config");
+        let config = installed.map_or_else(moat_core::config::Config::embedded_default, |c| {
+            moat_core::config::Config::from_yaml(c["data"]["config.yaml"].as_str().unwrap())
+                .unwrap()
+        });
+        let labels = std::collections::BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            ns.to_owned(),
+        )]);
+        let d = moat_core::engine::decide(
+            &config,
+            &Request {
+                operation: Operation::Create,
+                stage: Stage::Validate,
+                object: Some(&template),
+                old_object: None,
+                namespace: ns,
+                namespace_labels: Some(&labels),
+                dry_run: false,
+                requester: None,
+                placement_seed: "u",
+            },
+        );
+        if !d.allowed() {
+            return Err(format!(
+                "{kind} {ns}/{}: {}",
+                doc["metadata"]["name"],
+                d.message()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn any_output_applies_in_one_go_over_an_earlier_one() {
+    let (_, old, _) = install(&[]);
+    let mut webhooks = Vec::new();
+    apply(&mut webhooks, &old).unwrap();
+    for args in [
+        &["--identity-agent"][..],
+        &["--identity-agent", "--identity-namespace", "spiffe-node"],
+    ] {
+        let mut state = webhooks.clone();
+        let (code, new, err) = install(args);
+        assert_eq!(code, 0, "{err}");
+        apply(&mut state, &new).unwrap_or_else(|e| panic!("{args:?}: refused: {e}"));
+        // And again over itself.
+        apply(&mut state, &new).unwrap();
+    }
+}
+
+#[test]
+fn the_installed_timeout_outlasts_every_answer_moat_gives() {
+    use moat_server::limits::{BODY_READ_TIMEOUT, QUEUE_TIMEOUT, WEBHOOK_TIMEOUT};
+    let (_, docs, _) = install(&[]);
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let seconds = find(&docs, kind)["webhooks"][0]["timeoutSeconds"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(seconds, WEBHOOK_TIMEOUT.as_secs(), "{kind}");
+        assert!(
+            (1..=30).contains(&seconds),
+            "the API server accepts 1 to 30"
+        );
+        assert!(
+            QUEUE_TIMEOUT + BODY_READ_TIMEOUT < WEBHOOK_TIMEOUT,
+            "moat answers (503, 408) before the API server gives up"
+        );
+    }
+}
+
+#[test]
+fn a_network_policy_admits_only_the_api_server_to_the_review_port() {
+    let (code, docs, err) = install(&[
+        "--apiserver-cidr",
+        "10.0.0.0/24",
+        "--apiserver-cidr",
+        "fd00::/64",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let np = find(&docs, "NetworkPolicy");
+    let _: k8s_openapi::api::networking::v1::NetworkPolicy = round_trips(np);
+    let ingress = np["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress[0]["ports"][0]["port"], "https");
+    assert_eq!(
+        ingress[0]["from"],
+        serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/24"}}, {"ipBlock": {"cidr": "fd00::/64"}}])
+    );
+    assert_eq!(ingress[1]["ports"][0]["port"], "metrics");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        find(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    );
+    let (_, docs, _) = install(&[]);
+    assert!(
+        find(&docs, "NetworkPolicy")["spec"]["ingress"][0]
+            .get("from")
+            .is_none()
+    );
+    for bad in ["10.0.0.0", "10.0.0.0/33", "x/8"] {
+        let (code, _, err) = install(&["--apiserver-cidr", bad]);
+        assert_eq!(code, 2, "{bad}");
+        assert!(err.contains("is not a CIDR"), "{err}");
+    }
 }
