@@ -145,9 +145,49 @@ fn is_blank(doc: &str) -> bool {
 
 /// Parses one document into the objects it holds (`List` kinds are expanded into their items).
 pub(crate) fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
+    let mut objects = Vec::new();
+    for_each_object(doc, &mut |o| {
+        objects.push(o);
+        Ok(())
+    })?;
+    Ok(objects)
+}
+
+/// Calls `each` with every object of one document, in order (`List` kinds are expanded into
+/// their items). A JSON document (what `kubectl get -o json` prints) is read in one pass that
+/// hands each list item over as soon as it is parsed, so memory stays flat however long the
+/// list; YAML documents are parsed whole. An error from `each` ends the document with it.
+///
+/// # Errors
+/// A message saying why the document cannot be read.
+pub(crate) fn for_each_object(
+    doc: &str,
+    each: &mut dyn FnMut(Value) -> Result<(), String>,
+) -> Result<(), String> {
     moat_core::nesting::check_depth(doc).map_err(|e| format!("the document {e}"))?;
+    if doc.trim_start().starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(doc);
+        let read = serde::de::DeserializeSeed::deserialize(stream::TopLevel { each }, &mut de)
+            .and_then(|top| de.end().map(|()| top));
+        return match read {
+            Ok(stream::Read::Object(value)) => whole(value, each),
+            Ok(stream::Read::Streamed { kind }) => match kind.as_deref() {
+                Some(k) if k.ends_with("List") => Ok(()),
+                _ => Err("has list items but is not a List kind".to_owned()),
+            },
+            Err(e) => Err(e
+                .to_string()
+                .strip_prefix(stream::EACH_FAILED)
+                .map_or_else(|| format!("does not parse as JSON: {e}"), str::to_owned)),
+        };
+    }
     let value: Value =
         serde_yaml_ng::from_str(doc).map_err(|e| format!("does not parse as YAML or JSON: {e}"))?;
+    whole(value, each)
+}
+
+/// A document parsed whole: one object, or a List's items.
+fn whole(value: Value, each: &mut dyn FnMut(Value) -> Result<(), String>) -> Result<(), String> {
     if !value.is_object() {
         return Err("is not an object (expected a Kubernetes manifest)".to_owned());
     }
@@ -161,9 +201,155 @@ pub(crate) fn parse_document(doc: &str) -> Result<Vec<Value>, String> {
     if kind.ends_with("List")
         && let Some(Value::Array(items)) = value.get("items")
     {
-        return Ok(items.clone());
+        for item in items.clone() {
+            each(item)?;
+        }
+        return Ok(());
     }
-    Ok(vec![value])
+    each(value)
+}
+
+/// The one-pass JSON reader: a top-level object whose `items` array is handed over item by item.
+mod stream {
+    use std::fmt;
+
+    use serde::Deserialize;
+    use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    /// Prefix of an error that came from the caller's `each`, to tell it from a parse error.
+    pub(super) const EACH_FAILED: &str = "\u{0}moat-each:";
+
+    pub(super) enum Read {
+        /// No `items` array: the whole object.
+        Object(Value),
+        /// The items were handed over; the document's `kind`, if it had one.
+        Streamed { kind: Option<String> },
+    }
+
+    pub(super) struct TopLevel<'f> {
+        pub(super) each: &'f mut dyn FnMut(Value) -> Result<(), String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for TopLevel<'_> {
+        type Value = Read;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Read, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for TopLevel<'_> {
+        type Value = Read;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a Kubernetes object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Read, A::Error> {
+            let mut fields = Map::new();
+            let mut streamed = false;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "items" && !streamed {
+                    match map.next_value_seed(Items {
+                        each: &mut *self.each,
+                    })? {
+                        None => streamed = true,
+                        Some(other) => {
+                            fields.insert(key, other);
+                        }
+                    }
+                    continue;
+                }
+                let value: Value = map.next_value()?;
+                fields.insert(key, value);
+            }
+            if streamed {
+                let kind = fields
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                Ok(Read::Streamed { kind })
+            } else {
+                Ok(Read::Object(Value::Object(fields)))
+            }
+        }
+
+        // Anything else is read whole and refused by the caller's checks.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read, A::Error> {
+            let mut items = Vec::new();
+            while let Some(v) = seq.next_element::<Value>()? {
+                items.push(v);
+            }
+            Ok(Read::Object(Value::Array(items)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Read, E> {
+            Ok(Read::Object(Value::String(v.to_owned())))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Read, E> {
+            Ok(Read::Object(Value::Bool(v)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Read, E> {
+            Ok(Read::Object(Value::from(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Read, E> {
+            Ok(Read::Object(Value::from(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Read, E> {
+            Ok(Read::Object(Value::from(v)))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Read, E> {
+            Ok(Read::Object(Value::Null))
+        }
+    }
+
+    /// The `items` field: an array's elements are handed to `each` as soon as each is parsed
+    /// (`None`); any other value is returned whole.
+    struct Items<'f> {
+        each: &'f mut dyn FnMut(Value) -> Result<(), String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Items<'_> {
+        type Value = Option<Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Items<'_> {
+        type Value = Option<Value>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Value>, A::Error> {
+            while let Some(item) = seq.next_element::<Value>()? {
+                (self.each)(item).map_err(|e| A::Error::custom(format!("{EACH_FAILED}{e}")))?;
+            }
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Value>, A::Error> {
+            Value::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<Value>, E> {
+            Ok(Some(Value::String(v.to_owned())))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Option<Value>, E> {
+            Ok(Some(Value::Bool(v)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<Value>, E> {
+            Ok(Some(Value::from(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<Value>, E> {
+            Ok(Some(Value::from(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<Value>, E> {
+            Ok(Some(Value::from(v)))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<Value>, E> {
+            Ok(Some(Value::Null))
+        }
+    }
 }
 
 /// Every non-blank document of every input, with its file name and 1-based index.
@@ -185,11 +371,12 @@ pub(crate) fn namespace_labels(
     let mut namespaces = options.namespace_labels.clone();
     // Only documents that can hold a Namespace are parsed in this first pass.
     for (_, _, doc) in documents(inputs).filter(|(_, _, d)| d.contains("Namespace")) {
-        for object in parse_document(doc).unwrap_or_default() {
+        // Errors are reported by the review pass.
+        let _ = for_each_object(doc, &mut |object| {
             let is_namespace = object.get("kind").and_then(Value::as_str) == Some("Namespace")
                 && object.get("apiVersion").and_then(Value::as_str) == Some("v1");
             let Some(name) = metadata_str(&object, "name").filter(|_| is_namespace) else {
-                continue;
+                return Ok(());
             };
             let labels = namespaces.entry(name.to_owned()).or_default();
             if let Some(Value::Object(l)) = object.get("metadata").and_then(|m| m.get("labels")) {
@@ -199,7 +386,8 @@ pub(crate) fn namespace_labels(
                     }
                 }
             }
-        }
+            Ok(())
+        });
     }
     namespaces
 }
@@ -225,23 +413,9 @@ pub fn review(
     let mut summary = Summary::default();
     let mut renderer = Renderer::new(format);
     for (file, document, doc) in documents(inputs) {
-        let objects = match parse_document(doc) {
-            Ok(objects) => objects,
-            Err(message) => {
-                summary.errors += 1;
-                writeln!(
-                    errors,
-                    "moat: {}",
-                    DocumentError {
-                        file: file.to_owned(),
-                        document,
-                        message
-                    }
-                )?;
-                continue;
-            }
-        };
-        for object in objects {
+        // Verdicts are written as each object is read; a write error ends the review.
+        let mut write_error = None;
+        let read = for_each_object(doc, &mut |object| {
             match review_object(config, options, &namespaces, file, document, &object) {
                 Ok(v) => {
                     if v.allowed {
@@ -249,13 +423,33 @@ pub fn review(
                     } else {
                         summary.denied += 1;
                     }
-                    renderer.write(&v, out)?;
+                    renderer.write(&v, out)
                 }
                 Err(e) => {
                     summary.errors += 1;
-                    writeln!(errors, "moat: {e}")?;
+                    writeln!(errors, "moat: {e}")
                 }
             }
+            .map_err(|e| {
+                let message = e.to_string();
+                write_error = Some(e);
+                message
+            })
+        });
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+        if let Err(message) = read {
+            summary.errors += 1;
+            writeln!(
+                errors,
+                "moat: {}",
+                DocumentError {
+                    file: file.to_owned(),
+                    document,
+                    message
+                }
+            )?;
         }
     }
     renderer.finish(&summary, out)?;
@@ -467,6 +661,34 @@ fn render_text(v: &Verdict, out: &mut dyn Write) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lists_stream_their_items_and_read_like_yaml() {
+        let list = serde_json::json!({"apiVersion": "v1", "items": [
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}},
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b"}},
+        ], "kind": "List", "metadata": {"resourceVersion": ""}});
+        let json = serde_json::to_string_pretty(&list).unwrap();
+        let yaml = serde_yaml_ng::to_string(&list).unwrap();
+        let from_json = parse_document(&json).unwrap();
+        assert_eq!(from_json, parse_document(&yaml).unwrap());
+        assert_eq!(from_json.len(), 2);
+        assert_eq!(from_json[1]["metadata"]["name"], "b");
+        // One object, and an object whose items field is no list, are read whole.
+        let pod = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}"#;
+        assert_eq!(parse_document(pod).unwrap().len(), 1);
+        let odd = r#"{"apiVersion": "x/v1", "kind": "Thing", "items": {"a": 1}}"#;
+        assert_eq!(parse_document(odd).unwrap()[0]["items"]["a"], 1);
+        // Items under a kind that is no List are refused, after they were read.
+        let e = parse_document(r#"{"apiVersion": "x/v1", "items": [{}], "kind": "Thing"}"#)
+            .unwrap_err();
+        assert!(e.contains("not a List kind"), "{e}");
+        assert!(
+            parse_document(r#"{"apiVersion": "v1", "kind": "List", "items": [}"#)
+                .unwrap_err()
+                .contains("does not parse as JSON")
+        );
+    }
 
     #[test]
     fn splits_at_document_markers_only() {
