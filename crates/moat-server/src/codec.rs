@@ -19,7 +19,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http::StatusCode;
 use moat_core::decision::{Decision, Operation};
-use moat_core::subject::{MalformedObject, ReadError, Template};
+use moat_core::subject::{Kind, MalformedObject, ReadError, Template};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -135,7 +135,23 @@ struct RequestIn<'a> {
 #[derive(Debug, Clone, Default, Deserialize)]
 struct GroupVersionKind {
     #[serde(default)]
+    group: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
     kind: String,
+}
+
+impl GroupVersionKind {
+    /// The kind moat reviews that the API server says the objects are.
+    fn reviewed(&self) -> Option<Kind> {
+        let api_version = if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        };
+        Kind::from_type(&api_version, &self.kind)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -203,6 +219,9 @@ impl AdmissionIn {
             other => return Err(RequestError::UnsupportedVersion(other.to_owned())),
         };
         let req = review.request.ok_or(RequestError::NoRequest)?;
+        // `request.kind` (written by the API server) names the objects' kind, so each is read
+        // in one typed pass; without it the object's own apiVersion and kind are read first.
+        let declared = req.kind.reviewed();
         let mut unusable = None;
         let mut read = |raw: Option<&RawValue>| -> Result<Option<Template>, RequestError> {
             let Some(raw) = raw else { return Ok(None) };
@@ -214,7 +233,12 @@ impl AdmissionIn {
             }
             // The API server decoded the object before calling, so a field of the wrong type
             // means the body is not what the API server sends: unreadable, not a denial.
-            match Template::from_json(raw.get().as_bytes()) {
+            let bytes = raw.get().as_bytes();
+            let read = match declared {
+                Some(kind) => Template::from_json_as(kind, bytes).map(Some),
+                None => Template::from_json(bytes),
+            };
+            match read {
                 Ok(t) => Ok(t),
                 Err(ReadError::Json(e)) => Err(malformed(e)),
                 Err(ReadError::Malformed(e)) => {

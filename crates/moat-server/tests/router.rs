@@ -99,9 +99,16 @@ async fn an_unusable_pod_template_is_denied_and_a_wrongly_typed_field_is_a_400()
         &mut Registry::default(),
     ));
     let review = |object: Value| {
+        // `request.kind` as the API server writes it: the object's own.
+        let (group, version) = object["apiVersion"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap_or(("", "v1"));
+        let kind = serde_json::json!({"group": group, "version": version, "kind": object["kind"]});
         serde_json::to_vec(&serde_json::json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-                "uid": "u1", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+                "uid": "u1", "kind": kind,
                 "operation": "CREATE", "namespace": "shop", "userInfo": {"username": "alice"},
                 "object": object}}))
         .unwrap()
