@@ -470,7 +470,10 @@ mod tests {
             .unwrap();
         assert_eq!(from_value, from_json);
         let bytes = serde_json::to_vec(obj).unwrap();
-        assert_eq!(Template::from_json_as(from_value.kind, &bytes).unwrap(), from_value);
+        assert_eq!(
+            Template::from_json_as(from_value.kind, &bytes).unwrap(),
+            from_value
+        );
         from_value
     }
 

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use moat_core::config::Config;
-use moat_core::decision::{Decision, Operation, Request, Stage};
+use moat_core::decision::{Decision, Operation, Request, Requester, Stage};
 use moat_core::engine::decide;
 use moat_core::subject::Template;
 use proptest::prelude::*;
@@ -346,6 +346,100 @@ proptest! {
             let apart = node.labels.contains_key(TOPOLOGY_KEY) && (repels(a, b) || repels(b, a));
             let together = selects(a, &node) && selects(b, &node) && !apart;
             prop_assert!(!together, "{:?} and {:?} can share node {}", ca, cb, node.name);
+        }
+    }
+}
+
+/// A tenant's tricks for escaping isolation: a DaemonSet owner reference, the operator's ignore
+/// annotation, its own node selector, a dry run, and who asks.
+#[derive(Debug, Clone)]
+struct Tricks {
+    owner: bool,
+    ignore: bool,
+    pinned: bool,
+    dry_run: bool,
+    by_daemonset_controller: bool,
+}
+
+fn tricks() -> impl Strategy<Value = Tricks> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(owner, ignore, pinned, dry_run, by_daemonset_controller)| Tricks {
+                owner,
+                ignore,
+                pinned,
+                dry_run,
+                by_daemonset_controller,
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn no_tenant_trick_escapes_a_class_the_operator_forces(
+        mode in prop::sample::select(&["class", "pod"][..]),
+        (ns_a, mut a) in pod(),
+        (ns_b, mut b) in pod(),
+        ta in tricks(),
+        tb in tricks(),
+    ) {
+        // team-a is bound to gold and team-b to silver by the operator's namespace label; every
+        // exemption a tenant could trigger is switched on.
+        let c = Config::from_yaml(&format!(
+            "isolation: {{mode: {mode}, namespaceClassLabel: moat.dev/class, classes: [{{name: '*'}}]}}\n\
+             exemptions: {{ignoreAnnotation: moat.dev/ignore, pinnedPods: true, dryRun: true}}"
+        ))
+        .unwrap();
+        let ns_class = |ns: &str| if ns == "team-a" { "gold" } else { "silver" };
+        let decide_with = |ns: &str, pod: &mut Value, t: &Tricks| {
+            if t.owner {
+                pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
+            }
+            if t.ignore {
+                pod["metadata"]["annotations"] = json!({"moat.dev/ignore": "true"});
+            }
+            if t.pinned {
+                pod["spec"]["nodeSelector"] = json!({"zone": "a"});
+            }
+            let labels = BTreeMap::from([("moat.dev/class".to_owned(), ns_class(ns).to_owned())]);
+            let template = Template::from_value(pod).unwrap().unwrap();
+            let d = decide(&c, &Request {
+                operation: Operation::Create,
+                stage: Stage::Mutate,
+                object: Some(&template),
+                old_object: None,
+                namespace: ns,
+                namespace_labels: Some(&labels),
+                dry_run: t.dry_run,
+                requester: Some(Requester {
+                    username: if t.by_daemonset_controller {
+                        "system:serviceaccount:kube-system:daemon-set-controller"
+                    } else {
+                        "alice"
+                    },
+                }),
+                placement_seed: "seed",
+            });
+            (d.patched(pod).unwrap(), d)
+        };
+        let (pa, da) = decide_with(&ns_a, &mut a, &ta);
+        let (pb, db) = decide_with(&ns_b, &mut b, &tb);
+        prop_assume!(da.allowed() && db.allowed());
+        prop_assert!(da.exemptions.is_empty() && db.exemptions.is_empty(), "{:?} {:?}", da.exemptions, db.exemptions);
+        let label = "moat.dev/class";
+        prop_assert_eq!(class_of(&pa, label), Some(ns_class(&ns_a).to_owned()));
+        prop_assert_eq!(class_of(&pb, label), Some(ns_class(&ns_b).to_owned()));
+        prop_assume!(mode == "pod" || ns_a != ns_b);
+        for node in nodes(&c) {
+            let apart = node.labels.contains_key(TOPOLOGY_KEY) && (repels(&pa, &pb) || repels(&pb, &pa));
+            let together = selects(&pa, &node) && selects(&pb, &node) && !apart;
+            prop_assert!(!together, "{} and {} can share node {}", ns_a, ns_b, node.name);
         }
     }
 }

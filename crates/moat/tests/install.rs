@@ -579,6 +579,22 @@ fn any_output_applies_in_one_go_over_an_earlier_one() {
 }
 
 #[test]
+fn the_validating_webhook_sees_label_changes_through_every_pod_subresource() {
+    let (_, docs, _) = install(&[]);
+    let rules = &find(&docs, "ValidatingWebhookConfiguration")["webhooks"][0]["rules"];
+    let resources: Vec<&str> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["resources"].as_array().unwrap())
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for r in ["pods", "pods/status", "pods/ephemeralcontainers"] {
+        assert!(resources.contains(&r), "{r} in {resources:?}");
+    }
+}
+
+#[test]
 fn the_installed_timeout_outlasts_every_answer_moat_gives() {
     use moat_server::limits::{BODY_READ_TIMEOUT, QUEUE_TIMEOUT, WEBHOOK_TIMEOUT};
     let (_, docs, _) = install(&[]);
