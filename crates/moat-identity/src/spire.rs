@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::attest::Workload;
 use crate::backoff::Backoff;
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 // prost's case conversion spells the "X509SVIDs" messages this way.
@@ -21,6 +22,7 @@ pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
 use crate::proto::delegated::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
 };
+use crate::proto::spire_types::Selector as WireSelector;
 use crate::spiffe::{ChainError, SpiffeId, check_chain, pem, split_certificates};
 
 /// How long connecting to the admin socket may take.
@@ -192,20 +194,33 @@ impl SpireAgent {
         self.bundles.clone()
     }
 
-    /// Opens `SubscribeToX509SVIDs` for the process `pid`.
+    /// Opens `SubscribeToX509SVIDs` for a workload: by PID, or by selectors (the API takes one
+    /// or the other, never both).
     ///
     /// # Errors
     /// The gRPC status: unreachable agent, PermissionDenied, ….
     pub async fn subscribe(
         &self,
-        pid: i32,
+        workload: &Workload,
     ) -> Result<tonic::Streaming<SvidsResponse>, tonic::Status> {
         if self.bundles.borrow().is_none() {
             self.retry_now.notify_one();
         }
-        let request = SvidsRequest {
-            selectors: Vec::new(),
-            pid,
+        let request = match workload {
+            Workload::Pid(pid) => SvidsRequest {
+                selectors: Vec::new(),
+                pid: *pid,
+            },
+            Workload::Selectors(selectors) => SvidsRequest {
+                selectors: selectors
+                    .iter()
+                    .map(|s| WireSelector {
+                        r#type: s.kind.clone(),
+                        value: s.value.clone(),
+                    })
+                    .collect(),
+                pid: 0,
+            },
         };
         Ok(self
             .client

@@ -26,6 +26,7 @@ use k8s_cri::v1::{
 };
 use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::attest::SandboxConfig;
 use moat_identity::defaults;
 use moat_identity::doubles::spire::SpireDouble;
 use moat_identity::metrics::Metrics;
@@ -181,6 +182,9 @@ async fn start_agent(
             },
             artifact_root: artifacts.to_owned(),
             svid_wait: defaults::SVID_WAIT,
+            runtime_request_timeout: defaults::RUNTIME_REQUEST_TIMEOUT,
+            sandbox: SandboxConfig::default(),
+            bundle_dir: dir.join("state/io.containerd.runtime.v2.task/k8s.io"),
         },
         Metrics::register(&mut registry),
     )
