@@ -677,11 +677,21 @@ struct Follower {
     last_error: LastError,
 }
 
-/// What was last written, to skip repeats.
+/// What was last written, to skip repeats: fingerprints, not copies (a thousand followers each
+/// holding a second copy of their SVID and bundle cost megabytes).
 #[derive(Default)]
 struct Published {
-    svid: Option<Svid>,
-    bundle: Option<Vec<Vec<u8>>>,
+    svid: Option<u64>,
+    bundle: Option<u64>,
+}
+
+fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for part in parts {
+        part.hash(&mut h);
+    }
+    h.finish()
 }
 
 impl Follower {
@@ -692,7 +702,9 @@ impl Follower {
         let mut published = Published::default();
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         loop {
-            let status = match self.spire.subscribe(&self.workload).await {
+            // Boxed: the call's state is large and lives only while subscribing; the task keeps
+            // only what a waiting stream needs.
+            let status = match Box::pin(self.spire.subscribe(&self.workload)).await {
                 Err(status) => status,
                 Ok(mut stream) => loop {
                     tokio::select! {
@@ -753,7 +765,7 @@ impl Follower {
         first: &mut Option<oneshot::Sender<FirstResult>>,
     ) {
         let Some(svid) = current else { return };
-        let bundle = {
+        let (bundle_pem, bundle_print) = {
             let bundles = bundles.borrow();
             let Some(bundle) = bundles
                 .as_ref()
@@ -766,14 +778,14 @@ impl Follower {
                 );
                 return;
             };
-            bundle.clone()
+            let print = fingerprint(bundle.iter().map(Vec::as_slice));
+            if published.bundle == Some(print) && published.svid == Some(svid_print(svid)) {
+                return;
+            }
+            (pem("CERTIFICATE", bundle), print)
         };
-        if published.svid.as_ref() == Some(svid) && published.bundle.as_ref() == Some(&bundle) {
-            return;
-        }
         let chain_pem = svid.chain_pem();
         let key_pem = svid.key_pem();
-        let bundle_pem = pem("CERTIFICATE", &bundle);
         let e = &self.entry;
         let result = publish(
             &self.dir,
@@ -787,8 +799,8 @@ impl Follower {
         match result {
             Ok(()) => {
                 let rotation = published.svid.is_some();
-                published.svid = Some(svid.clone());
-                published.bundle = Some(bundle);
+                published.svid = Some(svid_print(svid));
+                published.bundle = Some(bundle_print);
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
                 } else if rotation {
@@ -805,4 +817,13 @@ impl Follower {
             }
         }
     }
+}
+
+fn svid_print(svid: &Svid) -> u64 {
+    fingerprint(
+        svid.chain
+            .iter()
+            .map(Vec::as_slice)
+            .chain([svid.key.as_slice()]),
+    )
 }

@@ -25,6 +25,46 @@ use crate::proto::delegated::{
 use crate::proto::spire_types::Selector as WireSelector;
 use crate::spiffe::{ChainError, SpiffeId, check_chain, pem, split_certificates};
 
+/// Initial size (and growth step) of a stream's encode and decode buffers. tonic's default,
+/// 8 KiB, is allocated per call: with one SVID stream per container that alone was 8 MiB at
+/// 1,000 containers. An SVID answer (chain and key) is 1 to 3 KiB; a larger one grows the
+/// buffer in steps of this size.
+pub const CODEC_BUFFER_BYTES: usize = 1024;
+
+/// prost's codec with [`CODEC_BUFFER_BYTES`] buffers (used by the generated client and server).
+#[derive(Debug)]
+pub struct SmallBufferCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for SmallBufferCodec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for SmallBufferCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<T, U>::raw_encoder(small_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<T, U>::raw_decoder(small_buffers())
+    }
+}
+
+fn small_buffers() -> tonic::codec::BufferSettings {
+    // The yield threshold only batches a server's ready messages: tonic's default.
+    tonic::codec::BufferSettings::new(CODEC_BUFFER_BYTES, 32 * 1024)
+}
+
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// First and longest pause before re-opening a broken bundle stream.
