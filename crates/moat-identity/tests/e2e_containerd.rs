@@ -476,6 +476,33 @@ fn gvisor_container_config(name: &str, uid: i64) -> ContainerConfig {
     config
 }
 
+/// Kills the `runsc-sandbox` process of pod sandbox `pod_id` (its command line names the id).
+fn end_runsc_sandbox(pod_id: &str) {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a == "runsc-sandbox") && args.iter().any(|a| a == pod_id) {
+            let status = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {pid}");
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "one runsc-sandbox process for pod {pod_id}");
+}
+
 fn log_lines(path: &Path, prefix: &str) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -605,20 +632,23 @@ async fn each_container_of_a_gvisor_pod_gets_its_own_identity_readable_by_its_us
         );
     }
 
-    // Teardown: stopping one container of a runsc pod through the runc shim times out (every
-    // container reports the sandbox's PID); the whole pod goes down cleanly.
-    client
-        .stop_pod_sandbox(StopPodSandboxRequest {
+    // Teardown. Under the runc shim every container of a runsc pod is "the sandbox's PID", and
+    // the shim sees a container exit only when that process does: stopping a container (which
+    // StopPodSandbox does first) waits forever. So the sandbox process is ended first, as
+    // gVisor's own shim would; then the pod stops and is removed (once containerd has seen every
+    // container exit).
+    end_runsc_sandbox(&pod_id);
+    wait_for("the gVisor pod stopped and removed", async || {
+        let stop = StopPodSandboxRequest {
             pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-        .unwrap();
-    client
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id,
-        })
-        .await
-        .unwrap();
+        };
+        let remove = RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        };
+        client.stop_pod_sandbox(stop).await.is_ok()
+            && client.remove_pod_sandbox(remove).await.is_ok()
+    })
+    .await;
     for id in &ids {
         assert!(
             !artifacts.join(id).exists(),
