@@ -471,7 +471,7 @@ fn gvisor_container_config(name: &str, uid: i64) -> ContainerConfig {
         .security_context
         .as_mut()
         .unwrap();
-    security.run_as_user = Some(id.clone());
+    security.run_as_user = Some(id);
     security.run_as_group = Some(id);
     config
 }
