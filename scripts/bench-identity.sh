@@ -6,6 +6,7 @@
 #   scripts/bench-identity.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target=${CARGO_TARGET_DIR:-target}
 cargo build -q --release -p moat
 cargo build -q --release -p moat-identity --features doubles --example identity_load
-target/release/examples/identity_load target/release/moat
+"$target/release/examples/identity_load" "$target/release/moat"

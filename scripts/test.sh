@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
-# the identity agent's end-to-end test, and protoc for the CRI client that test uses. Then
+# the identity agent's end-to-end tests, runsc (gVisor) for its sandboxed one, and protoc for
+# the CRI client those tests use. Then
 # builds the test images, starts a containerd of its own under a temporary directory, runs the
 # whole suite, then the identity agent's end-to-end test (ignored in a plain `cargo test`) with
 # MOAT_E2E_CONTAINERD_DIR pointing at that containerd.
@@ -13,6 +14,9 @@ cd "$(dirname "$0")/.."
 
 echo "== prerequisites"
 scripts/install-containerd.sh
+if ! command -v runsc >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
+fi
 if ! command -v protoc >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 fi
@@ -41,6 +45,7 @@ trap cleanup EXIT
 
 echo "== tests"
 cargo test --workspace --locked
-echo "== identity agent on a real containerd"
+echo "== identity agent on a real containerd (runc, and gVisor through its runsc handler)"
+# One at a time: the tests share containerd's NRI socket.
 MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" \
-  cargo test -p moat-identity --locked --test e2e_containerd -- --ignored
+  cargo test -p moat-identity --locked --test e2e_containerd -- --ignored --test-threads=1

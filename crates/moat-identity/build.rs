@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     prost_build::Config::new().compile_fds(types)?;
     let spire = protox::compile(["spire/delegatedidentity.proto"], ["proto"])?;
     tonic_prost_build::configure()
+        // Small codec buffers: the agent holds one stream per container (see its docs).
+        .codec_path("crate::spire::SmallBufferCodec")
         .extern_path(".spire.api.types", "crate::proto::spire_types")
         .build_server(true)
         .build_client(true)

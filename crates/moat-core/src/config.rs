@@ -215,8 +215,12 @@ impl Default for IsolationPolicy {
 fn key(s: &str) -> LabelKey {
     s.parse().expect("built-in label key is valid")
 }
+/// The pod label that names a pod's class when the configuration names none (the node agent
+/// reads the same key by default).
+pub const DEFAULT_POD_CLASS_LABEL: &str = "moat.dev/class";
+
 fn default_pod_class_label() -> LabelKey {
-    key("moat.dev/class")
+    key(DEFAULT_POD_CLASS_LABEL)
 }
 fn default_dedicated_node_label() -> LabelKey {
     key("node-restriction.kubernetes.io/moat-node")

@@ -52,7 +52,9 @@ async fn sidecar(socket: PathBuf, out: PathBuf) {
     use moat_identity::spire::{SpireAgent, select_svid};
     let agent = SpireAgent::connect(&socket, |_| {});
     let mut stream = agent
-        .subscribe(i32::try_from(std::process::id()).unwrap())
+        .subscribe(&moat_identity::attest::Workload::Pid(
+            i32::try_from(std::process::id()).unwrap(),
+        ))
         .await
         .unwrap();
     let bundles = agent.bundles();

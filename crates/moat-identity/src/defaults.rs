@@ -51,3 +51,23 @@ pub const SVID_WAIT: Duration = Duration::from_millis(SVID_WAIT_MS);
 
 /// The runtime's NRI request timeout when Configure does not say (containerd's default).
 pub const RUNTIME_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `--runtime-request-timeout` as written on the command line: containerd's default
+/// `plugin_request_timeout`, in containerd's own syntax.
+pub const RUNTIME_REQUEST_TIMEOUT_FLAG: &str = "2s";
+
+/// Runtime handlers whose pods run in a sandbox (gVisor's `runsc`, every Kata handler): their
+/// containers are named to SPIRE by selectors, not by PID. A trailing `*` is a prefix.
+pub const SANDBOXED_RUNTIME_HANDLERS: [&str; 2] = ["runsc", "kata*"];
+
+/// The pod label that holds a pod's isolation class (moat's `classLabel`; moat's admission checks
+/// it against the namespace's binding and denies changing it).
+pub const CLASS_LABEL: &str = moat_core::config::DEFAULT_POD_CLASS_LABEL;
+
+/// The pod annotation in which moat's admission webhook stamps the pod's service account (and
+/// denies any other value, or a change).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = moat_core::config::DEFAULT_SERVICE_ACCOUNT_ANNOTATION;
+
+/// Where containerd (shim v2) keeps the bundles of Kubernetes containers: `<this>/<container
+/// id>/config.json` is the OCI spec the runtime runs, with the container's user.
+pub const RUNTIME_BUNDLE_DIR: &str = "/run/containerd/io.containerd.runtime.v2.task/k8s.io";

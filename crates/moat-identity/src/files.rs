@@ -149,6 +149,12 @@ impl ArtifactRoot {
     }
 }
 
+/// Whether some version of an entry's files has been published in `dir`.
+#[must_use]
+pub fn is_published(dir: &Path) -> bool {
+    fs::symlink_metadata(dir.join(DATA_LINK)).is_ok()
+}
+
 static VERSION: AtomicU64 = AtomicU64::new(0);
 
 /// Publishes a new version of an entry's files in `dir` (see the module documentation).

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod annotations;
+pub mod attest;
 mod backoff;
 pub mod defaults;
 #[cfg(feature = "doubles")]
@@ -19,6 +20,7 @@ pub mod files;
 pub mod metrics;
 pub mod metrics_server;
 pub mod mux;
+pub mod owner;
 pub mod plugin;
 pub mod proto;
 pub mod spiffe;

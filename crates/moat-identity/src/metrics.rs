@@ -27,8 +27,16 @@ pub enum Failure {
     svid_invalid,
     /// Files could not be written.
     write,
-    /// The runtime gave no PID for a started container.
+    /// The runtime gave no PID for a started container (and it is not sandboxed).
     no_pid,
+    /// A sandboxed container's user could not be read from its OCI spec.
+    owner_unknown,
+    /// A call was still unanswered when the runtime closed the connection (its NRI request
+    /// deadline passed).
+    runtime_deadline,
+    /// Synchronize found an annotated container running without its files: it started while
+    /// the agent was not answering.
+    started_without_svid,
 }
 
 /// An NRI call the agent answers.

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 
-use crate::agent::{Agent, AgentError, BIND_MOUNT_OPTIONS, ContainerInfo, IdentityMount, Pod};
-use crate::metrics::{Call, CallLabels, CallOnlyLabels};
+use crate::agent::{
+    Agent, AgentError, BIND_MOUNT_OPTIONS, ContainerInfo, IdentityMount, Pod, TimeoutSource,
+};
+use crate::metrics::{Call, CallLabels, CallOnlyLabels, Failure};
 use crate::mux;
 use crate::proto::nri::{
     ConfigureRequest, ConfigureResponse, Container, ContainerAdjustment, ContainerState,
@@ -29,6 +31,49 @@ use crate::{AbortOnDrop, lock};
 
 /// How long registration may take.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A runtime's NRI request timeout as containerd's configuration writes it: `2s`, `1500ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTimeout(Duration);
+
+/// A request timeout that is not a positive whole number of `ms` or `s`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a request timeout is a positive whole number of ms or s (as containerd writes it: 2s, 1500ms), not '{0}'"
+)]
+pub struct RequestTimeoutError(String);
+
+impl std::str::FromStr for RequestTimeout {
+    type Err = RequestTimeoutError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || RequestTimeoutError(s.to_owned());
+        let (digits, millis_per_unit) = if let Some(d) = s.strip_suffix("ms") {
+            (d, 1)
+        } else if let Some(d) = s.strip_suffix('s') {
+            (d, 1000)
+        } else {
+            return Err(err());
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        let millis = n
+            .checked_mul(millis_per_unit)
+            .filter(|m| *m > 0)
+            .ok_or_else(err)?;
+        Ok(Self(Duration::from_millis(millis)))
+    }
+}
+
+impl RequestTimeout {
+    /// The timeout.
+    #[must_use]
+    pub fn duration(self) -> Duration {
+        self.0
+    }
+}
 
 /// A plugin index: two digits; the runtime calls plugins in ascending order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +126,19 @@ pub enum PluginError {
     Register(ttrpc::CallError),
     #[error("the runtime closed the NRI connection")]
     Closed,
+    /// The runtime closed the connection while a call was unanswered: containerd closes a
+    /// plugin that misses its NRI request deadline, and then starts the container without it.
+    #[error(
+        "the runtime closed the NRI connection while {call:?} had been unanswered for {waited:?}: \
+         the runtime's NRI request deadline passed (the agent answers within {deadline:?}, {origin}); \
+         set --runtime-request-timeout to containerd's plugin_request_timeout"
+    )]
+    RuntimeDeadline {
+        call: Call,
+        waited: Duration,
+        deadline: Duration,
+        origin: TimeoutSource,
+    },
     #[error("the NRI connection broke: {0}")]
     Broken(std::io::Error),
 }
@@ -107,7 +165,9 @@ pub async fn run(
             source,
         })?;
     let conns = mux::split(stream);
-    let (_server, served) = Peer::start(conns.plugin_service, Arc::new(Dispatch::new(agent)));
+    let dispatch = Dispatch::new(agent.clone());
+    let in_flight = dispatch.in_flight.clone();
+    let (_server, served) = Peer::start(conns.plugin_service, Arc::new(dispatch));
     let (client, client_task) = Peer::start(conns.runtime_service, Arc::new(NoService));
     let runtime = runtime_ttrpc::Client::new(client);
     // However run() ends (returned or dropped), the connection closes with it.
@@ -126,8 +186,39 @@ pub async fn run(
     }
     tracing::info!(socket = %socket.display(), plugin = %name, index = %index, "registered with the runtime");
     tokio::select! {
-        result = &mut done => Err(ended(result)),
+        result = &mut done => {
+            // A call still unanswered when the runtime hangs up: its deadline passed.
+            if let Some((call, since)) = in_flight.oldest() {
+                let (deadline, origin) = agent.request_timeout();
+                agent.metrics().fail(Failure::runtime_deadline);
+                return Err(PluginError::RuntimeDeadline { call, waited: since.elapsed(), deadline, origin });
+            }
+            Err(ended(result))
+        }
         () = shutdown => Ok(()),
+    }
+}
+
+/// The calls being answered now, with when each arrived.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    next: std::sync::atomic::AtomicU64,
+    calls: std::sync::Mutex<std::collections::HashMap<u64, (Call, Instant)>>,
+}
+
+impl InFlight {
+    fn begin(&self, call: Call) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.calls).insert(id, (call, Instant::now()));
+        id
+    }
+
+    fn end(&self, id: u64) {
+        lock(&self.calls).remove(&id);
+    }
+
+    fn oldest(&self) -> Option<(Call, Instant)> {
+        lock(&self.calls).values().min_by_key(|(_, t)| *t).copied()
     }
 }
 
@@ -157,15 +248,22 @@ fn pod(p: Option<PodSandbox>) -> Pod {
     let PodSandbox {
         id,
         name,
+        uid,
         namespace,
+        labels,
         annotations,
-        ..
+        runtime_handler,
+        pid,
     } = p.unwrap_or_default();
     Pod {
         id,
         namespace,
         name,
+        uid,
+        labels,
         annotations,
+        runtime_handler,
+        pid,
     }
 }
 
@@ -207,6 +305,7 @@ pub struct Dispatch {
     agent: Agent,
     /// Synchronize chunks received so far (`more` set): the agent sees the whole list at once.
     sync_pending: Arc<std::sync::Mutex<SynchronizeRequest>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Dispatch {
@@ -216,6 +315,7 @@ impl Dispatch {
         Self {
             agent,
             sync_pending: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -223,11 +323,13 @@ impl Dispatch {
         let timeout = u64::try_from(request.request_timeout)
             .ok()
             .map(Duration::from_millis);
-        self.agent.configure(timeout);
+        let (deadline, source) = self.agent.configure(timeout);
         tracing::info!(
             runtime = %request.runtime_name,
             version = %request.runtime_version,
-            request_timeout_ms = request.request_timeout,
+            reported_request_timeout_ms = request.request_timeout,
+            answer_within_ms = deadline.as_millis(),
+            timeout_source = %source,
             "configured by the runtime"
         );
         ConfigureResponse {
@@ -302,7 +404,9 @@ impl Dispatch {
         answer: impl Future<Output = Result<T, RpcStatus>>,
     ) -> Result<T, RpcStatus> {
         let started = Instant::now();
+        let id = self.in_flight.begin(call);
         let result = answer.await;
+        self.in_flight.end(id);
         let metrics = self.agent.metrics();
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics

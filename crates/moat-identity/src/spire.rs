@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::attest::Workload;
 use crate::backoff::Backoff;
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 // prost's case conversion spells the "X509SVIDs" messages this way.
@@ -21,7 +22,48 @@ pub use crate::proto::delegated::SubscribeToX509sviDsResponse as SvidsResponse;
 use crate::proto::delegated::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest as SvidsRequest,
 };
+use crate::proto::spire_types::Selector as WireSelector;
 use crate::spiffe::{ChainError, SpiffeId, check_chain, pem, split_certificates};
+
+/// Initial size (and growth step) of a stream's encode and decode buffers. tonic's default,
+/// 8 KiB, is allocated per call: with one SVID stream per container that alone was 8 MiB at
+/// 1,000 containers. An SVID answer (chain and key) is 1 to 3 KiB; a larger one grows the
+/// buffer in steps of this size.
+pub const CODEC_BUFFER_BYTES: usize = 1024;
+
+/// prost's codec with [`CODEC_BUFFER_BYTES`] buffers (used by the generated client and server).
+#[derive(Debug)]
+pub struct SmallBufferCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for SmallBufferCodec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for SmallBufferCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<T, U>::raw_encoder(small_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<T, U>::raw_decoder(small_buffers())
+    }
+}
+
+fn small_buffers() -> tonic::codec::BufferSettings {
+    // The yield threshold only batches a server's ready messages: tonic's default.
+    tonic::codec::BufferSettings::new(CODEC_BUFFER_BYTES, 32 * 1024)
+}
 
 /// How long connecting to the admin socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -192,20 +234,33 @@ impl SpireAgent {
         self.bundles.clone()
     }
 
-    /// Opens `SubscribeToX509SVIDs` for the process `pid`.
+    /// Opens `SubscribeToX509SVIDs` for a workload: by PID, or by selectors (the API takes one
+    /// or the other, never both).
     ///
     /// # Errors
     /// The gRPC status: unreachable agent, PermissionDenied, ….
     pub async fn subscribe(
         &self,
-        pid: i32,
+        workload: &Workload,
     ) -> Result<tonic::Streaming<SvidsResponse>, tonic::Status> {
         if self.bundles.borrow().is_none() {
             self.retry_now.notify_one();
         }
-        let request = SvidsRequest {
-            selectors: Vec::new(),
-            pid,
+        let request = match workload {
+            Workload::Pid(pid) => SvidsRequest {
+                selectors: Vec::new(),
+                pid: *pid,
+            },
+            Workload::Selectors(selectors) => SvidsRequest {
+                selectors: selectors
+                    .iter()
+                    .map(|s| WireSelector {
+                        r#type: s.kind.clone(),
+                        value: s.value.clone(),
+                    })
+                    .collect(),
+                pid: 0,
+            },
         };
         Ok(self
             .client

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::attest::SandboxConfig;
 use moat_identity::defaults;
 use moat_identity::doubles::runtime::{PluginConn, RuntimeDouble, Style};
-use moat_identity::doubles::spire::{Mode, SpireDouble};
+use moat_identity::doubles::spire::{Mode, SpireDouble, SvidRequest};
 use moat_identity::metrics::Metrics;
 use moat_identity::plugin::{self, PluginError, PluginOptions};
 use moat_identity::proto::nri::{Container, ContainerState, PodSandbox};
@@ -58,6 +59,9 @@ fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
         },
         artifact_root: dir.join("artifacts"),
         svid_wait: defaults::SVID_WAIT,
+        runtime_request_timeout: defaults::RUNTIME_REQUEST_TIMEOUT,
+        sandbox: SandboxConfig::default(),
+        bundle_dir: dir.join("bundles"),
     };
     Agent::new(config, Metrics::register(registry)).unwrap()
 }
@@ -586,4 +590,345 @@ fn roots_split_the_way_spire_sends_them() {
         assert_eq!(split_certificates(&joined).unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     });
+}
+
+// Sandboxed pods: every container reports the sandbox's PID (gVisor) or the VM's (Kata), so the
+// agent names each container to SPIRE by selectors, and the files belong to the user in the
+// container's OCI spec.
+
+const CLASS: &str = "moat.dev/class";
+
+/// A pod running under `handler` whose sandbox process is `pid` (0: not reported), with a class,
+/// a stamped service account, a tenant label, and identity for every container.
+fn sandboxed_pod(handler: &str, pid: u32) -> PodSandbox {
+    let mut p = pod(&[
+        ("identity.noderesource.dev/pod", "[{cert_dir: /run/spiffe}]"),
+        ("moat.dev/service-account", "web"),
+    ]);
+    p.runtime_handler = handler.into();
+    p.pid = pid;
+    p.labels = [
+        (CLASS.to_owned(), "gold".to_owned()),
+        ("team".to_owned(), "payments".to_owned()),
+    ]
+    .into();
+    p
+}
+
+/// Writes the OCI spec the runtime would run for `id`, with its user.
+fn write_spec(h: &Harness, id: &str, uid: u32, gid: u32) {
+    let dir = h.dir.join("bundles").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = format!(
+        r#"{{"ociVersion":"1.1.0","process":{{"user":{{"uid":{uid},"gid":{gid}}},"args":["/bin/app"],"cwd":"/"}}}}"#
+    );
+    std::fs::write(dir.join("config.json"), spec).unwrap();
+}
+
+/// The uid/gid pairs the test can hand files to: others when root (so a missing chown fails the
+/// test), its own otherwise.
+fn users() -> [(u32, u32); 2] {
+    let me = std::fs::metadata("/proc/self").unwrap();
+    use std::os::unix::fs::MetadataExt;
+    if me.uid() == 0 {
+        [(0, 0), (1000, 1000)]
+    } else {
+        [(me.uid(), me.gid()), (me.uid(), me.gid())]
+    }
+}
+
+fn owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.uid(), m.gid())
+}
+
+/// Registers, per container name, an entry that needs the pod's class and handler.
+fn register_per_container(h: &Harness, handler: &str, names: &[&str]) {
+    for name in names {
+        h.spire.register_selectors(
+            &[
+                "k8s:ns:shop",
+                "k8s:sa:web",
+                &format!("k8s:container-name:{name}"),
+                &format!("k8s:pod-label:{CLASS}:gold"),
+                &format!("moat:runtime-handler:{handler}"),
+            ],
+            &format!("spiffe://example.org/gold/{handler}/{name}"),
+        );
+    }
+}
+
+async fn create_and_start(h: &Harness, pod: &PodSandbox, ctr: &Container, style: Style) -> PathBuf {
+    let created = h.conn.create_container(pod, ctr).await.unwrap();
+    let dir = PathBuf::from(&created.adjust.unwrap().mounts[0].source);
+    h.conn.start_container(pod, ctr, style).await.unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn gvisor_containers_of_one_pod_get_their_own_identities_by_selectors_owned_by_their_users() {
+    let h = harness("gvisor").await;
+    // runsc: both containers report the sandbox's PID, which is also the pod's.
+    let sandbox_pid = 4242;
+    let pod = sandboxed_pod("runsc", sandbox_pid);
+    register_per_container(&h, "runsc", &["app", "side"]);
+    // A tenant's own label must never be a selector: an entry that needs it never matches.
+    h.spire.register_selectors(
+        &["k8s:ns:shop", "k8s:pod-label:team:payments"],
+        "spiffe://example.org/by-tenant-label",
+    );
+    let [root, user] = users();
+    let app = container("g-app", "app", sandbox_pid);
+    let side = container("g-side", "side", sandbox_pid);
+    write_spec(&h, &app.id, root.0, root.1);
+    write_spec(&h, &side.id, user.0, user.1);
+
+    let app_dir = create_and_start(&h, &pod, &app, Style::StateChange).await;
+    let side_dir = create_and_start(&h, &pod, &side, Style::StateChange).await;
+    assert_svid(&app_dir, "spiffe://example.org/gold/runsc/app");
+    assert_svid(&side_dir, "spiffe://example.org/gold/runsc/side");
+    for dir in [&app_dir, &side_dir] {
+        let ids = spiffe_id_of(&read(dir, "svid.pem"));
+        assert_ne!(ids, "spiffe://example.org/by-tenant-label");
+    }
+    assert_eq!(owner(&app_dir.join("svid_key.pem")), root);
+    assert_eq!(owner(&side_dir.join("svid_key.pem")), user);
+
+    // SPIRE was asked by selectors only, with the class and the handler; never for the PID.
+    let requests = h.spire.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    for (request, name) in requests.iter().zip(["app", "side"]) {
+        let SvidRequest::Selectors(s) = request else {
+            panic!("a PID request for a sandboxed container: {request:?}")
+        };
+        assert_eq!(
+            s,
+            &[
+                format!("k8s:container-name:{name}"),
+                "k8s:ns:shop".to_owned(),
+                format!("k8s:pod-label:{CLASS}:gold"),
+                "k8s:pod-name:web".to_owned(),
+                "k8s:pod-uid:uid-1".to_owned(),
+                "k8s:sa:web".to_owned(),
+                "moat:runtime-handler:runsc".to_owned(),
+            ]
+        );
+    }
+
+    // Rotation reaches both.
+    let before = read(&side_dir, "svid.pem");
+    h.spire.rotate();
+    eventually("rotated SVID", || read(&side_dir, "svid.pem") != before).await;
+    assert_svid(&side_dir, "spiffe://example.org/gold/runsc/side");
+    assert_eq!(owner(&side_dir.join("svid_key.pem")), user);
+}
+
+#[tokio::test]
+async fn kata_shaped_events_name_containers_by_selectors_and_survive_a_restart() {
+    let mut h = harness("kata").await;
+    // Kata: the PID is the VM's (the same for every container), and the pod's is not reported.
+    let vm_pid = 777;
+    let pod = sandboxed_pod("kata-qemu", 0);
+    register_per_container(&h, "kata-qemu", &["app", "side"]);
+    let [_, user] = users();
+    let mut app = container("k-app", "app", vm_pid);
+    let mut side = container("k-side", "side", vm_pid);
+    write_spec(&h, &app.id, user.0, user.1);
+    write_spec(&h, &side.id, user.0, user.1);
+    // Newer NRI's dedicated calls, as a Kata node on containerd 2 sends them.
+    let app_dir = create_and_start(&h, &pod, &app, Style::Dedicated).await;
+    let side_dir = create_and_start(&h, &pod, &side, Style::Dedicated).await;
+    assert_svid(&app_dir, "spiffe://example.org/gold/kata-qemu/app");
+    assert_svid(&side_dir, "spiffe://example.org/gold/kata-qemu/side");
+    assert_eq!(owner(&app_dir.join("svid_key.pem")), user);
+    assert!(
+        h.spire
+            .requests()
+            .iter()
+            .all(|r| matches!(r, SvidRequest::Selectors(s) if s.contains(&"moat:runtime-handler:kata-qemu".to_owned())))
+    );
+
+    // The agent restarts; Synchronize lists the running containers (a Kata runtime may report no
+    // PID at all), and they are followed again by selectors.
+    h.plugin.abort();
+    h.agent.shutdown();
+    let mut registry = Registry::default();
+    let agent = new_agent(&h.dir, h.spire.socket(), &mut registry);
+    let (conn, plugin) = connect(&agent, &h.runtime, &h.dir.join("nri.sock")).await;
+    for c in [&mut app, &mut side] {
+        c.state = ContainerState::ContainerRunning as i32;
+        c.pid = 0;
+    }
+    conn.synchronize(vec![pod.clone()], vec![app.clone(), side.clone()])
+        .await
+        .unwrap();
+    assert_eq!(agent.tracked(), 2);
+    let before = read(&app_dir, "svid.pem");
+    h.spire.rotate();
+    eventually("rotation after the restart", || {
+        read(&app_dir, "svid.pem") != before
+    })
+    .await;
+    assert_svid(&app_dir, "spiffe://example.org/gold/kata-qemu/app");
+    assert!(
+        !h.spire
+            .requests()
+            .iter()
+            .any(|r| matches!(r, SvidRequest::Pid(_)))
+    );
+    assert!(
+        !metrics_text(&registry).contains("started_without_svid"),
+        "both had their files before they ran"
+    );
+    h.conn = conn;
+    h.plugin = plugin;
+}
+
+#[tokio::test]
+async fn an_unlisted_handler_that_reports_the_sandbox_pid_is_treated_as_a_sandbox() {
+    let h = harness("sandboxpid").await;
+    let pod = sandboxed_pod("gvisor-custom", 55);
+    register_per_container(&h, "gvisor-custom", &["app"]);
+    let app = container("u-app", "app", 55);
+    let [_, user] = users();
+    write_spec(&h, &app.id, user.0, user.1);
+    let dir = create_and_start(&h, &pod, &app, Style::StateChange).await;
+    assert_svid(&dir, "spiffe://example.org/gold/gvisor-custom/app");
+    assert!(matches!(
+        &h.spire.requests()[..],
+        [SvidRequest::Selectors(_)]
+    ));
+}
+
+#[tokio::test]
+async fn a_sandboxed_container_whose_user_is_unknown_does_not_start() {
+    let h = harness("nospec").await;
+    let pod = sandboxed_pod("runsc", 9);
+    register_per_container(&h, "runsc", &["app"]);
+    let app = container("n-app", "app", 9);
+    h.conn.create_container(&pod, &app).await.unwrap();
+    let err = h
+        .conn
+        .start_container(&pod, &app, Style::StateChange)
+        .await
+        .unwrap_err();
+    let CallError::Status(status) = err else {
+        panic!("expected an error status, got {err}")
+    };
+    assert!(
+        status.message.contains("cannot tell whose the files are")
+            && status.message.contains("config.json"),
+        "{}",
+        status.message
+    );
+    assert!(
+        h.spire.requests().is_empty(),
+        "no SVID is fetched for nobody"
+    );
+}
+
+#[tokio::test]
+async fn without_a_reported_timeout_the_configured_one_bounds_the_wait_and_is_named() {
+    let dir = test_dir("assumed");
+    let _guard = DirGuard(dir.clone());
+    let spire = SpireDouble::start(&dir.join("spire.sock"), "example.org").unwrap();
+    spire.set_mode(Mode::Stall);
+    let runtime = RuntimeDouble::bind(&dir.join("nri.sock")).unwrap();
+    let mut registry = Registry::default();
+    // containerd configured with plugin_request_timeout = "1s", and the agent told so.
+    let config = AgentConfig {
+        defaults: Defaults {
+            spire_agent_address: spire.socket().to_owned(),
+            ..Defaults::default()
+        },
+        artifact_root: dir.join("artifacts"),
+        svid_wait: defaults::SVID_WAIT,
+        runtime_request_timeout: Duration::from_secs(1),
+        sandbox: SandboxConfig::default(),
+        bundle_dir: dir.join("bundles"),
+    };
+    let agent = Agent::new(config, Metrics::register(&mut registry)).unwrap();
+    let options = PluginOptions {
+        socket: dir.join("nri.sock"),
+        name: defaults::PLUGIN_NAME.into(),
+        index: "10".parse().unwrap(),
+    };
+    let _plugin = tokio::spawn(plugin::run(agent.clone(), options, std::future::pending()));
+    let mut conn = runtime.accept().await.unwrap();
+    conn.timeout = Duration::from_secs(1);
+    // As containerd 1.7: no timeout in Configure.
+    conn.configure_reporting(None).await.unwrap();
+    conn.synchronize(vec![], vec![]).await.unwrap();
+    assert_eq!(
+        agent.effective_wait(),
+        Duration::from_secs(1) - moat_identity::agent::ANSWER_MARGIN
+    );
+    let workload = Workload::spawn();
+    let pod = pod(&[(WEB, "[{}]")]);
+    let ctr = container("c1", "web", workload.pid());
+    conn.create_container(&pod, &ctr).await.unwrap();
+    let err = conn
+        .start_container(&pod, &ctr, Style::StateChange)
+        .await
+        .unwrap_err();
+    // An answer inside containerd's second, not its timeout.
+    let CallError::Status(status) = err else {
+        panic!("expected an error status, got {err}")
+    };
+    assert!(
+        status
+            .message
+            .contains("before the runtime's NRI request deadline of 1s (from --runtime-request-timeout; the runtime reported none)"),
+        "{}",
+        status.message
+    );
+}
+
+#[tokio::test]
+async fn a_missed_runtime_deadline_is_named_and_the_unprotected_start_is_found_at_synchronize() {
+    let mut h = harness("deadline").await;
+    // The agent assumes 2 s, but this runtime's real deadline is 300 ms and it says nothing.
+    h.conn.configure_reporting(None).await.unwrap();
+    h.conn.timeout = Duration::from_millis(300);
+    h.spire.set_mode(Mode::Stall);
+    let web = Web::create(&h, "[{}]", None).await;
+    let err = web.start(&h).await.unwrap_err();
+    assert!(matches!(err, CallError::Timeout(_)), "{err}");
+    // As containerd does after a timeout: it drops the plugin (and starts the container).
+    let Harness { conn, plugin, .. } = h;
+    conn.close();
+    let result = tokio::time::timeout(Duration::from_secs(5), plugin)
+        .await
+        .unwrap()
+        .unwrap();
+    let Err(error @ PluginError::RuntimeDeadline { .. }) = result else {
+        panic!("expected the runtime deadline to be named, got {result:?}")
+    };
+    let text = error.to_string();
+    assert!(
+        text.contains("runtime's NRI request deadline passed")
+            && text.contains("--runtime-request-timeout"),
+        "{text}"
+    );
+    assert!(metrics_text(&h.registry).contains("reason=\"runtime_deadline\"} 1"));
+
+    // The agent's supervisor restarts it; containerd lists the container as running: it ran
+    // without its files, which is said and counted.
+    h.agent.shutdown();
+    let mut registry = Registry::default();
+    let agent = new_agent(&h.dir, h.spire.socket(), &mut registry);
+    let (conn, plugin) = connect(&agent, &h.runtime, &h.dir.join("nri.sock")).await;
+    let mut running = web.ctr.clone();
+    running.state = ContainerState::ContainerRunning as i32;
+    conn.synchronize(vec![web.pod.clone()], vec![running])
+        .await
+        .unwrap();
+    assert!(
+        metrics_text(&registry).contains("reason=\"started_without_svid\"} 1"),
+        "{}",
+        metrics_text(&registry)
+    );
+    h.conn = conn;
+    h.plugin = plugin;
 }

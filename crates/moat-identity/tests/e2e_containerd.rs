@@ -4,7 +4,12 @@
 //! (`cargo test -p moat-identity --test e2e_containerd -- --ignored`); without that directory
 //! it fails. Pods and containers are made through the CRI API,
 //! as the kubelet makes them; the agent runs the production code path against containerd's NRI
-//! socket, and the SPIRE double attests PIDs by the container id in their cgroup path.
+//! socket, and the SPIRE double attests PIDs by the container id in their cgroup path, or
+//! matches selector requests against its registration entries.
+//!
+//! The second test runs a gVisor pod: that containerd has a `runsc` runtime handler (Debian's
+//! runsc behind the runc shim, through the wrapper `scripts/start-test-containerd.sh` writes).
+//! The two tests share one NRI socket, so they run one at a time (`--test-threads=1`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -26,8 +31,10 @@ use k8s_cri::v1::{
 };
 use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::attest::SandboxConfig;
 use moat_identity::defaults;
 use moat_identity::doubles::spire::SpireDouble;
+use moat_identity::doubles::spire::SvidRequest;
 use moat_identity::metrics::Metrics;
 use moat_identity::plugin::{self, PluginOptions};
 use prometheus_client::registry::Registry;
@@ -181,6 +188,9 @@ async fn start_agent(
             },
             artifact_root: artifacts.to_owned(),
             svid_wait: defaults::SVID_WAIT,
+            runtime_request_timeout: defaults::RUNTIME_REQUEST_TIMEOUT,
+            sandbox: SandboxConfig::default(),
+            bundle_dir: dir.join("state/io.containerd.runtime.v2.task/k8s.io"),
         },
         Metrics::register(&mut registry),
     )
@@ -404,6 +414,247 @@ async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
         })
         .await
         .unwrap();
+    plugin.abort();
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+const GVISOR_APP_ID: &str = "spiffe://example.org/ns/moat-e2e/sa/web/gold/runsc/app";
+const GVISOR_SIDE_ID: &str = "spiffe://example.org/ns/moat-e2e/sa/web/gold/runsc/side";
+const GVISOR_CLASS_LABEL: &str = "moat.dev/class";
+
+/// A gVisor container's command (its output is in `DIR/runsc-start/<id>.log`: runsc gives the
+/// container the stdio of `runsc start`, which the test containerd's wrapper keeps there): its
+/// first instruction reports what it finds (ID, the key's
+/// owner, whether it can read the key), then it prints the certificate's checksum as it changes,
+/// so the test sees a rotation from inside the sandbox without `exec`.
+const GVISOR_SCRIPT: &str = "set -e
+test -s /run/spiffe/svid.pem
+if head -c 1 /run/spiffe/svid_key.pem >/dev/null 2>&1; then readable=yes; else readable=no; fi
+echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | strings | grep -o 'spiffe://[a-z0-9./_-]*[a-z]' | head -1) key-owner=$(stat -L -c %u /run/spiffe/svid_key.pem) key-readable=$readable\"
+last=
+while true; do
+  sum=$(md5sum /run/spiffe/svid.pem | cut -c1-32)
+  if [ \"$sum\" != \"$last\" ]; then echo \"svid-sum: $sum\"; last=$sum; fi
+  sleep 0.1
+done";
+
+fn gvisor_sandbox_config(logs: &Path) -> PodSandboxConfig {
+    let mut config = sandbox_config(logs);
+    let metadata = config.metadata.as_mut().unwrap();
+    metadata.name = "e2e-gvisor".into();
+    metadata.uid = format!("gvisor-uid-{}", std::process::id());
+    config.annotations = [
+        (
+            "identity.noderesource.dev/pod".to_owned(),
+            "[{cert_dir: /run/spiffe}]".to_owned(),
+        ),
+        // What moat's admission webhook stamps: the pod's service account.
+        ("moat.dev/service-account".to_owned(), "web".to_owned()),
+    ]
+    .into();
+    config.labels = [
+        (GVISOR_CLASS_LABEL.to_owned(), "gold".to_owned()),
+        // A tenant's label: never a selector.
+        ("team".to_owned(), "payments".to_owned()),
+    ]
+    .into();
+    config
+}
+
+fn gvisor_container_config(name: &str, uid: i64) -> ContainerConfig {
+    let mut config = container_config(name, GVISOR_SCRIPT);
+    let id = Int64Value { value: uid };
+    let security = config
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap();
+    security.run_as_user = Some(id);
+    security.run_as_group = Some(id);
+    config
+}
+
+/// Kills the `runsc-sandbox` process of pod sandbox `pod_id` (its command line names the id).
+fn end_runsc_sandbox(pod_id: &str) {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a == "runsc-sandbox") && args.iter().any(|a| a == pod_id) {
+            let status = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {pid}");
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "one runsc-sandbox process for pod {pod_id}");
+}
+
+fn log_lines(path: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(prefix).map(|(_, rest)| rest.trim().to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a containerd with NRI and a runsc runtime handler: run by scripts/test.sh"]
+async fn each_container_of_a_gvisor_pod_gets_its_own_identity_readable_by_its_user_and_rotated() {
+    let dir = std::env::var_os("MOAT_E2E_CONTAINERD_DIR")
+        .map(PathBuf::from)
+        .expect(
+            "MOAT_E2E_CONTAINERD_DIR names the directory of a running test containerd with a \
+             runsc handler (scripts/test.sh starts one and runs this test with --ignored)",
+        );
+    let work = dir.join(format!("e2e-gvisor-{}", std::process::id()));
+    std::fs::create_dir_all(work.join("logs")).unwrap();
+    let spire = SpireDouble::start(&work.join("spire-admin.sock"), "example.org").unwrap();
+    for (name, id) in [("app", GVISOR_APP_ID), ("side", GVISOR_SIDE_ID)] {
+        spire.register_selectors(
+            &[
+                "k8s:ns:moat-e2e",
+                "k8s:sa:web",
+                &format!("k8s:container-name:{name}"),
+                &format!("k8s:pod-label:{GVISOR_CLASS_LABEL}:gold"),
+                "moat:runtime-handler:runsc",
+            ],
+            id,
+        );
+    }
+    spire.register_selectors(
+        &["k8s:ns:moat-e2e", "k8s:pod-label:team:payments"],
+        "spiffe://example.org/by-tenant-label",
+    );
+    let artifacts = work.join("identity");
+    let mut client = cri(&dir.join("containerd.sock")).await;
+    let (_agent, plugin) = start_agent(&dir, &artifacts, spire.socket()).await;
+
+    let sandbox = gvisor_sandbox_config(&work.join("logs"));
+    let pod_id = client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: "runsc".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("a runsc pod sandbox: {}", e.message()))
+        .into_inner()
+        .pod_sandbox_id;
+
+    // Two containers of the pod: one as root, one as uid 1000.
+    let mut ids = Vec::new();
+    for (name, uid) in [("app", 0), ("side", 1000)] {
+        let id = client
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(gvisor_container_config(name, uid)),
+                sandbox_config: Some(sandbox.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {}", e.message()))
+            .into_inner()
+            .container_id;
+        client
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("starting {name}: {}", e.message()));
+        ids.push(id);
+    }
+    let logs: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| dir.join(format!("runsc-start/{id}.log")))
+        .collect();
+    for ((name, uid, id), log) in [("app", 0, GVISOR_APP_ID), ("side", 1000, GVISOR_SIDE_ID)]
+        .into_iter()
+        .zip(&logs)
+    {
+        wait_for(&format!("{name}'s first output"), async || {
+            !log_lines(log, "first-instruction-sees:").is_empty()
+        })
+        .await;
+        let seen = log_lines(log, "first-instruction-sees:").remove(0);
+        assert_eq!(
+            seen,
+            format!("{id} key-owner={uid} key-readable=yes"),
+            "{name}: its own SVID at its first instruction, its key its user's"
+        );
+    }
+
+    // A rotation reaches both, inside the sandbox.
+    let (app_log, side_log) = (&logs[0], &logs[1]);
+    let before = (
+        log_lines(app_log, "svid-sum:").len(),
+        log_lines(side_log, "svid-sum:").len(),
+    );
+    assert!(before.0 >= 1 && before.1 >= 1);
+    spire.rotate();
+    wait_for("the rotated SVID inside the gVisor sandbox", async || {
+        log_lines(app_log, "svid-sum:").len() > before.0
+            && log_lines(side_log, "svid-sum:").len() > before.1
+    })
+    .await;
+
+    // SPIRE was asked by selectors carrying the class and the handler; never by the sandbox's PID.
+    let requests = spire.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        let SvidRequest::Selectors(selectors) = request else {
+            panic!("a PID request for a gVisor container: {requests:?}")
+        };
+        for needed in [
+            "moat:runtime-handler:runsc",
+            "k8s:pod-label:moat.dev/class:gold",
+            "k8s:sa:web",
+        ] {
+            assert!(
+                selectors.iter().any(|s| s == needed),
+                "{needed}: {selectors:?}"
+            );
+        }
+        assert!(
+            !selectors.iter().any(|s| s.contains("team")),
+            "{selectors:?}"
+        );
+    }
+
+    // Teardown. Under the runc shim every container of a runsc pod is "the sandbox's PID", and
+    // the shim sees a container exit only when that process does: stopping a container (which
+    // StopPodSandbox does first) waits forever. So the sandbox process is ended first, as
+    // gVisor's own shim would; then the pod stops and is removed (once containerd has seen every
+    // container exit).
+    end_runsc_sandbox(&pod_id);
+    wait_for("the gVisor pod stopped and removed", async || {
+        let stop = StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        };
+        let remove = RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        };
+        client.stop_pod_sandbox(stop).await.is_ok()
+            && client.remove_pod_sandbox(remove).await.is_ok()
+    })
+    .await;
+    for id in &ids {
+        assert!(
+            !artifacts.join(id).exists(),
+            "files of a removed container are deleted"
+        );
+    }
     plugin.abort();
     let _ = std::fs::remove_dir_all(&work);
 }

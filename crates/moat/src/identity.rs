@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use moat_identity::agent::{Agent, AgentConfig};
 use moat_identity::annotations::Defaults;
+use moat_identity::attest::{HandlerPattern, SandboxConfig};
 use moat_identity::defaults;
 use moat_identity::metrics::Metrics;
 use moat_identity::metrics_server;
-use moat_identity::plugin::{self, PluginIndex, PluginOptions};
+use moat_identity::plugin::{self, PluginIndex, PluginOptions, RequestTimeout};
 use prometheus_client::registry::Registry;
 
 use crate::serve::{LogFormat, LogLevel, init_logging, shutdown_signal};
@@ -52,6 +53,28 @@ pub struct IdentityAgentArgs {
     /// runtime's NRI request timeout, so the agent always answers in time).
     #[arg(long, default_value_t = defaults::SVID_WAIT_MS, value_name = "MS")]
     svid_wait_ms: u64,
+    /// The runtime's NRI request timeout: set it to containerd's `plugin_request_timeout`
+    /// (same syntax: `2s`, `1500ms`). containerd 1.7 does not report it; a runtime that does
+    /// and says less wins. The agent answers every call within it, so a container whose SVID
+    /// is late fails to start instead of starting without it.
+    #[arg(long, default_value = defaults::RUNTIME_REQUEST_TIMEOUT_FLAG, value_name = "DURATION")]
+    runtime_request_timeout: RequestTimeout,
+    /// A runtime handler whose pods run in a sandbox (repeatable; a trailing `*` matches a
+    /// prefix). Their containers are named to SPIRE by selectors, not by the sandbox's PID.
+    #[arg(
+        long = "sandboxed-runtime-handler",
+        value_name = "HANDLER",
+        default_values_t = defaults::SANDBOXED_RUNTIME_HANDLERS.map(|h| h.parse::<HandlerPattern>().unwrap_or_else(|e| unreachable!("{e}")))
+    )]
+    sandboxed_runtime_handlers: Vec<HandlerPattern>,
+    /// The pod label that holds the isolation class (moat's `classLabel`), sent to SPIRE as
+    /// `k8s:pod-label:<label>:<class>` for sandboxed containers.
+    #[arg(long, default_value = defaults::CLASS_LABEL, value_name = "KEY")]
+    class_label: String,
+    /// Where the runtime keeps container bundles: `<dir>/<container id>/config.json` is the OCI
+    /// spec whose `process.user` owns the files.
+    #[arg(long, default_value = defaults::RUNTIME_BUNDLE_DIR, value_name = "DIR")]
+    runtime_bundle_dir: PathBuf,
     /// Address for Prometheus metrics and the liveness probe (plain HTTP: GET /metrics,
     /// GET /healthz).
     #[arg(long, default_value_t = defaults::METRICS_ADDR, value_name = "HOST:PORT")]
@@ -75,6 +98,10 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         default_cert_dir,
         artifact_dir,
         svid_wait_ms,
+        runtime_request_timeout,
+        sandboxed_runtime_handlers,
+        class_label,
+        runtime_bundle_dir,
         metrics_addr,
         log_format,
         log_level,
@@ -92,6 +119,10 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
     for socket in &allowed_spire_admin_sockets {
         absolute("--allowed-spire-admin-socket", socket)?;
     }
+    absolute("--runtime-bundle-dir", &runtime_bundle_dir)?;
+    if class_label.is_empty() {
+        return Err("--class-label must not be empty".to_owned());
+    }
     if plugin_name.is_empty() {
         return Err("--plugin-name must not be empty".to_owned());
     }
@@ -105,10 +136,18 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         },
         artifact_root: artifact_dir,
         svid_wait: Duration::from_millis(svid_wait_ms),
+        runtime_request_timeout: runtime_request_timeout.duration(),
+        sandbox: SandboxConfig {
+            handlers: sandboxed_runtime_handlers,
+            class_label,
+            service_account_annotation: defaults::SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+        },
+        bundle_dir: runtime_bundle_dir,
     };
-    // Two workers: one node agent should not take a thread per core of a large node.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the agent waits on sockets, and its only blocking work is a few small file
+    // writes on tmpfs. Each further thread cost the agent its own allocator heap and stack;
+    // at 1,000 containers, memory, not CPU, is what a node agent must save.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;

@@ -112,6 +112,24 @@ pub struct InstallArgs {
         requires = "identity_agent"
     )]
     spire_admin_socket: String,
+    /// containerd's NRI `plugin_request_timeout` on the nodes (containerd 1.7 does not tell
+    /// plugins; the agent answers within it so no annotated container starts without identity).
+    #[arg(
+        long,
+        default_value = identity_defaults::RUNTIME_REQUEST_TIMEOUT_FLAG,
+        value_name = "DURATION",
+        requires = "identity_agent"
+    )]
+    runtime_request_timeout: moat_identity::plugin::RequestTimeout,
+    /// containerd's bundle directory for Kubernetes containers on the nodes (the agent reads
+    /// each container's user from its OCI spec there).
+    #[arg(
+        long,
+        default_value = identity_defaults::RUNTIME_BUNDLE_DIR,
+        value_name = "DIR",
+        requires = "identity_agent"
+    )]
+    runtime_bundle_dir: String,
     /// Karpenter NodePools and warm capacity (docs/capacity.md).
     #[command(flatten)]
     capacity: crate::capacity::CapacityArgs,
@@ -458,6 +476,13 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
     };
     let (nri_dir, nri_socket) = socket_dir("--nri-socket", &args.nri_socket)?;
     let (spire_dir, spire_socket) = socket_dir("--spire-admin-socket", &args.spire_admin_socket)?;
+    let bundles = &args.runtime_bundle_dir;
+    if !std::path::Path::new(bundles).is_absolute() {
+        return Err(format!(
+            "--runtime-bundle-dir '{bundles}' must be an absolute path"
+        ));
+    }
+    let timeout = format!("{}ms", args.runtime_request_timeout.duration().as_millis());
     let labels =
         json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "identity-agent"});
     Ok(vec![
@@ -485,8 +510,9 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                     "spec": {
                         "serviceAccountName": IDENTITY_NAME,
                         "automountServiceAccountToken": false,
-                        // Container PIDs come from the runtime as host PIDs: the agent reads
-                        // /proc/<pid>/status to give the key file to the workload's user.
+                        // Container PIDs come from the runtime as host PIDs: without an OCI
+                        // spec the agent reads /proc/<pid>/status of a runc container to give
+                        // the key file to the workload's user.
                         "hostPID": true,
                         "priorityClassName": "system-node-critical",
                         // Every node, isolated and tainted ones included: that is where
@@ -502,6 +528,10 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                                 "--nri-socket", nri_socket,
                                 "--spire-admin-socket", spire_socket,
                                 "--artifact-dir", IDENTITY_ARTIFACT_DIR,
+                                // Must equal containerd's plugin_request_timeout (see
+                                // docs/identity-agent.md): 1.7 does not report it.
+                                "--runtime-request-timeout", timeout,
+                                "--runtime-bundle-dir", bundles,
                                 "--metrics-addr", format!("0.0.0.0:{IDENTITY_METRICS_PORT}"),
                                 "--log-format", "json",
                             ],
@@ -526,12 +556,15 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                                 {"name": "nri", "mountPath": nri_dir, "readOnly": true},
                                 {"name": "spire-admin", "mountPath": spire_dir, "readOnly": true},
                                 {"name": "artifacts", "mountPath": IDENTITY_ARTIFACT_DIR},
+                                // Each container's OCI spec: whose the files are.
+                                {"name": "bundles", "mountPath": bundles, "readOnly": true},
                             ],
                         }],
                         "volumes": [
                             {"name": "nri", "hostPath": {"path": nri_dir, "type": "Directory"}},
                             {"name": "spire-admin", "hostPath": {"path": spire_dir, "type": "DirectoryOrCreate"}},
                             {"name": "artifacts", "hostPath": {"path": IDENTITY_ARTIFACT_DIR, "type": "DirectoryOrCreate"}},
+                            {"name": "bundles", "hostPath": {"path": bundles, "type": "DirectoryOrCreate"}},
                         ],
                     },
                 },

@@ -347,7 +347,25 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
         .collect();
     assert_eq!(
         host,
-        ["/var/run/nri", "/run/spire/admin", "/run/moat/identity"]
+        [
+            "/var/run/nri",
+            "/run/spire/admin",
+            "/run/moat/identity",
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io"
+        ]
+    );
+    assert_eq!(mounts_read_only(c, "bundles"), Some(true));
+    // The runtime's deadline is passed on (containerd 1.7 does not report it).
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--runtime-request-timeout", "2000ms"])
+    );
+    let (_, docs, _) = install(&["--identity-agent", "--runtime-request-timeout", "1s"]);
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains(r#""--runtime-request-timeout","1000ms""#),
+        "{args}"
     );
     let mounts = c["volumeMounts"].as_array().unwrap();
     assert_eq!(mounts[2]["mountPath"], "/run/moat/identity");
@@ -373,8 +391,19 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
     assert_eq!(restricted, 1);
 }
 
+fn mounts_read_only(container: &serde_json::Value, volume: &str) -> Option<bool> {
+    container["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == volume)
+        .and_then(|m| m["readOnly"].as_bool())
+}
+
 #[test]
 fn identity_agent_options_are_checked() {
+    let (code, _, err) = install(&["--identity-agent", "--runtime-request-timeout", "2"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("as containerd writes it"), "{err}");
     let (code, _, err) = install(&["--identity-agent", "--identity-namespace", "moat-system"]);
     assert_eq!(code, 2);
     assert!(err.contains("must differ from --namespace"), "{err}");

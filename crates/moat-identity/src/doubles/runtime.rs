@@ -108,11 +108,24 @@ impl PluginConn {
     /// # Errors
     /// [`CallError`].
     pub async fn configure(&self) -> Result<ConfigureResponse, CallError> {
+        self.configure_reporting(Some(self.timeout)).await
+    }
+
+    /// Configure, reporting `timeout` as the request timeout; `None` reports none, as
+    /// containerd 1.7 does (whatever its `plugin_request_timeout`).
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn configure_reporting(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<ConfigureResponse, CallError> {
         let request = ConfigureRequest {
             runtime_name: "runtime-double".into(),
             runtime_version: "1.7".into(),
             registration_timeout: 5000,
-            request_timeout: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX),
+            request_timeout: timeout
+                .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
             ..Default::default()
         };
         self.plugin.configure(&request, self.timeout).await

@@ -1,9 +1,11 @@
 //! A SPIRE agent's Delegated Identity API: real X.509 SVIDs with a `spiffe://` URI SAN, signed by
 //! a test CA, issued to PIDs the test has registered (by PID, or by the container id in the
-//! process's cgroup path, as SPIRE's Kubernetes workload attestor reads it). It can rotate, add a
-//! second root, refuse the caller (PermissionDenied) or stall.
+//! process's cgroup path, as SPIRE's Kubernetes workload attestor reads it), and to selector
+//! requests as SPIRE matches them: every registration entry whose selectors are a subset of the
+//! request's. It records each request, can rotate, add a second root, refuse the caller
+//! (PermissionDenied) or stall.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -74,7 +76,20 @@ struct State {
     roots: Vec<Ca>,
     /// `pid:<n>` or `container:<id>` → SPIFFE ID.
     registrations: HashMap<String, String>,
+    /// Registration entries by selectors (`type:value`), in registration order.
+    entries: Vec<(BTreeSet<String>, String)>,
+    /// Every `SubscribeToX509SVIDs` request, in arrival order.
+    requests: Vec<SvidRequest>,
     mode: Mode,
+}
+
+/// A `SubscribeToX509SVIDs` request as the double received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvidRequest {
+    /// By PID.
+    Pid(i32),
+    /// By selectors, each `type:value`, sorted.
+    Selectors(Vec<String>),
 }
 
 /// A running double.
@@ -113,6 +128,8 @@ impl SpireDouble {
             trust_domain: trust_domain.to_owned(),
             roots: vec![new_ca(trust_domain, 0)?],
             registrations: HashMap::new(),
+            entries: Vec::new(),
+            requests: Vec::new(),
             mode: Mode::Serve,
         }));
         let (changes, _) = watch::channel(0);
@@ -167,6 +184,20 @@ impl SpireDouble {
             .registrations
             .insert(format!("container:{container_id}"), spiffe_id.to_owned());
         self.changed();
+    }
+
+    /// A registration entry: `spiffe_id` for any workload whose selectors (each `type:value`,
+    /// e.g. `k8s:ns:shop`) include all of `selectors`.
+    pub fn register_selectors(&self, selectors: &[&str], spiffe_id: &str) {
+        let set = selectors.iter().map(|s| (*s).to_owned()).collect();
+        lock(&self.state).entries.push((set, spiffe_id.to_owned()));
+        self.changed();
+    }
+
+    /// Every `SubscribeToX509SVIDs` request so far.
+    #[must_use]
+    pub fn requests(&self) -> Vec<SvidRequest> {
+        lock(&self.state).requests.clone()
     }
 
     /// Sends every open stream a freshly signed SVID.
@@ -249,24 +280,50 @@ fn container_of(pid: i32) -> Option<String> {
 }
 
 impl Service {
-    /// One answer for `pid`, as the current state says.
-    fn answer(&self, pid: i32) -> Result<SubscribeToX509sviDsResponse, Status> {
+    /// One answer for `request`, as the current state says.
+    fn answer(&self, request: &SvidRequest) -> Result<SubscribeToX509sviDsResponse, Status> {
         let state = lock(&self.state);
         match state.mode {
             Mode::Deny => return Err(Status::permission_denied("no identity issued")),
             Mode::Serve | Mode::Stall => {}
         }
-        let id = state.registrations.get(&format!("pid:{pid}")).or_else(|| {
-            container_of(pid).and_then(|c| state.registrations.get(&format!("container:{c}")))
-        });
-        let Some(id) = id else {
-            // Not attested (yet): an answer with no SVID, as the real agent sends.
-            return Ok(SubscribeToX509sviDsResponse::default());
+        let ids: Vec<String> = match request {
+            SvidRequest::Pid(pid) => {
+                let pid = *pid;
+                state
+                    .registrations
+                    .get(&format!("pid:{pid}"))
+                    .or_else(|| {
+                        container_of(pid)
+                            .and_then(|c| state.registrations.get(&format!("container:{c}")))
+                    })
+                    .cloned()
+                    .into_iter()
+                    .collect()
+            }
+            SvidRequest::Selectors(selectors) => {
+                let have: BTreeSet<&str> = selectors.iter().map(String::as_str).collect();
+                state
+                    .entries
+                    .iter()
+                    .filter(|(want, _)| want.iter().all(|w| have.contains(w.as_str())))
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            }
         };
+        // None: not attested (yet), an answer with no SVID, as the real agent sends.
+        let mut answer = SubscribeToX509sviDsResponse::default();
+        for id in &ids {
+            answer.x509_svids.push(self.issue(&state, id)?);
+        }
+        Ok(answer)
+    }
+
+    fn issue(&self, state: &State, id: &str) -> Result<X509svidWithKey, Status> {
         let issue = || -> Result<(Vec<u8>, Vec<u8>, i64), rcgen::Error> {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::default();
-            params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+            params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
             params.not_after = rcgen::date_time_ymd(2030, 1, 1);
             let ca = &state.roots[0];
             let issuer = Issuer::new(ca.params.clone(), &ca.key);
@@ -284,17 +341,14 @@ impl Service {
             .and_then(|rest| rest.find('/').map(|i| rest.split_at(i)))
             .map(|(td, path)| (td.to_owned(), path.to_owned()))
             .unwrap_or_default();
-        Ok(SubscribeToX509sviDsResponse {
-            x509_svids: vec![X509svidWithKey {
-                x509_svid: Some(X509svid {
-                    cert_chain: vec![cert],
-                    id: Some(WireId { trust_domain, path }),
-                    expires_at,
-                    hint: String::new(),
-                }),
-                x509_svid_key: key,
-            }],
-            federates_with: Vec::new(),
+        Ok(X509svidWithKey {
+            x509_svid: Some(X509svid {
+                cert_chain: vec![cert],
+                id: Some(WireId { trust_domain, path }),
+                expires_at,
+                hint: String::new(),
+            }),
+            x509_svid_key: key,
         })
     }
 
@@ -327,10 +381,25 @@ impl DelegatedIdentity for Service {
         &self,
         request: Request<SubscribeToX509sviDsRequest>,
     ) -> Result<Response<Self::SubscribeToX509SVIDsStream>, Status> {
-        let pid = request.into_inner().pid;
-        if pid <= 0 {
-            return Err(Status::invalid_argument("a PID is required"));
-        }
+        let request = request.into_inner();
+        let request = match (request.pid, request.selectors.is_empty()) {
+            (pid, true) if pid > 0 => SvidRequest::Pid(pid),
+            (0, false) => {
+                let mut s: Vec<String> = request
+                    .selectors
+                    .iter()
+                    .map(|s| format!("{}:{}", s.r#type, s.value))
+                    .collect();
+                s.sort();
+                SvidRequest::Selectors(s)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a PID or selectors are required, not both",
+                ));
+            }
+        };
+        lock(&self.state).requests.push(request.clone());
         if lock(&self.state).mode == Mode::Deny {
             return Err(Status::permission_denied(
                 "caller not configured as an authorized delegate",
@@ -346,7 +415,7 @@ impl DelegatedIdentity for Service {
             loop {
                 changes.mark_unchanged();
                 if lock(&service.state).mode != Mode::Stall {
-                    let answer = service.answer(pid);
+                    let answer = service.answer(&request);
                     let denied = answer.is_err();
                     if tx.send(answer).await.is_err() || denied {
                         return;
