@@ -4,10 +4,11 @@
 #   scripts/test.sh
 #
 # Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
-# the identity agent's end-to-end test, and protoc for the CRI client that test uses. Then
-# builds the test images, starts a containerd of its own under a temporary directory, runs the
-# whole suite, then the identity agent's end-to-end test (ignored in a plain `cargo test`) with
-# MOAT_E2E_CONTAINERD_DIR pointing at that containerd.
+# the end-to-end tests, and protoc for the CRI client they use. Then builds the test images and
+# moat's image (scripts/build-image.sh), starts a containerd of its own under a temporary
+# directory, runs the whole suite, then the end-to-end tests of the identity agent and of the
+# image (ignored in a plain `cargo test`) with MOAT_E2E_CONTAINERD_DIR pointing at that
+# containerd and MOAT_E2E_IMAGE_ARCHIVE at the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,10 @@ cargo fmt --all --check
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== containerd for the end-to-end test"
+echo "== containerd for the end-to-end tests"
 e2e=$(mktemp -d /tmp/moat-e2e.XXXXXX)
+echo "== moat's image"
+scripts/build-image.sh "$e2e/moat-image" >/dev/null
 scripts/build-test-images.sh "$e2e/images" >/dev/null
 containerd_pid=$(scripts/start-test-containerd.sh "$e2e/containerd" "$e2e/images" 2>"$e2e/start.log") || {
   cat "$e2e/start.log" >&2
@@ -44,3 +47,6 @@ cargo test --workspace --locked
 echo "== identity agent on a real containerd"
 MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" \
   cargo test -p moat-identity --locked --test e2e_containerd -- --ignored
+echo "== moat's image on a real containerd"
+MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" MOAT_E2E_IMAGE_ARCHIVE=$(echo "$e2e"/moat-image/moat-*.oci.tar) \
+  cargo test -p moat --locked --test e2e_image -- --ignored
