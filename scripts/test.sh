@@ -4,11 +4,12 @@
 #   scripts/test.sh
 #
 # Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
-# the identity agent's end-to-end tests, runsc (gVisor) for its sandboxed one, and protoc for
-# the CRI client those tests use. Then
-# builds the test images, starts a containerd of its own under a temporary directory, runs the
-# whole suite, then the identity agent's end-to-end test (ignored in a plain `cargo test`) with
-# MOAT_E2E_CONTAINERD_DIR pointing at that containerd.
+# the end-to-end tests, runsc (gVisor) for the identity agent's sandboxed one, and protoc for
+# the CRI client they use. Then builds the test images and moat's image (scripts/build-image.sh),
+# starts a containerd of its own under a temporary directory, runs the whole suite, then the
+# end-to-end tests of the identity agent (runc and gVisor) and of the image (ignored in a plain
+# `cargo test`) with MOAT_E2E_CONTAINERD_DIR pointing at that containerd and
+# MOAT_E2E_IMAGE_ARCHIVE at the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +27,10 @@ cargo fmt --all --check
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== containerd for the end-to-end test"
+echo "== containerd for the end-to-end tests"
 e2e=$(mktemp -d /tmp/moat-e2e.XXXXXX)
+echo "== moat's image"
+scripts/build-image.sh "$e2e/moat-image" >/dev/null
 scripts/build-test-images.sh "$e2e/images" >/dev/null
 containerd_pid=$(scripts/start-test-containerd.sh "$e2e/containerd" "$e2e/images" 2>"$e2e/start.log") || {
   cat "$e2e/start.log" >&2
@@ -49,3 +52,6 @@ echo "== identity agent on a real containerd (runc, and gVisor through its runsc
 # One at a time: the tests share containerd's NRI socket.
 MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" \
   cargo test -p moat-identity --locked --test e2e_containerd -- --ignored --test-threads=1
+echo "== moat's image on a real containerd"
+MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" MOAT_E2E_IMAGE_ARCHIVE=$(echo "$e2e"/moat-image/moat-*.oci.tar) \
+  cargo test -p moat --locked --test e2e_image -- --ignored

@@ -26,8 +26,17 @@ const REVIEW_PORT: u16 = 8443;
 const METRICS_PORT: u16 = 9090;
 /// The webhook timeout the API server applies (`timeoutSeconds`), from the server's limits.
 const WEBHOOK_TIMEOUT_SECONDS: i32 = moat_server::limits::WEBHOOK_TIMEOUT.as_secs() as i32;
-/// An unprivileged uid/gid with no account in the image.
+/// An unprivileged uid/gid: the image's own `User` (scripts/build-image.py), with an account
+/// named moat in its /etc/passwd.
 const RUN_AS_ID: i64 = 65532;
+/// The image `scripts/build-image.sh` builds and names, tagged with this crate's version.
+///
+/// Fully qualified on purpose: the CRI plugin of containerd (and so the kubelet) reads an
+/// unqualified `moat:TAG` as an image of the Docker Hub library namespace, which an imported
+/// archive named `moat:TAG` is not, so the node would try to pull it. `localhost/` names an
+/// image that exists only where it was built or imported (podman names local builds so), and a
+/// node without it fails to pull instead of fetching something else from the internet.
+pub const DEFAULT_IMAGE: &str = concat!("localhost/moat:", env!("CARGO_PKG_VERSION"));
 
 /// What the API server does when moat cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,8 +58,8 @@ pub struct InstallArgs {
     /// Namespace moat runs in (exempt from its own webhooks).
     #[arg(long, default_value = "moat-system", value_name = "NS")]
     namespace: String,
-    /// Container image of moat.
-    #[arg(long, default_value = concat!("moat:", env!("CARGO_PKG_VERSION")), value_name = "IMAGE")]
+    /// Container image of moat. The default is what scripts/build-image.sh builds.
+    #[arg(long, default_value = DEFAULT_IMAGE, value_name = "IMAGE")]
     image: String,
     /// Server replicas (at least 2, so a node drain never leaves the webhook unanswered).
     #[arg(long, default_value_t = 2, value_name = "N")]
