@@ -208,27 +208,10 @@ impl Template {
     /// # Errors
     /// As [`Template::from_json`].
     pub fn from_json_as(kind: Kind, bytes: &[u8]) -> Result<Self, ReadError> {
-        let err = |field: &str, message: &str| MalformedObject {
-            kind: kind.as_str(),
-            field: format!("{}{field}", kind.field_prefix()),
-            message: message.to_owned(),
-        };
-        let template = match kind {
-            Kind::Pod => Some(serde_json::from_slice::<wire::Template>(bytes)?),
-            Kind::CronJob => {
-                let o: wire::CronJob = serde_json::from_slice(bytes)?;
-                o.spec
-                    .and_then(|s| s.job_template)
-                    .and_then(|j| j.spec)
-                    .and_then(|s| s.template)
-            }
-            _ => {
-                let o: wire::Workload = serde_json::from_slice(bytes)?;
-                o.spec.and_then(|s| s.template)
-            }
-        };
-        let template = template.ok_or_else(|| err("", "pod template is missing"))?;
-        Ok(Self::assemble(kind, template.metadata, template.spec).map_err(|m| err("spec", m))?)
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let read = serde::de::DeserializeSeed::deserialize(TemplateSeed(kind), &mut de)?;
+        de.end()?;
+        Ok(read?)
     }
 
     fn assemble(
@@ -311,6 +294,40 @@ impl Template {
                         && r.api_version.starts_with("apps/")
                 })
             })
+    }
+}
+
+/// Reads the template of an object of a known kind straight from any deserializer (the admission
+/// server reads it inside the review envelope, in the same pass). The outer error is the
+/// deserializer's (bad JSON, a field of the wrong type); the inner one an object that parses but
+/// is no usable pod template.
+#[derive(Debug, Clone, Copy)]
+pub struct TemplateSeed(pub Kind);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TemplateSeed {
+    type Value = Result<Template, MalformedObject>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let kind = self.0;
+        let template = match kind {
+            Kind::Pod => Some(wire::Template::deserialize(d)?),
+            Kind::CronJob => wire::CronJob::deserialize(d)?
+                .spec
+                .and_then(|s| s.job_template)
+                .and_then(|j| j.spec)
+                .and_then(|s| s.template),
+            _ => wire::Workload::deserialize(d)?
+                .spec
+                .and_then(|s| s.template),
+        };
+        let err = |field: &str, message: &str| MalformedObject {
+            kind: kind.as_str(),
+            field: format!("{}{field}", kind.field_prefix()),
+            message: message.to_owned(),
+        };
+        Ok(template
+            .ok_or_else(|| err("", "pod template is missing"))
+            .and_then(|t| Template::assemble(kind, t.metadata, t.spec).map_err(|m| err("spec", m))))
     }
 }
 

@@ -19,7 +19,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http::StatusCode;
 use moat_core::decision::{Decision, Operation};
-use moat_core::subject::{Kind, MalformedObject, ReadError, Template};
+use moat_core::subject::{Kind, MalformedObject, ReadError, Template, TemplateSeed};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -109,27 +109,140 @@ struct ReviewIn<'a> {
     request: Option<RequestIn<'a>>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// `request`, read by hand so that each object is read in the same pass as the envelope: the API
+/// server writes `kind` before `object` and `oldObject`, so by then the objects' shape is known
+/// and they are read straight into typed templates. An object met before `kind` (never from an
+/// API server, but valid JSON) is kept as borrowed raw JSON and read afterwards.
 struct RequestIn<'a> {
     uid: String,
-    #[serde(default)]
     kind: GroupVersionKind,
-    #[serde(default)]
     sub_resource: Option<String>,
-    #[serde(default)]
     name: String,
-    #[serde(default)]
     namespace: Option<String>,
     operation: OperationIn,
-    #[serde(default)]
     user_info: UserInfo,
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    old_object: Option<&'a RawValue>,
-    #[serde(default)]
+    object: ObjectIn<'a>,
+    old_object: ObjectIn<'a>,
     dry_run: Option<bool>,
+}
+
+/// An object of the review, as far as the envelope's pass got with it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "two live briefly on the stack per review; boxing would add an allocation to each"
+)]
+enum ObjectIn<'a> {
+    Absent,
+    /// Read in the envelope's pass: a template, or why it is no usable one.
+    Read(Result<Template, MalformedObject>),
+    /// A kind moat does not review.
+    Other,
+    /// Met before `request.kind`: read afterwards.
+    Raw(&'a RawValue),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RequestIn<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RequestVisitor(std::marker::PhantomData))
+    }
+}
+
+struct RequestVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for RequestVisitor<'a> {
+    type Value = RequestIn<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an admission request")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<RequestIn<'a>, A::Error> {
+        use serde::de::Error as _;
+        let (mut uid, mut kind, mut operation) = (None, None::<GroupVersionKind>, None);
+        let mut req = RequestIn {
+            uid: String::new(),
+            kind: GroupVersionKind::default(),
+            sub_resource: None,
+            name: String::new(),
+            namespace: None,
+            operation: OperationIn::Connect,
+            user_info: UserInfo::default(),
+            object: ObjectIn::Absent,
+            old_object: ObjectIn::Absent,
+            dry_run: None,
+        };
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "uid" => uid = Some(map.next_value::<String>()?),
+                "kind" => kind = Some(map.next_value()?),
+                "subResource" => req.sub_resource = map.next_value()?,
+                "name" => req.name = map.next_value::<Option<String>>()?.unwrap_or_default(),
+                "namespace" => req.namespace = map.next_value()?,
+                "operation" => operation = Some(map.next_value::<OperationIn>()?),
+                "userInfo" => {
+                    req.user_info = map.next_value::<Option<UserInfo>>()?.unwrap_or_default()
+                }
+                "dryRun" => req.dry_run = map.next_value()?,
+                "object" | "oldObject" => {
+                    let declared = kind.as_ref().map(GroupVersionKind::reviewed);
+                    let read = map.next_value_seed(ObjectSeed(declared))?;
+                    if key == "object" {
+                        req.object = read;
+                    } else {
+                        req.old_object = read;
+                    }
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        req.uid = uid.ok_or_else(|| A::Error::missing_field("uid"))?;
+        req.operation = operation.ok_or_else(|| A::Error::missing_field("operation"))?;
+        req.kind = kind.unwrap_or_default();
+        Ok(req)
+    }
+}
+
+/// Reads one object: typed when the kind is known (`Some(Some(kind))`), skipped when it is one
+/// moat does not review (`Some(None)`), kept raw when the kind is not known yet (`None`).
+struct ObjectSeed(Option<Option<Kind>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ObjectSeed {
+    type Value = ObjectIn<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<ObjectIn<'de>, D::Error> {
+        match self.0 {
+            None => Ok(
+                Option::<&'de RawValue>::deserialize(d)?.map_or(ObjectIn::Absent, ObjectIn::Raw)
+            ),
+            Some(None) => Ok(Option::<serde::de::IgnoredAny>::deserialize(d)?
+                .map_or(ObjectIn::Absent, |_| ObjectIn::Other)),
+            Some(Some(kind)) => d.deserialize_option(TypedObject(kind)),
+        }
+    }
+}
+
+struct TypedObject(Kind);
+
+impl<'de> serde::de::Visitor<'de> for TypedObject {
+    type Value = ObjectIn<'static>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<ObjectIn<'static>, E> {
+        Ok(ObjectIn::Absent)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<ObjectIn<'static>, E> {
+        Ok(ObjectIn::Absent)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<ObjectIn<'static>, D::Error> {
+        serde::de::DeserializeSeed::deserialize(TemplateSeed(self.0), d).map(ObjectIn::Read)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -219,42 +332,53 @@ impl AdmissionIn {
             other => return Err(RequestError::UnsupportedVersion(other.to_owned())),
         };
         let req = review.request.ok_or(RequestError::NoRequest)?;
-        // `request.kind` (written by the API server) names the objects' kind, so each is read
-        // in one typed pass; without it the object's own apiVersion and kind are read first.
         let declared = req.kind.reviewed();
         let mut unusable = None;
-        let mut read = |raw: Option<&RawValue>| -> Result<Option<Template>, RequestError> {
-            let Some(raw) = raw else { return Ok(None) };
-            if !raw.get().starts_with('{') {
-                return Err(RequestError::Malformed {
-                    kind: "AdmissionReview",
-                    message: "request.object is not an object".to_owned(),
-                });
-            }
-            // The API server decoded the object before calling, so a field of the wrong type
-            // means the body is not what the API server sends: unreadable, not a denial.
-            let bytes = raw.get().as_bytes();
-            let read = match declared {
-                Some(kind) => Template::from_json_as(kind, bytes).map(Some),
-                None => Template::from_json(bytes),
+        let mut read = |object: ObjectIn<'_>| -> Result<Option<Template>, RequestError> {
+            let read = match object {
+                ObjectIn::Absent | ObjectIn::Other => return Ok(None),
+                ObjectIn::Read(read) => read,
+                ObjectIn::Raw(raw) => {
+                    let bytes = raw.get().as_bytes();
+                    if !raw.get().starts_with('{') {
+                        return Err(RequestError::Malformed {
+                            kind: "AdmissionReview",
+                            message: "request.object is not an object".to_owned(),
+                        });
+                    }
+                    // The API server decoded the object before calling, so a field of the
+                    // wrong type means the body is not what the API server sends: unreadable,
+                    // not a denial.
+                    let parsed = match declared {
+                        Some(kind) => Template::from_json_as(kind, bytes).map(Some),
+                        None => Template::from_json(bytes),
+                    };
+                    match parsed {
+                        Ok(t) => return Ok(t),
+                        Err(ReadError::Malformed(e)) => Err(e),
+                        Err(e) => {
+                            return Err(RequestError::Malformed {
+                                kind: "AdmissionReview",
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                }
             };
             match read {
-                Ok(t) => Ok(t),
-                Err(ReadError::Json(e)) => Err(malformed(e)),
-                Err(ReadError::Malformed(e)) => {
+                Ok(t) => Ok(Some(t)),
+                Err(e) => {
                     unusable.get_or_insert(e);
                     Ok(None)
                 }
-                Err(e) => Err(RequestError::Malformed {
-                    kind: "AdmissionReview",
-                    message: e.to_string(),
-                }),
             }
         };
+        let has_object =
+            !matches!(req.object, ObjectIn::Absent) || !matches!(req.old_object, ObjectIn::Absent);
         let (object, old_object) = (read(req.object)?, read(req.old_object)?);
         Ok(Self {
             api_version,
-            has_object: req.object.is_some() || req.old_object.is_some(),
+            has_object,
             object,
             old_object,
             unusable,
@@ -486,4 +610,68 @@ pub fn image_review_answer(decision: &Decision) -> Bytes {
         kind: "ImageReview",
         status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","labels":{"a":"b"}},"spec":{"containers":[{"name":"c","image":"x:1"}],"tolerations":[{"key":"k","operator":"Exists"}]}}"#;
+    const KIND: &str = r#"{"group":"","version":"v1","kind":"Pod"}"#;
+
+    fn review(request_fields: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{{request_fields}}}}}"#
+        )
+    }
+
+    #[test]
+    fn objects_read_in_the_envelopes_pass_or_after_it_agree() {
+        // As the API server writes it: kind before object, read in one pass.
+        let in_order = review(&format!(
+            r#""uid":"u","kind":{KIND},"operation":"UPDATE","userInfo":{{"username":"a"}},"object":{POD},"oldObject":{POD}"#
+        ));
+        // Object first: kept raw, read once the kind is known.
+        let object_first = review(&format!(
+            r#""object":{POD},"oldObject":{POD},"uid":"u","operation":"UPDATE","kind":{KIND}"#
+        ));
+        let a = AdmissionIn::parse(in_order.as_bytes()).unwrap();
+        let b = AdmissionIn::parse(object_first.as_bytes()).unwrap();
+        let direct = Template::from_json(POD.as_bytes()).unwrap();
+        assert_eq!(a.object, direct);
+        assert_eq!(a.old_object, direct);
+        assert_eq!(b.object, direct);
+        assert_eq!(b.old_object, direct);
+        assert!(a.has_object && b.has_object);
+        assert_eq!(a.user_info.username, "a");
+    }
+
+    #[test]
+    fn objects_of_other_kinds_and_null_objects_are_not_read() {
+        let other = review(
+            r#""uid":"u","kind":{"group":"","version":"v1","kind":"Service"},"operation":"CREATE","object":{"spec":{"containers":3}}"#,
+        );
+        let r = AdmissionIn::parse(other.as_bytes()).unwrap();
+        assert!(r.object.is_none() && r.has_object && r.unusable.is_none());
+        let deleted = review(&format!(
+            r#""uid":"u","kind":{KIND},"operation":"DELETE","object":null,"oldObject":{POD}"#
+        ));
+        let r = AdmissionIn::parse(deleted.as_bytes()).unwrap();
+        assert!(r.object.is_none() && r.old_object.is_some());
+        let wrong = review(&format!(
+            r#""uid":"u","kind":{KIND},"operation":"CREATE","object":{{"spec":{{"containers":"x"}}}}"#
+        ));
+        assert!(matches!(
+            AdmissionIn::parse(wrong.as_bytes()),
+            Err(RequestError::Malformed { .. })
+        ));
+        let no_spec = review(&format!(
+            r#""uid":"u","kind":{KIND},"operation":"CREATE","object":{{"metadata":{{}}}}"#
+        ));
+        let r = AdmissionIn::parse(no_spec.as_bytes()).unwrap();
+        assert!(
+            r.unusable
+                .is_some_and(|e| e.message.contains("pod spec is missing"))
+        );
+    }
 }
