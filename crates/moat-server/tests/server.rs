@@ -64,6 +64,23 @@ async fn start(
     config_path: Option<PathBuf>,
     tls: Option<(TlsSource, PathBuf)>,
 ) -> Harness {
+    start_with(
+        name,
+        config,
+        config_path,
+        tls,
+        limits::CONNECTION_IDLE_TIMEOUT,
+    )
+    .await
+}
+
+async fn start_with(
+    name: &str,
+    config: Config,
+    config_path: Option<PathBuf>,
+    tls: Option<(TlsSource, PathBuf)>,
+    idle_timeout: Duration,
+) -> Harness {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = temp_dir(name);
     let (tls, ca) = tls.unwrap_or_else(|| {
@@ -77,7 +94,7 @@ async fn start(
         config_path,
         tls,
         kubeconfig: None,
-        idle_timeout: limits::CONNECTION_IDLE_TIMEOUT,
+        idle_timeout,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());
@@ -866,38 +883,8 @@ async fn a_connection_flood_from_tenants_does_not_stop_the_api_servers_reviews()
 
 #[tokio::test]
 async fn idle_connections_are_closed_in_any_state() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = temp_dir("idle");
-    let ca = dir.join("ca.pem");
     let idle_timeout = Duration::from_secs(1);
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: default_config(),
-        config_path: None,
-        tls: TlsSource::SelfSigned { ca_out: ca.clone() },
-        kubeconfig: None,
-        idle_timeout,
-    })
-    .await
-    .unwrap();
-    let h = Harness {
-        addr: server.local_addr().unwrap(),
-        metrics_addr: server.metrics_addr().unwrap(),
-        ca,
-        stop: None,
-        task: None,
-        dir,
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
+    let h = start_with("idle", default_config(), None, None, idle_timeout).await;
     // An HTTP/2 connection that completed its handshake and a review, then went quiet; and an
     // HTTP/1.1 connection that sent nothing after TLS.
     for proto in [Proto::H2, Proto::H1] {
@@ -934,6 +921,5 @@ async fn idle_connections_are_closed_in_any_state() {
         };
         assert!(closed, "{proto:?}: the idle connection was closed");
     }
-    let _ = stop.send(());
-    task.await.unwrap();
+    h.stop().await;
 }
