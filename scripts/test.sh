@@ -18,6 +18,10 @@ scripts/install-containerd.sh
 if ! command -v runsc >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
 fi
+if ! command -v curl >/dev/null; then
+  # The server test that checks what curl users see of an oversized body over HTTP/2.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+fi
 if ! command -v protoc >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 fi

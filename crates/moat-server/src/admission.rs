@@ -12,13 +12,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use moat_core::decision::{Request, Requester, Stage};
 use moat_core::engine;
 use tracing::field::Empty;
 
 use crate::codec::{self, AdmissionIn, ImageReviewIn, RequestError};
-use crate::limits::{BODY_READ_TIMEOUT, INLINE_DECISION_MAX_BODY_BYTES, MAX_BODY_LEN_BYTES};
+use crate::limits::{
+    BODY_READ_TIMEOUT, INLINE_DECISION_MAX_BODY_BYTES, MAX_BODY_LEN_BYTES,
+    MAX_DISCARDED_BODY_LEN_BYTES,
+};
 use crate::metrics::{Endpoint, Outcome};
 use crate::router::error_response;
 use crate::state::AppState;
@@ -48,13 +51,41 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, RequestErro
     if !json {
         return Err(RequestError::ContentType);
     }
-    let limited = Limited::new(body, MAX_BODY_LEN_BYTES);
-    match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(body)).await {
         Err(_) => Err(RequestError::SlowBody),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge),
-        Ok(Err(_)) => Err(RequestError::BrokenBody),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(read) => read,
     }
+}
+
+/// The body, up to [`MAX_BODY_LEN_BYTES`]. A larger one is read on and thrown away, up to
+/// [`MAX_DISCARDED_BODY_LEN_BYTES`] more, before the 413: an HTTP/2 client whose request body
+/// is still being sent when the answer comes would otherwise see its stream reset instead of the
+/// answer.
+async fn read_limited(mut body: Body) -> Result<Bytes, RequestError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let (mut kept, mut discarded) = (0usize, 0usize);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| RequestError::BrokenBody)?.into_data() else {
+            continue; // trailers
+        };
+        if discarded > 0 || kept + data.len() > MAX_BODY_LEN_BYTES {
+            chunks.clear();
+            discarded += data.len();
+            if discarded > MAX_DISCARDED_BODY_LEN_BYTES {
+                return Err(RequestError::TooLarge);
+            }
+            continue;
+        }
+        kept += data.len();
+        chunks.push(data);
+    }
+    if discarded > 0 {
+        return Err(RequestError::TooLarge);
+    }
+    Ok(match chunks.len() {
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 pub(crate) async fn mutate(

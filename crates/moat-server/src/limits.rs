@@ -6,6 +6,10 @@ use std::time::Duration;
 /// at most etcd's default 1.5 MiB request limit, plus JSON framing.
 pub const MAX_BODY_LEN_BYTES: usize = 4 * 1024 * 1024;
 
+/// How much of a body over [`MAX_BODY_LEN_BYTES`] is read and thrown away so the client gets the
+/// 413 answer (over HTTP/2, answering mid-body resets the stream); beyond it the stream is reset.
+pub const MAX_DISCARDED_BODY_LEN_BYTES: usize = 16 * 1024 * 1024;
+
 /// Time a client has to send its request headers (HTTP/1.1) after connecting or between
 /// requests on a kept-alive connection.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);

@@ -923,3 +923,35 @@ async fn idle_connections_are_closed_in_any_state() {
     }
     h.stop().await;
 }
+
+/// curl is what people (and the reproduction) use: it reports a reset stream as an error
+/// rather than reading the answer that came before it.
+#[tokio::test]
+async fn an_oversized_body_gets_the_413_answer_over_http2_too() {
+    let h = start("too-large-h2", default_config(), None, None).await;
+    let body = h.dir.join("big.json");
+    std::fs::write(&body, vec![b' '; limits::MAX_BODY_LEN_BYTES + 1_000_000]).unwrap();
+    for proto in ["--http1.1", "--http2"] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sS", proto, "--cacert"])
+            .arg(&h.ca)
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(format!("@{}", body.display()))
+            .args(["-o", "-", "-w", "\n%{http_code}"])
+            .arg(format!("https://localhost:{}/mutate", h.addr.port()));
+        // Off the runtime, which serves the request meanwhile.
+        let out = tokio::task::spawn_blocking(move || curl.output())
+            .await
+            .unwrap()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{proto}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.ends_with("\n413"), "{proto}: {text}");
+        assert!(text.contains("body is larger than"), "{proto}: {text}");
+    }
+    h.stop().await;
+}
