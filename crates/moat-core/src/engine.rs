@@ -79,8 +79,8 @@ pub fn enforcement(modes: &EnforcementModes, policy: Policy) -> Enforcement {
 ///
 /// The policies run in this order: images (check), isolation (check: the pod's class and its
 /// placement), runtimeClass (check, reading the class's runtime), identity (check), then the
-/// mutations of runtimeClass, isolation and identity. Mutations of a policy in audit mode go to a copy that is thrown
-/// away and are reported as warnings.
+/// mutations of runtimeClass, isolation and identity. Mutations of a policy in audit mode go to
+/// a copy that is thrown away and are reported as warnings.
 pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
     let Some(template) = req.object else {
         return Decision::untouched(None, ExemptionReason::UnsupportedKind);
