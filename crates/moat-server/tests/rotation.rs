@@ -478,7 +478,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
             let mut n = 0u64;
             while !done.load(Ordering::SeqCst) {
                 n += 1;
-                let kind = if n % 2 == 0 { "mutating" } else { "validating" };
+                let kind = if n.is_multiple_of(2) { "mutating" } else { "validating" };
                 let bundle = bundle_of(&api, kind);
                 match review(addr, &bundle, &clock, &body).await {
                     Ok(()) => {
