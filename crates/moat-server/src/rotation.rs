@@ -187,6 +187,11 @@ pub struct RotationOptions {
     pub policy: RotationPolicy,
 }
 
+/// The Lease that elects the writer for `secret` (one per Secret), in the Secret's namespace.
+pub fn lease_name(secret: &str) -> String {
+    format!("{secret}-rotation")
+}
+
 /// Why a check did not complete; the next check starts again from what the API holds.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

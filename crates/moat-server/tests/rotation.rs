@@ -419,7 +419,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
             RotationOptions {
                 namespace: None,
                 secret: SECRET.to_owned(),
-                lease: format!("{SECRET}-rotation"),
+                lease: moat_server::rotation::lease_name(SECRET),
                 webhook_configuration: "moat".to_owned(),
                 identity: identity.to_owned(),
                 dns_names: names.clone(),
@@ -478,7 +478,11 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
             let mut n = 0u64;
             while !done.load(Ordering::SeqCst) {
                 n += 1;
-                let kind = if n.is_multiple_of(2) { "mutating" } else { "validating" };
+                let kind = if n.is_multiple_of(2) {
+                    "mutating"
+                } else {
+                    "validating"
+                };
                 let bundle = bundle_of(&api, kind);
                 match review(addr, &bundle, &clock, &body).await {
                     Ok(()) => {

@@ -175,7 +175,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         (false, _, _) => None,
         (true, Some(secret), Some(identity)) => Some(RotationOptions {
             namespace: None,
-            lease: format!("{secret}-rotation"),
+            lease: moat_server::rotation::lease_name(&secret),
             secret,
             webhook_configuration,
             identity,
