@@ -487,6 +487,7 @@ fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
         vec![],
         vec!["--identity-agent"],
         vec!["--cert-manager"],
+        vec!["--rotate-certs"],
         vec!["--image-policy-dir", &dir_arg],
         vec!["--identity-agent", "--image-policy-dir", &dir_arg],
     ];
@@ -597,6 +598,7 @@ fn any_output_applies_in_one_go_over_an_earlier_one() {
     for args in [
         &["--identity-agent"][..],
         &["--identity-agent", "--identity-namespace", "spiffe-node"],
+        &["--rotate-certs"],
     ] {
         let mut state = webhooks.clone();
         let (code, new, err) = install(args);
