@@ -13,7 +13,8 @@ use rcgen::{
 };
 
 /// Validity of generated certificates, in days. A year: long enough for a lab, short enough to
-/// be rotated; production clusters use cert-manager (`moat install --cert-manager`).
+/// be rotated; clusters renew them with cert-manager (`moat install --cert-manager`) or moat's
+/// own rotation (`moat install --rotate-certs`, [`crate::rotation`]).
 pub const CERT_VALIDITY_DAYS: i64 = 365;
 
 /// Why certificates could not be made or written.
