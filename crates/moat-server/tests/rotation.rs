@@ -343,34 +343,14 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn policy() -> RotationPolicy {
-    RotationPolicy {
-        ca_lifetime: 60 * DAY,
-        serving_lifetime: 15 * DAY,
-        propagation_delay: DAY,
-        lease_duration: 2 * HOUR,
-        check_interval: HOUR / 2,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rotations() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = temp_dir("acceptance");
-    let policy = policy();
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
-
-    // What `moat install --rotate-certs` creates: the Secret (with ca.key) and both webhook
-    // configurations trusting its CA.
-    let ca = certs::new_ca(clock.now(), policy.ca_lifetime).unwrap();
-    let (cert, key) = certs::issue(&ca, &names, clock.now(), policy.serving_lifetime).unwrap();
-    let api = Arc::new(FakeApi::default());
+/// What `moat install --rotate-certs` creates: the Secret (with ca.key) and both webhook
+/// configurations trusting its CA (the validating one with two webhooks).
+fn seed(api: &FakeApi, ca: &certs::Authority, cert: &str, key: &str) {
     api.put(
         &secret_path(),
         json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                "metadata": {"name": SECRET, "namespace": NS},
-               "data": {"tls.crt": b64(&cert), "tls.key": b64(&key),
+               "data": {"tls.crt": b64(cert), "tls.key": b64(key),
                         "ca.crt": b64(&ca.cert_pem), "ca.key": b64(&ca.key_pem)}}),
     );
     for (kind, kind_name, hooks) in [
@@ -395,7 +375,9 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
                    "metadata": {"name": "moat"}, "webhooks": webhooks}),
         );
     }
-    let url = start_api(api.clone()).await;
+}
+
+fn write_kubeconfig(dir: &Path, url: &str) -> PathBuf {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -404,6 +386,33 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         ),
     )
     .unwrap();
+    kubeconfig
+}
+
+fn policy() -> RotationPolicy {
+    RotationPolicy {
+        ca_lifetime: 60 * DAY,
+        serving_lifetime: 15 * DAY,
+        propagation_delay: DAY,
+        lease_duration: 2 * HOUR,
+        check_interval: HOUR / 2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rotations() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("acceptance");
+    let policy = policy();
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+
+    let ca = certs::new_ca(clock.now(), policy.ca_lifetime).unwrap();
+    let (cert, key) = certs::issue(&ca, &names, clock.now(), policy.serving_lifetime).unwrap();
+    let api = Arc::new(FakeApi::default());
+    seed(&api, &ca, &cert, &key);
+    let url = start_api(api.clone()).await;
+    let kubeconfig = write_kubeconfig(&dir, &url);
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
@@ -641,6 +650,81 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     keys.sort_unstable();
     assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
 
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_the_controller_when_rotation_is_on() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("wiring");
+    let names = vec!["localhost".to_owned()];
+    // A Secret from an install without rotation: no ca.key, so a CA rotation starts at once.
+    let g = certs::generate(&names).unwrap();
+    let ca = certs::Authority {
+        cert_pem: g.ca_cert_pem.clone(),
+        key_pem: g.ca_key_pem.clone(),
+    };
+    let api = Arc::new(FakeApi::default());
+    seed(&api, &ca, &g.cert_pem, &g.key_pem);
+    let mut secret = api.get(&secret_path()).unwrap();
+    secret["data"].as_object_mut().unwrap().remove("ca.key");
+    api.put(&secret_path(), secret);
+    let url = start_api(api.clone()).await;
+    certs::write_dir(&dir, &g).unwrap();
+    let server = Server::bind(ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        config: Config::embedded_default(),
+        config_path: None,
+        tls: TlsSource::Files {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        },
+        kubeconfig: Some(write_kubeconfig(&dir, &url)),
+        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
+        rotation: Some(RotationOptions {
+            namespace: None,
+            secret: SECRET.to_owned(),
+            lease: moat_server::rotation::lease_name(SECRET),
+            webhook_configuration: "moat".to_owned(),
+            identity: "moat-7f9c".to_owned(),
+            dns_names: names,
+            policy: RotationPolicy::default(),
+        }),
+    })
+    .await
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    // The first check runs at start: the Lease is taken and the new CA published beside the old.
+    let mut published = false;
+    for _ in 0..100 {
+        if pems(&bundle_of(&api, "validating")).len() == 2
+            && pems(&bundle_of(&api, "mutating")).len() == 2
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(published, "the staged CA reached both bundles");
+    let lease = api
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{SECRET}-rotation"
+        ))
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "moat-7f9c");
+    let secret = api.get(&secret_path()).unwrap();
+    assert!(secret["data"].get("next-ca.key").is_some());
+    assert_eq!(
+        unb64(&secret["data"]["tls.crt"]),
+        g.cert_pem,
+        "no serving certificate from the new CA before the propagation delay"
+    );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
