@@ -34,6 +34,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -203,7 +207,7 @@ pub enum RotationError {
     #[error("Secret {0} not found")]
     NoSecret(String),
     #[error("{kind} {name} not found")]
-    NoWebhookConfiguration { kind: &'static str, name: String },
+    NoWebhookConfiguration { kind: String, name: String },
     #[error("certificates: {0}")]
     Certs(#[from] CertError),
 }
@@ -228,6 +232,34 @@ pub enum Action {
     PreviousCaRemoved,
 }
 
+impl Action {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Follower => "follower",
+            Self::CaStaged => "ca_staged",
+            Self::BundlePatched => "bundle_patched",
+            Self::CaTrusted => "ca_trusted",
+            Self::CaPromoted => "ca_promoted",
+            Self::ServingRenewed => "serving_renewed",
+            Self::PreviousCaRemoved => "previous_ca_removed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+/// The controller's instruments: what it did (`Follower` not counted: every check of every
+/// other replica) and how many checks failed.
+#[derive(Debug, Clone, Default)]
+struct RotationMetrics {
+    actions: Family<ActionLabels, Counter>,
+    failed_checks: Counter,
+}
+
 /// The rotation controller.
 #[derive(Debug, Clone)]
 pub struct Rotator {
@@ -237,6 +269,7 @@ pub struct Rotator {
     validating: Api<ValidatingWebhookConfiguration>,
     options: RotationOptions,
     clock: Arc<dyn Clock>,
+    metrics: RotationMetrics,
 }
 
 /// The Secret's contents, as the controller reasons about them.
@@ -427,7 +460,9 @@ fn conflict(e: &kube::Error) -> bool {
 }
 
 impl Rotator {
-    /// A controller for `options`, reading time from `clock`.
+    /// A controller for `options`, reading time from `clock`, its instruments registered in
+    /// `registry` (`moat_cert_rotation_actions_total{action}`,
+    /// `moat_cert_rotation_failed_checks_total`).
     ///
     /// # Errors
     /// [`RotationError::Policy`] when the policy is inconsistent, [`CertError`] when a DNS name
@@ -436,6 +471,7 @@ impl Rotator {
         client: kube::Client,
         options: RotationOptions,
         clock: Arc<dyn Clock>,
+        registry: &mut Registry,
     ) -> Result<Self, RotationError> {
         options.policy.validate()?;
         // Checked now rather than at the first renewal, months later.
@@ -451,6 +487,7 @@ impl Rotator {
             validating: Api::all(client),
             options,
             clock,
+            metrics: RotationMetrics::register(registry),
         })
     }
 
@@ -470,7 +507,10 @@ impl Rotator {
                         tracing::info!(?action, secret = %self.options.secret, "certificate rotation");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "certificate rotation check failed; retrying"),
+                Err(e) => {
+                    self.metrics.failed_checks.inc();
+                    tracing::warn!(error = %e, "certificate rotation check failed; retrying");
+                }
             }
         }
     }
@@ -521,6 +561,14 @@ impl Rotator {
                 .await?;
             done.push(Action::CaTrusted);
         }
+        for action in &done {
+            self.metrics
+                .actions
+                .get_or_create(&ActionLabels {
+                    action: action.as_str(),
+                })
+                .inc();
+        }
         Ok(done)
     }
 
@@ -529,17 +577,18 @@ impl Rotator {
     /// names are the ones seen.
     async fn publish<K>(&self, api: &Api<K>, bundle: &str) -> Result<bool, RotationError>
     where
-        K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
     {
         let name = &self.options.webhook_configuration;
         let object = match api.get(name).await {
             Ok(o) => o,
             Err(e) if not_found(&e) => {
                 return Err(RotationError::NoWebhookConfiguration {
-                    kind: std::any::type_name::<K>()
-                        .rsplit("::")
-                        .next()
-                        .unwrap_or("webhook configuration"),
+                    kind: K::kind(&()).into_owned(),
                     name: name.clone(),
                 });
             }
@@ -624,6 +673,23 @@ impl Rotator {
             Err(e) if conflict(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl RotationMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "moat_cert_rotation_actions",
+            "Steps of certificate rotation this replica took",
+            m.actions.clone(),
+        );
+        registry.register(
+            "moat_cert_rotation_failed_checks",
+            "Rotation checks that failed (retried at the next check)",
+            m.failed_checks.clone(),
+        );
+        m
     }
 }
 

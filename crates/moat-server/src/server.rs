@@ -147,13 +147,16 @@ impl Server {
             (Some(client), true) => Some(NamespaceCache::start(client.clone())),
             _ => None,
         };
+        let mut registry = Registry::default();
         let rotator = match (client, rotation) {
-            (Some(client), Some(options)) => {
-                Some(Rotator::new(client, options, Arc::new(SystemClock))?)
-            }
+            (Some(client), Some(options)) => Some(Rotator::new(
+                client,
+                options,
+                Arc::new(SystemClock),
+                &mut registry,
+            )?),
             _ => None,
         };
-        let mut registry = Registry::default();
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
         let bind = |addr| async move {
             TcpListener::bind(addr)

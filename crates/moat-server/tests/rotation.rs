@@ -29,6 +29,7 @@ use moat_core::config::Config;
 use moat_server::certs;
 use moat_server::rotation::{Action, Clock, RotationOptions, RotationPolicy, Rotator};
 use moat_server::server::{ServeOptions, Server, TlsSource};
+use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{Value, json};
@@ -422,7 +423,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         .unwrap(),
     )
     .unwrap();
-    let rotator = |identity: &str| {
+    let rotator = |identity: &str, registry: &mut Registry| {
         Rotator::new(
             client.clone(),
             RotationOptions {
@@ -435,10 +436,13 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
                 policy: policy.clone(),
             },
             clock.clone(),
+            registry,
         )
         .unwrap()
     };
-    let (first, second) = (rotator("moat-a"), rotator("moat-b"));
+    let (mut first_registry, mut second_registry) = (Registry::default(), Registry::default());
+    let first = rotator("moat-a", &mut first_registry);
+    let second = rotator("moat-b", &mut second_registry);
 
     // The server, serving the "Secret volume".
     certs::write_atomic(&dir.join("tls.crt"), cert.as_bytes(), 0o644).unwrap();
@@ -638,6 +642,17 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "moat-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    // Each replica counts the steps it took.
+    for (registry, who) in [(&first_registry, "moat-a"), (&second_registry, "moat-b")] {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        let line = format!(
+            "moat_cert_rotation_actions_total{{action=\"ca_promoted\"}} {}",
+            count(who, Action::CaPromoted)
+        );
+        assert!(text.contains(&line), "{who}: {text}");
+        assert!(!text.contains("follower"), "{text}");
+    }
     // Nothing but TLS material in the Secret's volume: ca.key is the price of rotation, and the
     // only key besides the serving key.
     let secret = api.get(&secret_path()).unwrap();
