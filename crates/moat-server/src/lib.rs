@@ -12,6 +12,7 @@ pub mod conn;
 pub mod limits;
 pub mod metrics;
 pub mod namespaces;
+pub mod rotation;
 pub mod router;
 pub mod server;
 pub mod state;

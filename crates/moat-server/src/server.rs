@@ -24,6 +24,7 @@ use crate::limits::{
 };
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
+use crate::rotation::{RotationError, RotationOptions, Rotator, SystemClock};
 use crate::tls::{CertStore, TlsError};
 use crate::{AppState, metrics_router, router};
 
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Connections idle this long are closed ([`CONNECTION_IDLE_TIMEOUT`] in production).
     pub idle_timeout: Duration,
+    /// Keep the CA and serving certificate in a Secret and renew them (`--rotate-certs`); the
+    /// server still serves [`TlsSource::Files`], the Secret's volume.
+    pub rotation: Option<RotationOptions>,
 }
 
 /// Why the server could not start or stopped.
@@ -66,8 +70,10 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Certs(#[from] certs::CertError),
-    #[error("connecting to the Kubernetes API for the namespace cache: {0}")]
+    #[error("connecting to the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("certificate rotation: {0}")]
+    Rotation(#[from] RotationError),
     #[error("accepting connections: {0}")]
     Accept(std::io::Error),
 }
@@ -82,6 +88,25 @@ pub struct Server {
     certs: Arc<CertStore>,
     config_path: Option<PathBuf>,
     idle_timeout: Duration,
+    rotator: Option<Rotator>,
+}
+
+/// A client from `kubeconfig`, or in-cluster / `KUBECONFIG` / `~/.kube/config` without one.
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, kube::Error> {
+    match kubeconfig {
+        None => kube::Client::try_default().await,
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
+            let config = kube::Config::from_custom_kubeconfig(
+                file,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(kube::Error::InferKubeconfig)?;
+            kube::Client::try_from(config)
+        }
+    }
 }
 
 impl Server {
@@ -99,6 +124,7 @@ impl Server {
             tls,
             kubeconfig,
             idle_timeout,
+            rotation,
         } = options;
         let certs = match tls {
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
@@ -112,26 +138,25 @@ impl Server {
                 CertStore::from_pem(&generated.cert_pem, &generated.key_pem)?
             }
         };
-        let namespaces = if namespaces::needed(&config) {
-            let client = match &kubeconfig {
-                None => kube::Client::try_default().await?,
-                Some(path) => {
-                    let file = kube::config::Kubeconfig::read_from(path)
-                        .map_err(kube::Error::InferKubeconfig)?;
-                    let config = kube::Config::from_custom_kubeconfig(
-                        file,
-                        &kube::config::KubeConfigOptions::default(),
-                    )
-                    .await
-                    .map_err(kube::Error::InferKubeconfig)?;
-                    kube::Client::try_from(config)?
-                }
-            };
-            Some(NamespaceCache::start(client))
+        let client = if namespaces::needed(&config) || rotation.is_some() {
+            Some(kube_client(kubeconfig.as_ref()).await?)
         } else {
             None
         };
+        let namespaces = match (&client, namespaces::needed(&config)) {
+            (Some(client), true) => Some(NamespaceCache::start(client.clone())),
+            _ => None,
+        };
         let mut registry = Registry::default();
+        let rotator = match (client, rotation) {
+            (Some(client), Some(options)) => Some(Rotator::new(
+                client,
+                options,
+                Arc::new(SystemClock),
+                &mut registry,
+            )?),
+            _ => None,
+        };
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
         let bind = |addr| async move {
             TcpListener::bind(addr)
@@ -146,6 +171,7 @@ impl Server {
             certs: Arc::new(certs),
             config_path,
             idle_timeout,
+            rotator,
         })
     }
 
@@ -176,6 +202,7 @@ impl Server {
             certs,
             config_path,
             idle_timeout,
+            rotator,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -199,6 +226,10 @@ impl Server {
             config_path,
             stop_rx.clone(),
         ));
+
+        // Only the Lease holder writes; every replica runs the loop so one takes over when the
+        // holder goes away.
+        let rotation = rotator.map(|r| tokio::spawn(r.run(stop_rx.clone())));
 
         let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
         let graceful = GracefulShutdown::new();
@@ -293,6 +324,9 @@ impl Server {
         }
         let _ = metrics.await;
         reloads.abort();
+        if let Some(rotation) = rotation {
+            rotation.abort();
+        }
         tracing::info!("stopped");
         Ok(())
     }

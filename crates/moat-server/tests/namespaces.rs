@@ -233,6 +233,7 @@ async fn classes_bound_by_namespace_labels_follow_the_watched_cache() {
         tls: TlsSource::SelfSigned { ca_out: ca.clone() },
         kubeconfig: Some(kubeconfig.clone()),
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
+        rotation: None,
     })
     .await
     .unwrap();

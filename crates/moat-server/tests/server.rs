@@ -95,6 +95,7 @@ async fn start_with(
         tls,
         kubeconfig: None,
         idle_timeout,
+        rotation: None,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());

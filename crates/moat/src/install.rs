@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use moat_core::config::Config;
 use moat_identity::defaults as identity_defaults;
 use serde::Serialize;
@@ -71,6 +71,12 @@ pub struct InstallArgs {
     /// generated now (which puts a private key in the output).
     #[arg(long)]
     cert_manager: bool,
+    /// Let moat renew its own certificates (no cert-manager): the generated Secret then also
+    /// holds the CA's private key, and moat gets RBAC to update that one Secret, a Lease, and
+    /// the caBundle of its two webhook configurations. See docs/server.md, "Certificate
+    /// lifecycle".
+    #[arg(long, conflicts_with = "cert_manager")]
+    rotate_certs: bool,
     /// Also write the API server's ImagePolicyWebhook admission configuration and kubeconfig
     /// into this directory.
     #[arg(long, value_name = "DIR")]
@@ -183,6 +189,7 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         replicas,
         failure_policy,
         cert_manager,
+        rotate_certs,
         image_policy_url,
         identity_agent,
         identity_namespace,
@@ -216,6 +223,8 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     let config = &config;
     let config_yaml = serde_yaml_ng::to_string(config).map_err(|e| e.to_string())?;
     let watch_namespaces = moat_server::namespaces::needed(config);
+    let secret_name = format!("{NAME}-tls");
+    let api_access = watch_namespaces || *rotate_certs;
 
     let mut objects = vec![
         typed::<Namespace>(json!({
@@ -228,7 +237,7 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         typed::<ServiceAccount>(json!({
             "apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": NAME, "namespace": ns, "labels": labels},
-            "automountServiceAccountToken": watch_namespaces,
+            "automountServiceAccountToken": api_access,
         }))?,
     ];
     if watch_namespaces {
@@ -245,6 +254,9 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{NAME}-namespace-reader")},
             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
         }))?);
+    }
+    if *rotate_certs {
+        objects.extend(rotation_rbac(ns, &secret_name, &labels)?);
     }
     objects.push(typed::<ConfigMap>(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -274,21 +286,27 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         (None, objects)
     } else {
         let g = moat_server::certs::generate(&service_dns).map_err(|e| e.to_string())?;
+        let mut data =
+            json!({"tls.crt": g.cert_pem, "tls.key": g.key_pem, "ca.crt": g.ca_cert_pem});
+        if *rotate_certs {
+            // The price of renewing without cert-manager: the CA's key lives in the Secret.
+            data["ca.key"] = json!(g.ca_key_pem);
+        }
         let secret = typed::<Secret>(json!({
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": format!("{NAME}-tls"), "namespace": ns, "labels": labels},
-            "stringData": {"tls.crt": g.cert_pem, "tls.key": g.key_pem, "ca.crt": g.ca_cert_pem},
+            "metadata": {"name": secret_name, "namespace": ns, "labels": labels},
+            "stringData": data,
         }))?;
         (Some(g.ca_cert_pem), vec![secret])
     };
     objects.extend(tls_objects);
 
+    let rotation = rotate_certs.then_some(Rotation {
+        secret: &secret_name,
+        dns_names: &service_dns,
+    });
     objects.push(typed::<Deployment>(deployment(
-        ns,
-        image,
-        *replicas,
-        &labels,
-        watch_namespaces,
+        ns, image, *replicas, &labels, api_access, rotation,
     ))?);
     objects.push(typed::<NetworkPolicy>(network_policy(
         ns,
@@ -386,9 +404,66 @@ fn valid_cidr(c: &str) -> Option<()> {
     (prefix <= max).then_some(())
 }
 
-fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: bool) -> Value {
+/// What the Deployment needs to renew its own certificates.
+#[derive(Debug, Clone, Copy)]
+struct Rotation<'a> {
+    secret: &'a str,
+    dns_names: &'a [String],
+}
+
+/// A Role for the one Secret and the Lease, a ClusterRole for the two webhook configurations,
+/// each by name, and their bindings to moat's service account.
+fn rotation_rbac(ns: &str, secret: &str, labels: &Value) -> Result<Vec<Value>, String> {
+    let role_name = format!("{NAME}-cert-rotation");
+    let lease = moat_server::rotation::lease_name(secret);
+    let subjects = json!([{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]);
+    Ok(vec![
+        typed::<Role>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": role_name, "namespace": ns, "labels": labels},
+            "rules": [
+                {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "update"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease], "verbs": ["get", "update"]},
+                // RBAC cannot limit create by name (the name is not known until the request is
+                // decoded); a create only makes a Lease in moat's own namespace.
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            ],
+        }))?,
+        typed::<RoleBinding>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": role_name, "namespace": ns, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+            "subjects": subjects,
+        }))?,
+        typed::<ClusterRole>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": role_name, "labels": labels},
+            "rules": [{
+                "apiGroups": ["admissionregistration.k8s.io"],
+                "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+                "resourceNames": [NAME],
+                "verbs": ["get", "patch"],
+            }],
+        }))?,
+        typed::<ClusterRoleBinding>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": role_name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+            "subjects": subjects,
+        }))?,
+    ])
+}
+
+fn deployment(
+    ns: &str,
+    image: &str,
+    replicas: i32,
+    labels: &Value,
+    api_access: bool,
+    rotation: Option<Rotation<'_>>,
+) -> Value {
     let probe = |path: &str, period: i32| json!({"httpGet": {"path": path, "port": "https", "scheme": "HTTPS"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": 3});
-    json!({
+    let mut deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
         "spec": {
@@ -454,7 +529,33 @@ fn deployment(ns: &str, image: &str, replicas: i32, labels: &Value, api_access: 
                 },
             },
         },
-    })
+    });
+    if let Some(Rotation { secret, dns_names }) = rotation {
+        let pod = &mut deployment["spec"]["template"]["spec"];
+        let container = &mut pod["containers"][0];
+        let mut args = vec![
+            json!("--rotate-certs"),
+            json!("--tls-secret"),
+            json!(secret),
+            // The kubelet expands $(POD_NAME) from the container's environment.
+            json!("--pod-name"),
+            json!("$(POD_NAME)"),
+        ];
+        for name in dns_names {
+            args.extend([json!("--cert-dns"), json!(name)]);
+        }
+        if let Some(a) = container["args"].as_array_mut() {
+            a.extend(args);
+        }
+        container["env"] = json!([{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]);
+        // The server reads the serving pair only; the CA's key stays out of the file system
+        // (the controller reads it through the API).
+        pod["volumes"][0]["secret"]["items"] = json!([
+            {"key": "tls.crt", "path": "tls.crt"},
+            {"key": "tls.key", "path": "tls.key"},
+        ]);
+    }
+    deployment
 }
 
 /// The identity agent's namespace, service account and DaemonSet.

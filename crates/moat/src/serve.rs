@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
+use moat_server::rotation::{RotationOptions, RotationPolicy};
 use moat_server::server::{ServeOptions, Server, TlsSource};
 
 use crate::load_config;
@@ -57,8 +60,44 @@ pub struct ServeArgs {
     /// With --self-signed: where to write the CA bundle (PEM) before becoming ready.
     #[arg(long, value_name = "PATH", requires = "self_signed")]
     ca_out: Option<PathBuf>,
-    /// Kubeconfig for the namespace cache (only used when the configuration reads namespace
-    /// labels). Default: in-cluster, else KUBECONFIG or ~/.kube/config.
+    /// Keep the CA and serving certificate in the Secret --tls-secret (in this pod's namespace)
+    /// and renew them, instead of cert-manager: one replica at a time (by a Lease) writes the
+    /// Secret and the webhook configurations' caBundle; every replica serves the Secret's
+    /// volume through --tls-cert/--tls-key. See docs/server.md, "Certificate lifecycle".
+    #[arg(
+        long,
+        requires_all = ["tls_cert", "tls_secret", "pod_name", "cert_dns"],
+        conflicts_with = "self_signed"
+    )]
+    rotate_certs: bool,
+    /// With --rotate-certs: the TLS Secret the Deployment mounts.
+    #[arg(long, value_name = "NAME", requires = "rotate_certs")]
+    tls_secret: Option<String>,
+    /// With --rotate-certs: this replica's name in the Lease (the pod's name).
+    #[arg(long, value_name = "NAME", requires = "rotate_certs")]
+    pod_name: Option<String>,
+    /// With --rotate-certs: a DNS name (or IP address) of the serving certificate; repeat.
+    #[arg(long = "cert-dns", value_name = "NAME", requires = "rotate_certs")]
+    cert_dns: Vec<String>,
+    /// With --rotate-certs: name of both webhook configurations whose caBundle is kept.
+    #[arg(
+        long,
+        default_value = "moat",
+        value_name = "NAME",
+        requires = "rotate_certs"
+    )]
+    webhook_configuration: String,
+    /// With --rotate-certs: seconds given to a new trust bundle or Secret to reach every API
+    /// server and replica (kubelet Secret-volume sync) before the next step of a CA rotation.
+    #[arg(
+        long,
+        default_value_t = moat_server::rotation::DEFAULT_PROPAGATION_DELAY.as_secs(),
+        value_name = "SECONDS",
+        requires = "rotate_certs"
+    )]
+    cert_propagation_delay_secs: u64,
+    /// Kubeconfig for the namespace cache and certificate rotation. Default: in-cluster, else
+    /// KUBECONFIG or ~/.kube/config.
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
     /// Log format.
@@ -115,6 +154,12 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         self_signed,
         ca_out,
         kubeconfig,
+        rotate_certs,
+        tls_secret,
+        pod_name,
+        cert_dns,
+        webhook_configuration,
+        cert_propagation_delay_secs,
         log_format,
         log_level,
     } = args;
@@ -126,6 +171,27 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
             return Err("give --tls-cert and --tls-key, or --self-signed with --ca-out".to_owned());
         }
     };
+    let rotation = match (rotate_certs, tls_secret, pod_name) {
+        (false, _, _) => None,
+        (true, Some(secret), Some(identity)) => Some(RotationOptions {
+            namespace: None,
+            lease: moat_server::rotation::lease_name(&secret),
+            secret,
+            webhook_configuration,
+            identity,
+            dns_names: cert_dns,
+            policy: RotationPolicy {
+                propagation_delay: Duration::from_secs(cert_propagation_delay_secs),
+                ..RotationPolicy::default()
+            },
+        }),
+        (true, _, _) => {
+            return Err("--rotate-certs needs --tls-secret and --pod-name".to_owned());
+        }
+    };
+    if let Some(r) = &rotation {
+        r.policy.validate().map_err(|e| e.to_string())?;
+    }
     let loaded = load_config(config.as_ref())?;
     for warning in loaded.warnings() {
         tracing::warn!(%warning, "configuration weakens isolation");
@@ -138,6 +204,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         tls,
         kubeconfig,
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
+        rotation,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -487,6 +487,7 @@ fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
         vec![],
         vec!["--identity-agent"],
         vec!["--cert-manager"],
+        vec!["--rotate-certs"],
         vec!["--image-policy-dir", &dir_arg],
         vec!["--identity-agent", "--image-policy-dir", &dir_arg],
     ];
@@ -597,6 +598,7 @@ fn any_output_applies_in_one_go_over_an_earlier_one() {
     for args in [
         &["--identity-agent"][..],
         &["--identity-agent", "--identity-namespace", "spiffe-node"],
+        &["--rotate-certs"],
     ] {
         let mut state = webhooks.clone();
         let (code, new, err) = install(args);
@@ -679,4 +681,168 @@ fn a_network_policy_admits_only_the_api_server_to_the_review_port() {
         assert_eq!(code, 2, "{bad}");
         assert!(err.contains("is not a CIDR"), "{err}");
     }
+}
+
+#[test]
+fn rotate_certs_puts_the_ca_key_in_the_secret_and_grants_only_what_rotation_writes() {
+    let (_, docs, _) = install(&[]);
+    assert!(
+        find(&docs, "Secret")["stringData"].get("ca.key").is_none(),
+        "no CA key without rotation"
+    );
+
+    let (code, docs, err) = install(&["--rotate-certs"]);
+    assert_eq!(code, 0, "{err}");
+    let secret = find(&docs, "Secret");
+    for key in ["tls.crt", "tls.key", "ca.crt", "ca.key"] {
+        assert!(secret["stringData"].get(key).is_some(), "{key}");
+    }
+    let role = find(&docs, "Role");
+    assert_eq!(role["metadata"]["namespace"], "moat-system");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["moat-tls"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["moat-tls-rotation"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        ])
+    );
+    let cluster_role = find(&docs, "ClusterRole");
+    assert_eq!(
+        cluster_role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+            "resourceNames": ["moat"],
+            "verbs": ["get", "patch"],
+        }])
+    );
+    for (binding, role_kind) in [
+        ("RoleBinding", "Role"),
+        ("ClusterRoleBinding", "ClusterRole"),
+    ] {
+        let b = find(&docs, binding);
+        assert_eq!(b["roleRef"]["kind"], role_kind);
+        assert_eq!(b["roleRef"]["name"], "moat-cert-rotation");
+        assert_eq!(
+            b["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": "moat", "namespace": "moat-system"}])
+        );
+    }
+    // The webhook configurations the ClusterRole names are the installed ones.
+    assert_eq!(
+        find(&docs, "MutatingWebhookConfiguration")["metadata"]["name"],
+        "moat"
+    );
+    assert_eq!(
+        find(&docs, "ValidatingWebhookConfiguration")["metadata"]["name"],
+        "moat"
+    );
+    assert_eq!(
+        find(&docs, "ServiceAccount")["automountServiceAccountToken"],
+        true
+    );
+
+    let deployment = round_trips::<Deployment>(find(&docs, "Deployment"));
+    let pod = deployment.spec.template.spec.unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap();
+    let after = |flag: &str| -> Vec<&str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    };
+    assert!(args.iter().any(|a| a == "--rotate-certs"));
+    assert_eq!(after("--tls-secret"), ["moat-tls"]);
+    assert_eq!(after("--pod-name"), ["$(POD_NAME)"]);
+    assert_eq!(
+        after("--cert-dns"),
+        [
+            "moat.moat-system.svc",
+            "moat.moat-system.svc.cluster.local",
+            "moat.moat-system"
+        ]
+    );
+    let env = container.env.clone().unwrap();
+    assert_eq!(env[0].name, "POD_NAME");
+    assert_eq!(
+        env[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.name"
+    );
+    // The CA key is not projected into the pod's file system.
+    let tls = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "tls")
+        .unwrap();
+    let items: Vec<String> = tls
+        .secret
+        .unwrap()
+        .items
+        .unwrap()
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(items, ["tls.crt", "tls.key"]);
+
+    let (code, _, err) = install(&["--rotate-certs", "--cert-manager"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn the_installed_serve_arguments_with_rotation_are_accepted_by_moat_serve() {
+    let (_, docs, _) = install(&["--rotate-certs"]);
+    let dir = std::env::temp_dir().join(format!("moat-install-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args([
+            "certs",
+            "--dns",
+            "localhost",
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, "{}\n").unwrap();
+    let args: Vec<String> = find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a {
+                "/etc/moat/config/config.yaml" => config.display().to_string(),
+                "/etc/moat/tls/tls.crt" => dir.join("tls.crt").display().to_string(),
+                "/etc/moat/tls/tls.key" => dir.join("tls.key").display().to_string(),
+                "$(POD_NAME)" => "moat-0".to_owned(),
+                other => other.to_owned(),
+            }
+        })
+        .collect();
+    // Outside a cluster: the arguments parse, the certificates load, and the server stops at
+    // the API connection rotation needs, a runtime failure (3), not a usage error (2).
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(&args)
+        .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("Kubernetes API"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
