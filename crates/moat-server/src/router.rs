@@ -41,6 +41,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What a client without a certificate gets when reviews need one: health and readiness only.
+pub fn health_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            error_response(
+                StatusCode::FORBIDDEN,
+                "a client certificate signed by the configured client CA is required".to_owned(),
+            )
+        })
+        .with_state(state)
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.not_ready() {
         None => "ok".into_response(),

@@ -55,6 +55,8 @@ pub struct ServeOptions {
     /// Keep the CA and serving certificate in a Secret and renew them (`--rotate-certs`); the
     /// server still serves [`TlsSource::Files`], the Secret's volume.
     pub rotation: Option<RotationOptions>,
+    /// CA bundle (PEM) that signs the API server's client certificate: reviews then need one.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Why the server could not start or stopped.
@@ -89,6 +91,7 @@ pub struct Server {
     config_path: Option<PathBuf>,
     idle_timeout: Duration,
     rotator: Option<Rotator>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// A client from `kubeconfig`, or in-cluster / `KUBECONFIG` / `~/.kube/config` without one.
@@ -125,7 +128,12 @@ impl Server {
             kubeconfig,
             idle_timeout,
             rotation,
+            client_ca,
         } = options;
+        let client_verifier = client_ca
+            .as_deref()
+            .map(crate::tls::client_verifier)
+            .transpose()?;
         let certs = match tls {
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
             TlsSource::SelfSigned { ca_out } => {
@@ -172,6 +180,7 @@ impl Server {
             config_path,
             idle_timeout,
             rotator,
+            client_verifier,
         })
     }
 
@@ -203,6 +212,7 @@ impl Server {
             config_path,
             idle_timeout,
             rotator,
+            client_verifier,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -231,7 +241,12 @@ impl Server {
         // holder goes away.
         let rotation = rotator.map(|r| tokio::spawn(r.run(stop_rx.clone())));
 
-        let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
+        // With a client CA, reviews need the API server's certificate; a client without one
+        // (the kubelet's probes) is served health endpoints only.
+        let clients_authenticated = client_verifier.is_some();
+        let acceptor =
+            TlsAcceptor::from(Arc::new(certs.server_config_with_clients(client_verifier)));
+        let health = crate::router::health_router(state.clone());
         let graceful = GracefulShutdown::new();
         let limits = ConnectionLimits::new(MAX_CONNECTIONS_PER_SOURCE, MAX_CONNECTIONS);
         let app = router(state.clone());
@@ -270,10 +285,11 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, builder, app, watcher) = (
+            let (acceptor, builder, app, health, watcher) = (
                 acceptor.clone(),
                 builder.clone(),
                 app.clone(),
+                health.clone(),
                 graceful.watcher(),
             );
             tokio::spawn(async move {
@@ -295,6 +311,12 @@ impl Server {
                                 return;
                             }
                         };
+                    let anonymous = tls.get_ref().1.peer_certificates().is_none();
+                    let app = if clients_authenticated && anonymous {
+                        health
+                    } else {
+                        app
+                    };
                     let service = TowerToHyperService::new(app);
                     let conn = builder.serve_connection(TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {

@@ -160,16 +160,69 @@ impl CertStore {
 
     /// A rustls server configuration that asks this store for the key on every handshake.
     pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        self.server_config_with_clients(None)
+    }
+
+    /// The same, also asking clients for a certificate signed by `client_roots` when given. A
+    /// client that presents none still connects (the kubelet's probes do not have one); the
+    /// server then serves it health endpoints only. A client that presents a certificate the
+    /// roots did not sign fails the handshake.
+    pub fn server_config_with_clients(
+        self: &Arc<Self>,
+        client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> rustls::ServerConfig {
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .unwrap_or_else(|_| unreachable_versions())
-        .with_no_client_auth()
+        .unwrap_or_else(|_| unreachable_versions());
+        let mut config = match client_verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        }
         .with_cert_resolver(self.clone());
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
         config
     }
+}
+
+/// A verifier of client certificates signed by the CAs in `path` (PEM), for authenticating the
+/// API server's calls; clients without a certificate are let through to be told apart later.
+///
+/// # Errors
+/// [`TlsError`] when the file does not read or holds no usable CA certificate.
+pub fn client_verifier(
+    path: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let name = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| TlsError::Pem {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate { path: name });
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Pem {
+        path: name,
+        message: e.to_string(),
+    })
 }
 
 #[expect(

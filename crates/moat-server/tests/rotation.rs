@@ -459,6 +459,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         kubeconfig: None,
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
         rotation: None,
+        client_ca: None,
     })
     .await
     .unwrap();
@@ -708,6 +709,7 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
             dns_names: names,
             policy: RotationPolicy::default(),
         }),
+        client_ca: None,
     })
     .await
     .unwrap();

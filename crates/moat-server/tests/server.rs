@@ -70,6 +70,7 @@ async fn start(
         config_path,
         tls,
         limits::CONNECTION_IDLE_TIMEOUT,
+        None,
     )
     .await
 }
@@ -80,6 +81,7 @@ async fn start_with(
     config_path: Option<PathBuf>,
     tls: Option<(TlsSource, PathBuf)>,
     idle_timeout: Duration,
+    client_ca: Option<PathBuf>,
 ) -> Harness {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = temp_dir(name);
@@ -96,6 +98,7 @@ async fn start_with(
         kubeconfig: None,
         idle_timeout,
         rotation: None,
+        client_ca,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());
@@ -885,7 +888,7 @@ async fn a_connection_flood_from_tenants_does_not_stop_the_api_servers_reviews()
 #[tokio::test]
 async fn idle_connections_are_closed_in_any_state() {
     let idle_timeout = Duration::from_secs(1);
-    let h = start_with("idle", default_config(), None, None, idle_timeout).await;
+    let h = start_with("idle", default_config(), None, None, idle_timeout, None).await;
     // An HTTP/2 connection that completed its handshake and a review, then went quiet; and an
     // HTTP/1.1 connection that sent nothing after TLS.
     for proto in [Proto::H2, Proto::H1] {
@@ -954,5 +957,114 @@ async fn an_oversized_body_gets_the_413_answer_over_http2_too() {
         assert!(text.ends_with("\n413"), "{proto}: {text}");
         assert!(text.contains("body is larger than"), "{proto}: {text}");
     }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_the_api_servers_certificate_gets_reviews() {
+    let dir = temp_dir("client-ca-material");
+    // The API server's client identity, from a CA of its own.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut client_params =
+        rcgen::CertificateParams::new(vec!["kube-apiserver".to_owned()]).unwrap();
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    let client_ca = dir.join("client-ca.pem");
+    std::fs::write(&client_ca, ca.pem()).unwrap();
+    // And a stranger with a self-signed one.
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let stranger = rcgen::CertificateParams::new(vec!["pod".to_owned()])
+        .unwrap()
+        .self_signed(&stranger_key)
+        .unwrap();
+
+    let h = start_with(
+        "client-ca",
+        default_config(),
+        None,
+        None,
+        limits::CONNECTION_IDLE_TIMEOUT,
+        Some(client_ca),
+    )
+    .await;
+    let connect = |identity: Option<(&rcgen::Certificate, &rcgen::KeyPair)>| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&h.ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    };
+    let post = |connector: TlsConnector, path: &'static str| {
+        let addr = h.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            let request = http::Request::post(format!("https://localhost{path}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(fixture("pod-create-isolated.json"))))
+                .unwrap();
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<u16, std::io::Error>(response.status().as_u16())
+        }
+    };
+    assert_eq!(
+        post(connect(Some((&client, &client_key))), "/mutate")
+            .await
+            .unwrap(),
+        200
+    );
+    assert_eq!(
+        post(connect(None), "/mutate").await.unwrap(),
+        403,
+        "no certificate, no review"
+    );
+    // Health still answers a client without a certificate (the kubelet's probes).
+    let status = {
+        let tcp = TcpStream::connect(h.addr).await.unwrap();
+        let tls = connect(None)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("https://localhost/healthz")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender.send_request(req).await.unwrap().status().as_u16()
+    };
+    assert_eq!(status, 200);
+    // A certificate the client CA did not sign fails the handshake.
+    assert!(
+        post(connect(Some((&stranger, &stranger_key))), "/mutate")
+            .await
+            .is_err()
+    );
     h.stop().await;
 }

@@ -99,6 +99,11 @@ pub struct InstallArgs {
     /// too if your network plugin applies policies to the kubelet's probes.
     #[arg(long = "apiserver-cidr", value_name = "CIDR")]
     apiserver_cidrs: Vec<String>,
+    /// The CA (PEM file) that signs the API server's client certificate for webhooks (what its
+    /// AdmissionConfiguration's kubeconfig presents): moat then reviews only for clients with
+    /// that certificate. Installed as a ConfigMap and passed to `moat serve --client-ca`.
+    #[arg(long, value_name = "FILE")]
+    apiserver_client_ca: Option<PathBuf>,
     /// Also install the node identity agent (a DaemonSet on every node, in its own namespace).
     #[arg(long)]
     identity_agent: bool,
@@ -305,9 +310,20 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         secret: &secret_name,
         dns_names: &service_dns,
     });
-    objects.push(typed::<Deployment>(deployment(
-        ns, image, *replicas, &labels, api_access, rotation,
-    ))?);
+    let mut moat = deployment(ns, image, *replicas, &labels, api_access, rotation);
+    if let Some(path) = &args.apiserver_client_ca {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("--apiserver-client-ca {}: {e}", path.display()))?;
+        moat_server::tls::client_verifier(path)
+            .map_err(|e| format!("--apiserver-client-ca: {e}"))?;
+        objects.push(typed::<ConfigMap>(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("{NAME}-client-ca"), "namespace": ns, "labels": labels},
+            "data": {"ca.crt": pem},
+        }))?);
+        require_client_certificates(&mut moat);
+    }
+    objects.push(typed::<Deployment>(moat)?);
     objects.push(typed::<NetworkPolicy>(network_policy(
         ns,
         &labels,
@@ -556,6 +572,20 @@ fn deployment(
         ]);
     }
     deployment
+}
+
+/// Mounts the API server's client CA and makes the server require its certificate for reviews.
+fn require_client_certificates(deployment: &mut Value) {
+    let pod = &mut deployment["spec"]["template"]["spec"];
+    if let Some(a) = pod["containers"][0]["args"].as_array_mut() {
+        a.extend([json!("--client-ca"), json!("/etc/moat/client-ca/ca.crt")]);
+    }
+    if let Some(m) = pod["containers"][0]["volumeMounts"].as_array_mut() {
+        m.push(json!({"name": "client-ca", "mountPath": "/etc/moat/client-ca", "readOnly": true}));
+    }
+    if let Some(v) = pod["volumes"].as_array_mut() {
+        v.push(json!({"name": "client-ca", "configMap": {"name": format!("{NAME}-client-ca")}}));
+    }
 }
 
 /// The identity agent's namespace, service account and DaemonSet.

@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// KUBECONFIG or ~/.kube/config.
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// CA bundle (PEM) that signs the API server's client certificate for webhooks: reviews then
+    /// need that certificate; clients without one get health endpoints only (the kubelet's
+    /// probes), and one signed by another CA fails the handshake. Read at start.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -154,6 +159,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         self_signed,
         ca_out,
         kubeconfig,
+        client_ca,
         rotate_certs,
         tls_secret,
         pod_name,
@@ -205,6 +211,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         kubeconfig,
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
         rotation,
+        client_ca,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

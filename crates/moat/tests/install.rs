@@ -846,3 +846,49 @@ fn the_installed_serve_arguments_with_rotation_are_accepted_by_moat_serve() {
     assert!(err.contains("Kubernetes API"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_apiserver_client_ca_makes_reviews_need_its_certificate() {
+    let dir = std::env::temp_dir().join(format!("moat-client-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["certs", "--dns", "kube-apiserver", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ca = dir.join("ca.crt");
+    let (code, docs, err) = install(&["--apiserver-client-ca", ca.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "moat-client-ca")
+        .expect("the client CA's ConfigMap");
+    assert_eq!(cm["data"]["ca.crt"], std::fs::read_to_string(&ca).unwrap());
+    let deployment = find(&docs, "Deployment");
+    let _: Deployment = round_trips(deployment);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--client-ca", "/etc/moat/client-ca/ca.crt"])
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["configMap"]["name"] == "moat-client-ca")
+    );
+    let not_pem = dir.join("tls.key.txt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let (code, _, err) = install(&["--apiserver-client-ca", not_pem.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--apiserver-client-ca"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
