@@ -850,5 +850,12 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
         let text = serde_yaml_ng::to_string(object).map_err(|e| e.to_string())?;
         write!(out, "---\n{text}").map_err(|e| format!("writing output: {e}"))?;
     }
+    if !args.cert_manager && !args.rotate_certs {
+        // The manifests go to standard output (often straight into kubectl): say it beside them.
+        eprintln!(
+            "moat: warning: the generated CA and serving certificate are valid for a year and nothing renews them; \
+             install with --rotate-certs (moat renews them itself) or --cert-manager"
+        );
+    }
     Ok(0)
 }

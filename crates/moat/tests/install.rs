@@ -892,3 +892,14 @@ fn an_apiserver_client_ca_makes_reviews_need_its_certificate() {
     assert!(err.contains("--apiserver-client-ca"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_install_that_nothing_renews_says_so() {
+    let (_, _, err) = install(&[]);
+    assert!(err.contains("nothing renews them"), "{err}");
+    for args in [&["--rotate-certs"][..], &["--cert-manager"]] {
+        let (code, _, err) = install(args);
+        assert_eq!(code, 0, "{err}");
+        assert!(!err.contains("nothing renews them"), "{args:?}: {err}");
+    }
+}
