@@ -47,6 +47,29 @@ pub struct Request<'a> {
     pub placement_seed: &'a str,
 }
 
+impl<'a> Request<'a> {
+    /// A CREATE at the mutate stage that no one asks for: how `moat review` and the capacity
+    /// tools decide objects offline, with no `userInfo` and no dry run.
+    pub fn offline_create(
+        object: Option<&'a Template>,
+        namespace: &'a str,
+        namespace_labels: Option<&'a BTreeMap<String, String>>,
+        placement_seed: &'a str,
+    ) -> Self {
+        Self {
+            operation: Operation::Create,
+            stage: Stage::Mutate,
+            object,
+            old_object: None,
+            namespace,
+            namespace_labels,
+            dry_run: false,
+            requester: None,
+            placement_seed,
+        }
+    }
+}
+
 /// Who asks, as the API server authenticated them (`request.userInfo`). Only the API server
 /// writes it, so, unlike anything in the object, exemptions may rest on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

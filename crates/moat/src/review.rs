@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use moat_core::config::Config;
-use moat_core::decision::{Decision, Operation, Request, Stage};
+use moat_core::decision::{Decision, Request};
 use moat_core::engine;
 use moat_core::subject::Template;
 use serde::Serialize;
@@ -495,17 +495,7 @@ fn review_object(
     };
     let template = Template::from_value(object)
         .map_err(|e| error(format!("{kind} {namespace}/{name}: {e}")))?;
-    let req = Request {
-        operation: Operation::Create,
-        stage: Stage::Mutate,
-        object: template.as_ref(),
-        old_object: None,
-        namespace: &namespace,
-        namespace_labels: labels.as_ref(),
-        dry_run: false,
-        requester: None,
-        placement_seed: &seed,
-    };
+    let req = Request::offline_create(template.as_ref(), &namespace, labels.as_ref(), &seed);
     let decision = engine::decide(config, &req);
     let patched = decision.patched(object).map_err(|e| {
         error(format!(

@@ -59,17 +59,7 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 /// `pod` as moat's mutating webhook leaves it in `namespace`.
 fn admit(config: &Config, pod: &Value, namespace: &str, seed: &str) -> Value {
     let template = Template::from_value(pod).unwrap().unwrap();
-    let req = Request {
-        operation: Operation::Create,
-        stage: Stage::Mutate,
-        object: Some(&template),
-        old_object: None,
-        namespace,
-        namespace_labels: None,
-        dry_run: false,
-        requester: None,
-        placement_seed: seed,
-    };
+    let req = Request::offline_create(Some(&template), namespace, None, seed);
     let d = decide(config, &req);
     assert!(d.allowed(), "{}", d.message());
     d.patched(pod).unwrap()

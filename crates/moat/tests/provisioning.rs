@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use moat::capacity::karpenter::NodePool;
 use moat::capacity::{self, CapacityArgs, WarmForm};
 use moat_core::config::Config;
-use moat_core::decision::{Operation, Request, Stage};
+use moat_core::decision::Request;
 use moat_core::engine::decide;
 use moat_core::resources::IdleAfter;
 use moat_core::subject::Template;
@@ -180,17 +180,7 @@ impl World {
         self.seeds += 1;
         let seed = format!("uid-{}", self.seeds);
         let template = Template::from_value(&pod).unwrap().unwrap();
-        let req = Request {
-            operation: Operation::Create,
-            stage: Stage::Mutate,
-            object: Some(&template),
-            old_object: None,
-            namespace,
-            namespace_labels: None,
-            dry_run: false,
-            requester: None,
-            placement_seed: &seed,
-        };
+        let req = Request::offline_create(Some(&template), namespace, None, &seed);
         let d = decide(&self.config, &req);
         assert!(d.allowed(), "{}", d.message());
         self.pods.push(SimPod {

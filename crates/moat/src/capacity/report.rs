@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use moat_core::config::{Config, IsolationMode};
-use moat_core::decision::{Operation, Request, Stage};
+use moat_core::decision::Request;
 use moat_core::engine;
 use moat_core::resources::Quantity;
 use moat_core::subject::{Kind, Template, type_of};
@@ -234,17 +234,7 @@ fn placed(
     let Ok(Some(template)) = Template::from_value(pod) else {
         return Placed::Denied;
     };
-    let req = Request {
-        operation: Operation::Create,
-        stage: Stage::Mutate,
-        object: Some(&template),
-        old_object: None,
-        namespace,
-        namespace_labels: labels,
-        dry_run: false,
-        requester: None,
-        placement_seed: namespace,
-    };
+    let req = Request::offline_create(Some(&template), namespace, labels, namespace);
     let decision = engine::decide(config, &req);
     if !decision.allowed() {
         return Placed::Denied;
