@@ -1,13 +1,20 @@
 //! The agent's own plain-HTTP endpoint: `GET /metrics` (OpenMetrics text from the registry the
 //! agent's instruments are in) and `GET /healthz` (the liveness probe). Nothing else: the
-//! webhook's server is not involved, so the node agent does not depend on it.
+//! webhook's server is not involved, so the node agent does not depend on it. Served through
+//! `moat_listen::plain`, with the review port's kind of bounds ([`METRICS_LIMITS`]): an agent
+//! knocked over by a flood of scrapes would be an unregistered NRI plugin, and containerd then
+//! starts annotated containers without identity.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use moat_listen::conn::ConnectionLimits;
+use moat_listen::plain::PlainLimits;
+use moat_listen::refusals::Refusals;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -33,12 +40,42 @@ async fn metrics(registry: Arc<Registry>) -> Response {
     }
 }
 
-/// Serves [`router`] on `listener` until the task is dropped.
+/// The metrics port's bounds: a scraper and the kubelet's liveness probe need a connection or
+/// two each; nothing sends a body. Well inside the DaemonSet's memory limit (32 connections of a
+/// few KiB each).
+pub const METRICS_LIMITS: PlainLimits = PlainLimits {
+    connections: ConnectionLimits {
+        per_source: 4,
+        total: 32,
+        idle_timeout: Duration::from_secs(10),
+    },
+    header_timeout: Duration::from_secs(5),
+    max_header_bytes: 8 * 1024,
+};
+
+/// Refusals are counted at once and logged as one summary line per interval at most.
+pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves [`router`] on `listener` within [`METRICS_LIMITS`] until the task is dropped; its
+/// refusals are counted in `registry` as `moat_identity_refusals_total`.
 ///
 /// # Errors
 /// The I/O error that stopped the server.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) -> std::io::Result<()> {
-    axum::serve(listener, router(registry)).await
+pub async fn serve(listener: TcpListener, mut registry: Registry) -> std::io::Result<()> {
+    let refusals = Refusals::register(
+        registry.sub_registry_with_prefix("moat_identity"),
+        REFUSAL_SUMMARY_INTERVAL,
+    );
+    // Held for as long as the server runs: it stops only when the task is dropped.
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    moat_listen::plain::serve(
+        listener,
+        router(Arc::new(registry)),
+        METRICS_LIMITS,
+        refusals.listener("metrics"),
+        stop,
+    )
+    .await
 }
 
 #[cfg(test)]

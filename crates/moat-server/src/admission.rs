@@ -4,9 +4,11 @@
 //! A policy's "no" is an HTTP 200 with `allowed: false`; only a request moat cannot read is an
 //! HTTP error, with a JSON body of [`codec::ErrorBody`]'s shape.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,6 +17,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use moat_core::decision::{Request, Requester, Stage};
 use moat_core::engine;
+use moat_listen::budget::Ticket;
+use moat_listen::conn::Activity;
+use moat_listen::refusals::Reason;
 use tracing::field::Empty;
 
 use crate::codec::{self, AdmissionIn, ImageReviewIn, RequestError};
@@ -41,8 +46,31 @@ fn json(bytes: Bytes) -> Response {
         .into_response()
 }
 
-/// Reads a JSON body within the size and time limits.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, RequestError> {
+/// Who sent a request, as the server saw the connection; inserted by [`crate::server`]. A
+/// request without it (the router driven without a socket) counts as from `0.0.0.0`.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The connection's source address.
+    pub source: IpAddr,
+    /// The connection, to mark a decision in progress (never displaced, never idle meanwhile).
+    pub activity: Option<Activity>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self {
+            source: IpAddr::from([0, 0, 0, 0]),
+            activity: None,
+        }
+    }
+}
+
+/// Reads a JSON body within the size and time limits, charging it to the budget as it arrives.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    ticket: &mut Ticket,
+) -> Result<Bytes, RequestError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -51,20 +79,26 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, RequestErro
     if !json {
         return Err(RequestError::ContentType);
     }
-    match tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(body)).await {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(body, ticket)).await {
         Err(_) => Err(RequestError::SlowBody),
         Ok(read) => read,
     }
 }
 
-/// The body, up to [`MAX_BODY_LEN_BYTES`]. A larger one is read on and thrown away, up to
-/// [`MAX_DISCARDED_BODY_LEN_BYTES`] more, before the 413: an HTTP/2 client whose request body
-/// is still being sent when the answer comes would otherwise see its stream reset instead of the
-/// answer.
-async fn read_limited(mut body: Body) -> Result<Bytes, RequestError> {
+/// The body, up to [`MAX_BODY_LEN_BYTES`], each chunk charged to `ticket` as it arrives; ends
+/// at once if the request is displaced. A larger body is read on and thrown away (not charged:
+/// it is not kept), up to [`MAX_DISCARDED_BODY_LEN_BYTES`] more, before the 413: an HTTP/2
+/// client whose request body is still being sent when the answer comes would otherwise see its
+/// stream reset instead of the answer.
+async fn read_limited(mut body: Body, ticket: &mut Ticket) -> Result<Bytes, RequestError> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let (mut kept, mut discarded) = (0usize, 0usize);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = ticket.displaced() => return Err(RequestError::Refused(Reason::requestDisplaced)),
+        };
+        let Some(frame) = frame else { break };
         let Ok(data) = frame.map_err(|_| RequestError::BrokenBody)?.into_data() else {
             continue; // trailers
         };
@@ -76,6 +110,7 @@ async fn read_limited(mut body: Body) -> Result<Bytes, RequestError> {
             }
             continue;
         }
+        ticket.charge(data.len()).map_err(RequestError::Refused)?;
         kept += data.len();
         chunks.push(data);
     }
@@ -90,10 +125,12 @@ async fn read_limited(mut body: Body) -> Result<Bytes, RequestError> {
 
 pub(crate) async fn mutate(
     State(state): State<Arc<AppState>>,
+    client: Option<Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    timed(&state, Endpoint::mutate, headers, body, |s, b| {
+    let client = client.map(|c| c.0).unwrap_or_default();
+    timed(&state, Endpoint::mutate, client, headers, body, |s, b| {
         review(s, Endpoint::mutate, Stage::Mutate, b)
     })
     .await
@@ -101,10 +138,12 @@ pub(crate) async fn mutate(
 
 pub(crate) async fn validate(
     State(state): State<Arc<AppState>>,
+    client: Option<Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    timed(&state, Endpoint::validate, headers, body, |s, b| {
+    let client = client.map(|c| c.0).unwrap_or_default();
+    timed(&state, Endpoint::validate, client, headers, body, |s, b| {
         review(s, Endpoint::validate, Stage::Validate, b)
     })
     .await
@@ -112,42 +151,73 @@ pub(crate) async fn validate(
 
 pub(crate) async fn imagereview(
     State(state): State<Arc<AppState>>,
+    client: Option<Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    timed(&state, Endpoint::imagereview, headers, body, image_review).await
+    let client = client.map(|c| c.0).unwrap_or_default();
+    timed(
+        &state,
+        Endpoint::imagereview,
+        client,
+        headers,
+        body,
+        image_review,
+    )
+    .await
 }
 
-/// Reads the body, answers it with `answer` (inline, or on the blocking pool when the body is
-/// large), and records the duration and in-flight gauge however the review ends.
+/// Takes the request's place in the budget, reads the body, takes a decision slot, answers with
+/// `answer` (inline, or on the blocking pool when the body is large), and records the duration
+/// and in-flight gauge however the review ends. A request holds nothing shared but its budget
+/// charge until its body has arrived.
 async fn timed(
     state: &Arc<AppState>,
     endpoint: Endpoint,
+    client: Client,
     headers: HeaderMap,
     body: Body,
     answer: fn(&AppState, &[u8]) -> Result<Bytes, RequestError>,
 ) -> Response {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
-    let answered = match read_body(&headers, body).await {
-        Err(e) => Err(e),
-        Ok(body) if body.len() <= INLINE_DECISION_MAX_BODY_BYTES => answer(state, &body),
-        Ok(body) => {
-            let _turn = state.blocking_turn().await;
-            let state = state.clone();
-            tokio::task::spawn_blocking(move || answer(&state, &body))
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "a decision failed");
-                    Err(RequestError::BrokenBody)
-                })
+    let answered = async {
+        let mut ticket = state
+            .budget
+            .begin(client.source)
+            .map_err(RequestError::Refused)?;
+        let body = read_body(&headers, body, &mut ticket).await?;
+        ticket.finish_reading();
+        let _slot = state
+            .slots
+            .take(client.source)
+            .await
+            .map_err(RequestError::Refused)?;
+        let _deciding = client.activity.as_ref().map(Activity::deciding);
+        if body.len() <= INLINE_DECISION_MAX_BODY_BYTES {
+            return answer(state, &body);
         }
-    };
+        let _turn = state.blocking_turn().await;
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || answer(&state, &body))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a decision failed");
+                Err(RequestError::BrokenBody)
+            })
+    }
+    .await;
     let response = match answered {
         Ok(bytes) => json(bytes),
         Err(e) => {
             state.metrics.count(endpoint, "", Outcome::invalid);
-            tracing::info!(endpoint = ?endpoint, error = %e, "rejected an unreadable review");
+            match e.refusal() {
+                // Counted and summarised by the listener, never a line each.
+                Some(reason) => state.review_refusals.note(reason),
+                None => {
+                    tracing::debug!(endpoint = ?endpoint, error = %e, "rejected an unreadable review")
+                }
+            }
             e.into_response()
         }
     };

@@ -23,6 +23,8 @@ use moat_core::subject::{Kind, MalformedObject, ReadError, Template, TemplateSee
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use moat_listen::refusals::Reason;
+
 use crate::limits::{BODY_READ_TIMEOUT, MAX_BODY_LEN_BYTES};
 
 pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
@@ -52,15 +54,47 @@ pub enum RequestError {
     WrongKind { expected: &'static str, got: String },
     #[error("the review has no request")]
     NoRequest,
+    /// A bound of the request budget or the decision slots (see [`crate::limits`]).
+    #[error("{}", refusal_message(*.0))]
+    Refused(Reason),
+}
+
+fn refusal_message(reason: Reason) -> &'static str {
+    match reason {
+        Reason::requestPerSource => {
+            "too many requests from this address are still sending their body; retry"
+        }
+        Reason::requestDisplaced => {
+            "the body was still arriving when the server's request memory was full; send bodies at once and retry"
+        }
+        Reason::slotPerSource => "too many reviews in progress from this address; retry",
+        Reason::slotTimeout => "too many reviews in progress; retry",
+        _ => "the server's request memory is full; retry",
+    }
 }
 
 impl RequestError {
+    /// The listener bound this error reports, if it is one: counted and summarised, not logged
+    /// one by one.
+    pub fn refusal(&self) -> Option<Reason> {
+        match self {
+            Self::Refused(reason) => Some(*reason),
+            Self::SlowBody => Some(Reason::slowBody),
+            Self::TooLarge => Some(Reason::bodyTooLarge),
+            _ => None,
+        }
+    }
+
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SlowBody => StatusCode::REQUEST_TIMEOUT,
+            Self::Refused(Reason::requestPerSource | Reason::slotPerSource) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }

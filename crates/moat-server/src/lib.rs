@@ -8,7 +8,6 @@
 pub mod admission;
 pub mod certs;
 pub mod codec;
-pub mod conn;
 pub mod limits;
 pub mod metrics;
 pub mod namespaces;

@@ -94,13 +94,6 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub tls_reloads: Family<ResultLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
-    pub connections_refused: Family<RefusalLabels, Counter>,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    /// `perSource` or `total`.
-    pub reason: &'static str,
 }
 
 /// Latency buckets in seconds: a decision takes tens of microseconds, the API server gives up
@@ -120,7 +113,6 @@ impl Metrics {
             in_flight: Gauge::default(),
             tls_reloads: Family::default(),
             config_reloads: Family::default(),
-            connections_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("moat");
         r.register(
@@ -152,11 +144,6 @@ impl Metrics {
             "tls_reloads",
             "Reloads of the TLS certificate and key",
             m.tls_reloads.clone(),
-        );
-        r.register(
-            "connections_refused",
-            "Connections closed as they were accepted, by the cap they hit",
-            m.connections_refused.clone(),
         );
         r.register(
             "config_reloads",
@@ -218,15 +205,6 @@ impl Metrics {
                 .inc();
             tracing::debug!(policy, reason = e.reason.as_str(), "exempt");
         }
-    }
-
-    /// Counts a connection refused at accept.
-    pub fn connection_refused(&self, refusal: crate::conn::Refusal) {
-        self.connections_refused
-            .get_or_create(&RefusalLabels {
-                reason: refusal.as_str(),
-            })
-            .inc();
     }
 
     /// Counts a reload attempt.

@@ -1,12 +1,11 @@
-//! The HTTP surface: admission endpoints behind the request slots, health and readiness beside
+//! The HTTP surface: admission endpoints (each bounded by the request budget and slots), health and readiness beside
 //! them; and the metrics endpoint, served on its own port.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
@@ -25,14 +24,14 @@ pub fn error_response(status: StatusCode, message: String) -> Response {
         .into_response()
 }
 
-/// The HTTP surface: admission endpoints behind the request slots and the request timeout,
+/// The HTTP surface: admission endpoints (bounded by the request budget, the decision slots and
+/// the body timeout, see [`crate::admission`]),
 /// health and readiness beside them.
 pub fn router(state: Arc<AppState>) -> Router {
     let reviews = Router::new()
         .route("/mutate", post(admission::mutate))
         .route("/validate", post(admission::validate))
-        .route("/imagereview", post(admission::imagereview))
-        .route_layer(middleware::from_fn_with_state(state.clone(), limit));
+        .route("/imagereview", post(admission::imagereview));
     Router::new()
         .merge(reviews)
         .route("/healthz", get(|| async { "ok" }))
@@ -60,18 +59,6 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         None => "ok".into_response(),
         Some(why) => error_response(StatusCode::SERVICE_UNAVAILABLE, why.to_owned()),
     }
-}
-
-/// Bounds concurrent reviews: a request waits for a slot, and is answered 503 when none comes
-/// free in time.
-async fn limit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(_permit) = state.slot().await else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many reviews in progress".to_owned(),
-        );
-    };
-    next.run(request).await
 }
 
 /// The metrics endpoint's router (served on its own plain-HTTP port).

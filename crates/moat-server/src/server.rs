@@ -12,15 +12,19 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use moat_core::config::Config;
+use moat_listen::conn::ConnectionTable;
+use moat_listen::refusals::Reason;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
+use crate::admission::Client;
 use crate::certs;
-use crate::conn::{Activity, ConnectionLimits, Tracked};
 use crate::limits::{
-    HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, RELOAD_INTERVAL,
-    SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,
+    H2_CONNECTION_WINDOW_BYTES, H2_STREAM_WINDOW_BYTES, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES,
+    MAX_STREAMS_PER_CONNECTION, METRICS_LIMITS, RELOAD_INTERVAL, SHUTDOWN_GRACE,
+    TLS_HANDSHAKE_TIMEOUT, connection_limits,
 };
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
@@ -217,19 +221,15 @@ impl Server {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
 
-        let mut metrics_stop = stop_rx.clone();
-        let metrics = tokio::spawn(async move {
-            let app = metrics_router(registry);
-            let stopped = async move {
-                let _ = metrics_stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(metrics_listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        let metrics = tokio::spawn(moat_listen::plain::serve(
+            metrics_listener,
+            metrics_router(registry),
+            METRICS_LIMITS,
+            state.refusals.listener("metrics"),
+            stop_rx.clone(),
+        ));
+        let review_refusals = state.review_refusals.clone();
+        let summaries = tokio::spawn(review_refusals.clone().summarise_until(stop_rx.clone()));
         let reloads = tokio::spawn(reload_loop(
             state.clone(),
             certs.clone(),
@@ -248,14 +248,21 @@ impl Server {
             TlsAcceptor::from(Arc::new(certs.server_config_with_clients(client_verifier)));
         let health = crate::router::health_router(state.clone());
         let graceful = GracefulShutdown::new();
-        let limits = ConnectionLimits::new(MAX_CONNECTIONS_PER_SOURCE, MAX_CONNECTIONS);
+        let table = ConnectionTable::new(connection_limits(idle_timeout));
         let app = router(state.clone());
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES.max(8 * 1024));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES);
         let builder = Arc::new(builder);
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving reviews");
@@ -274,60 +281,59 @@ impl Server {
                     }
                 },
             };
-            // Refused at once, never queued: the accept loop keeps taking the API server's
-            // connections however many a flooding client holds.
-            let slot = match limits.admit(peer.ip()) {
-                Ok(slot) => slot,
-                Err(refusal) => {
-                    state.metrics.connection_refused(refusal);
-                    tracing::debug!(%peer, reason = refusal.as_str(), "connection refused");
-                    continue;
-                }
+            // Answered at once, never queued: the accept loop keeps taking the API server's
+            // connections however many tenants hold, displacing the quietest at the cap.
+            let Some(connection) = table.admit_counted(peer.ip(), &review_refusals) else {
+                continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, builder, app, health, watcher) = (
+            let (acceptor, builder, app, health, watcher, refusals) = (
                 acceptor.clone(),
                 builder.clone(),
                 app.clone(),
                 health.clone(),
                 graceful.watcher(),
+                review_refusals.clone(),
             );
             tokio::spawn(async move {
-                let _slot = slot;
-                let activity = Activity::new();
-                let tcp = Tracked::new(tcp, activity.clone());
-                let serve = async move {
+                let tcp = connection.track(tcp);
+                let serve = async {
                     let tls =
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
                         {
                             Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(Err(_)) | Err(_) => {
+                                refusals.note(Reason::handshake);
                                 return;
                             }
                         };
                     let anonymous = tls.get_ref().1.peer_certificates().is_none();
+                    if clients_authenticated && !anonymous {
+                        connection.set_authenticated();
+                    }
                     let app = if clients_authenticated && anonymous {
                         health
                     } else {
                         app
                     };
+                    let client = Client {
+                        source: peer.ip(),
+                        activity: Some(connection.activity()),
+                    };
+                    let app = app.map_request(move |mut request: http::Request<_>| {
+                        request.extensions_mut().insert(client.clone());
+                        request
+                    });
                     let service = TowerToHyperService::new(app);
                     let conn = builder.serve_connection(TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        tracing::trace!(%peer, error = %e, "connection ended with an error");
                     }
                 };
                 tokio::select! {
                     () = serve => {}
-                    () = activity.idle_for(idle_timeout) => {
-                        tracing::debug!(%peer, "closed an idle connection");
-                    }
+                    reason = connection.closing() => refusals.note(reason),
                 }
             });
         }
@@ -345,6 +351,7 @@ impl Server {
             tracing::warn!("in-flight reviews did not finish within the grace period");
         }
         let _ = metrics.await;
+        let _ = summaries.await;
         reloads.abort();
         if let Some(rotation) = rotation {
             rotation.abort();

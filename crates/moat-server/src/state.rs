@@ -1,14 +1,17 @@
 //! What every request reads: the configuration in force (swapped on reload), the namespace
-//! cache, the metrics and the request slots.
+//! cache, the metrics, and the request budget and slots.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use moat_core::config::Config;
+use moat_listen::budget::RequestBudget;
+use moat_listen::refusals::{ListenerRefusals, Refusals};
+use moat_listen::slots::Slots;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::limits::{MAX_BLOCKING_DECISIONS, MAX_CONCURRENT_REQUESTS, QUEUE_TIMEOUT};
+use crate::limits::{BUDGET_LIMITS, MAX_BLOCKING_DECISIONS, REFUSAL_SUMMARY_INTERVAL, SLOT_LIMITS};
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
 
@@ -19,7 +22,14 @@ pub struct AppState {
     config: RwLock<Arc<Config>>,
     namespaces: Option<NamespaceCache>,
     pub metrics: Metrics,
-    slots: Semaphore,
+    /// Decision slots, taken once a body has arrived.
+    pub slots: Slots,
+    /// The memory every request holds, one budget for all.
+    pub budget: Arc<RequestBudget>,
+    /// The process's refusal counter, shared by its listeners.
+    pub refusals: Refusals,
+    /// The review port's refusals.
+    pub review_refusals: Arc<ListenerRefusals>,
     /// Decisions on large bodies run on the blocking pool, this many at a time.
     blocking: Semaphore,
 }
@@ -31,11 +41,19 @@ impl AppState {
         namespaces: Option<NamespaceCache>,
         registry: &mut Registry,
     ) -> Self {
+        let metrics = Metrics::register(registry);
+        let refusals = Refusals::register(
+            registry.sub_registry_with_prefix("moat"),
+            REFUSAL_SUMMARY_INTERVAL,
+        );
         Self {
             config: RwLock::new(Arc::new(config)),
             namespaces,
-            metrics: Metrics::register(registry),
-            slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
+            metrics,
+            slots: Slots::new(SLOT_LIMITS),
+            budget: RequestBudget::new(BUDGET_LIMITS),
+            review_refusals: refusals.listener("reviews"),
+            refusals,
             blocking: Semaphore::new(MAX_BLOCKING_DECISIONS),
         }
     }
@@ -81,13 +99,5 @@ impl AppState {
     /// A turn on the blocking pool for a large decision.
     pub async fn blocking_turn(&self) -> Option<SemaphorePermit<'_>> {
         self.blocking.acquire().await.ok()
-    }
-
-    /// A request slot, waited for up to [`QUEUE_TIMEOUT`]; `None` when none came free.
-    pub async fn slot(&self) -> Option<SemaphorePermit<'_>> {
-        tokio::time::timeout(QUEUE_TIMEOUT, self.slots.acquire())
-            .await
-            .ok()?
-            .ok()
     }
 }

@@ -878,7 +878,7 @@ async fn a_connection_flood_from_tenants_does_not_stop_the_api_servers_reviews()
     );
     let metrics = h.metrics().await;
     assert!(
-        metrics.contains("moat_connections_refused_total{reason=\"perSource\"}"),
+        metrics.contains("moat_refusals_total{listener=\"reviews\",reason=\"connectionPerSource\"}"),
         "{metrics}"
     );
     drop((idle, quiet, slow));

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use moat_identity::agent::{Agent, AgentConfig};
@@ -159,7 +158,7 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
             .await
             .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
         tokio::spawn(async move {
-            if let Err(e) = metrics_server::serve(listener, Arc::new(registry)).await {
+            if let Err(e) = metrics_server::serve(listener, registry).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });

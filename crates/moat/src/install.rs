@@ -99,6 +99,17 @@ pub struct InstallArgs {
     /// too if your network plugin applies policies to the kubelet's probes.
     #[arg(long = "apiserver-cidr", value_name = "CIDR")]
     apiserver_cidrs: Vec<String>,
+    /// A namespace whose pods may scrape the metrics ports of moat and of the identity agent
+    /// (your Prometheus'), by its `kubernetes.io/metadata.name` label, which only the API
+    /// server sets. Repeatable. With neither this nor `--metrics-cidr` the installed
+    /// NetworkPolicies admit no scraper: the ports are bounded (few connections, short
+    /// timeouts) but a tenant has no business reaching them.
+    #[arg(long = "metrics-namespace", value_name = "NS")]
+    metrics_namespaces: Vec<String>,
+    /// Addresses (CIDRs) that may scrape the metrics ports (a scraper outside the cluster).
+    /// Repeatable.
+    #[arg(long = "metrics-cidr", value_name = "CIDR")]
+    metrics_cidrs: Vec<String>,
     /// The CA (PEM file) that signs the API server's client certificate for webhooks (what its
     /// AdmissionConfiguration's kubeconfig presents): moat then reviews only for clients with
     /// that certificate. Installed as a ConfigMap and passed to `moat serve --client-ca`.
@@ -324,10 +335,12 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         require_client_certificates(&mut moat);
     }
     objects.push(typed::<Deployment>(moat)?);
+    let scrapers = scrapers(&args.metrics_namespaces, &args.metrics_cidrs)?;
     objects.push(typed::<NetworkPolicy>(network_policy(
         ns,
         &labels,
         &args.apiserver_cidrs,
+        &scrapers,
     )?)?);
     objects.push(typed::<PodDisruptionBudget>(json!({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
@@ -386,9 +399,41 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     })
 }
 
+/// The NetworkPolicy peers that may scrape the metrics ports: `--metrics-namespace` and
+/// `--metrics-cidr`. Empty: none may.
+fn scrapers(namespaces: &[String], cidrs: &[String]) -> Result<Vec<Value>, String> {
+    let mut peers = Vec::new();
+    for ns in namespaces {
+        ns.parse::<moat_core::names::LabelValue>()
+            .ok()
+            .filter(|_| !ns.is_empty() && ns.len() <= 63)
+            .ok_or_else(|| format!("--metrics-namespace '{ns}' is not a namespace name"))?;
+        peers.push(
+            json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}),
+        );
+    }
+    for c in cidrs {
+        valid_cidr(c)
+            .ok_or_else(|| format!("--metrics-cidr '{c}' is not a CIDR (e.g. 10.0.0.0/24)"))?;
+        peers.push(json!({"ipBlock": {"cidr": c}}));
+    }
+    Ok(peers)
+}
+
+/// The ingress rule for a metrics port: only from `scrapers`; none when there are none.
+fn metrics_ingress(scrapers: &[Value]) -> Option<Value> {
+    (!scrapers.is_empty())
+        .then(|| json!({"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers}))
+}
+
 /// Ingress to moat's pods: the review port from the API server's CIDRs (from anywhere when none
-/// are given), the metrics port from anywhere (counts only, no objects).
-fn network_policy(ns: &str, labels: &Value, cidrs: &[String]) -> Result<Value, String> {
+/// are given), the metrics port from the scrapers only.
+fn network_policy(
+    ns: &str,
+    labels: &Value,
+    cidrs: &[String],
+    scrapers: &[Value],
+) -> Result<Value, String> {
     for c in cidrs {
         valid_cidr(c)
             .ok_or_else(|| format!("--apiserver-cidr '{c}' is not a CIDR (e.g. 10.0.0.0/24)"))?;
@@ -406,7 +451,7 @@ fn network_policy(ns: &str, labels: &Value, cidrs: &[String]) -> Result<Value, S
         "spec": {
             "podSelector": {"matchLabels": labels},
             "policyTypes": ["Ingress"],
-            "ingress": [review, {"ports": [{"port": "metrics", "protocol": "TCP"}]}],
+            "ingress": std::iter::once(review).chain(metrics_ingress(scrapers)).collect::<Vec<_>>(),
         },
     }))
 }
@@ -525,7 +570,9 @@ fn deployment(
                         "livenessProbe": probe("/healthz", 10),
                         "resources": {
                             "requests": {"cpu": "100m", "memory": "32Mi"},
-                            "limits": {"memory": "128Mi"},
+                            // Derived from every bound a client can make the server hold
+                            // (moat_server::limits, docs/server.md#budgets).
+                            "limits": {"memory": format!("{}Mi", moat_server::limits::memory_limit_bytes() / (1024 * 1024))},
                         },
                         "securityContext": {
                             "readOnlyRootFilesystem": true,
@@ -710,6 +757,18 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                 },
             },
         }))?,
+        // The agent's metrics port, from the scrapers only: a flood of it would cost the node
+        // its identity agent. The kubelet's liveness probe comes from the node, which the
+        // common network plugins admit whatever the policy says.
+        typed::<NetworkPolicy>(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": IDENTITY_NAME, "namespace": ns, "labels": labels},
+            "spec": {
+                "podSelector": {"matchLabels": labels},
+                "policyTypes": ["Ingress"],
+                "ingress": metrics_ingress(&scrapers(&args.metrics_namespaces, &args.metrics_cidrs)?).into_iter().collect::<Vec<_>>(),
+            },
+        }))?,
     ])
 }
 
@@ -849,6 +908,20 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
     for object in &install.objects {
         let text = serde_yaml_ng::to_string(object).map_err(|e| e.to_string())?;
         write!(out, "---\n{text}").map_err(|e| format!("writing output: {e}"))?;
+    }
+    if args.apiserver_cidrs.is_empty() && args.apiserver_client_ca.is_none() {
+        eprintln!(
+            "moat: warning: the review port is open to every pod in the cluster (no --apiserver-cidr, \
+             no --apiserver-client-ca). moat bounds what any client can make it hold (connections, \
+             streams, bytes, time), but a tenant can still spend its CPU and add latency to every \
+             pod creation; give --apiserver-cidr (the API server's addresses as webhooks see them) \
+             or --apiserver-client-ca where your control plane allows it"
+        );
+    }
+    if args.metrics_namespaces.is_empty() && args.metrics_cidrs.is_empty() {
+        eprintln!(
+            "moat: note: no --metrics-namespace or --metrics-cidr: the NetworkPolicies admit no scraper to the metrics ports"
+        );
     }
     if !args.cert_manager && !args.rotate_certs {
         // The manifests go to standard output (often straight into kubectl): say it beside them.
