@@ -132,7 +132,7 @@ mod tests {
     async fn serves_over_a_real_socket() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, Arc::new(Registry::default())));
+        let server = tokio::spawn(serve(listener, Registry::default()));
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         stream
@@ -143,6 +143,54 @@ mod tests {
         stream.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok"), "{answer}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_port_is_bounded_like_the_webhooks_a_flood_gets_its_share_and_a_summary() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, Registry::default()));
+        let connect_from = |source: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+                .unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        // Unfinished requests from one address: its share is held, the rest closed at once.
+        let mut held = Vec::new();
+        for _ in 0..METRICS_LIMITS.connections.per_source + 3 {
+            let mut c = connect_from("127.0.5.1").await;
+            let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+            held.push(c);
+        }
+        let mut closed_at_once = 0;
+        for c in &mut held {
+            let mut buf = [0u8; 1];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await
+            {
+                closed_at_once += 1;
+            }
+        }
+        assert_eq!(closed_at_once, 3);
+        // The kubelet's probe from another address is answered meanwhile, and the refusals
+        // are counted.
+        let mut probe = connect_from("127.0.5.2").await;
+        probe
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        probe.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.contains(
+                "moat_identity_refusals_total{listener=\"metrics\",reason=\"connectionPerSource\"} 3"
+            ),
+            "{answer}"
+        );
         server.abort();
     }
 }

@@ -187,6 +187,12 @@ pub const fn memory_limit_bytes() -> usize {
     with_slack.div_ceil(MIB) * MIB
 }
 
+// One source never holds every slot, every connection, or the whole budget in readers'
+// overhead: checked when the crate compiles.
+const _: () = assert!(MAX_REQUESTS_PER_SOURCE < MAX_CONCURRENT_REQUESTS);
+const _: () = assert!(MAX_READERS_PER_SOURCE * REQUEST_OVERHEAD_BYTES < REQUEST_BUDGET_BYTES);
+const _: () = assert!(MAX_CONNECTIONS_PER_SOURCE < MAX_CONNECTIONS);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,12 +209,5 @@ mod tests {
     #[test]
     fn the_webhook_timeout_covers_the_slowest_answer() {
         assert!(WEBHOOK_TIMEOUT > QUEUE_TIMEOUT + BODY_READ_TIMEOUT);
-    }
-
-    #[test]
-    fn one_source_never_holds_every_slot_or_the_whole_budget_in_readers_overhead() {
-        assert!(MAX_REQUESTS_PER_SOURCE < MAX_CONCURRENT_REQUESTS);
-        assert!(MAX_READERS_PER_SOURCE * REQUEST_OVERHEAD_BYTES < REQUEST_BUDGET_BYTES);
-        assert!(MAX_CONNECTIONS_PER_SOURCE < MAX_CONNECTIONS);
     }
 }

@@ -878,7 +878,8 @@ async fn a_connection_flood_from_tenants_does_not_stop_the_api_servers_reviews()
     );
     let metrics = h.metrics().await;
     assert!(
-        metrics.contains("moat_refusals_total{listener=\"reviews\",reason=\"connectionPerSource\"}"),
+        metrics
+            .contains("moat_refusals_total{listener=\"reviews\",reason=\"connectionPerSource\"}"),
         "{metrics}"
     );
     drop((idle, quiet, slow));
@@ -1065,6 +1066,222 @@ async fn with_a_client_ca_only_the_api_servers_certificate_gets_reviews() {
         post(connect(Some((&stranger, &stranger_key))), "/mutate")
             .await
             .is_err()
+    );
+    h.stop().await;
+}
+
+/// An HTTP/2 connection from `source`, its driver spawned.
+async fn h2_from(h: &Harness, source: &str) -> hyper::client::conn::http2::SendRequest<SlowBody> {
+    let tcp = connect_from(source, h.addr).await;
+    let tls = h
+        .connector(Proto::H2)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A body that sends `first` and then never ends.
+type SlowBody = http_body_util::StreamBody<
+    futures_util::stream::Chain<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+        >,
+        futures_util::stream::Pending<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    >,
+>;
+
+fn slow_review(first: usize, declared: usize) -> http::Request<SlowBody> {
+    use futures_util::StreamExt as _;
+    let frames = if first == 0 {
+        Vec::new()
+    } else {
+        vec![Ok(hyper::body::Frame::data(Bytes::from(vec![b' '; first])))]
+    };
+    let body = futures_util::stream::iter(frames).chain(futures_util::stream::pending());
+    http::Request::post("https://localhost/mutate")
+        .header("content-type", "application/json")
+        .header("content-length", declared)
+        .body(http_body_util::StreamBody::new(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn body_less_streams_from_many_sources_hold_no_decision_slot() {
+    let h = start("bodyless", default_config(), None, None).await;
+    // More body-less streams than there are decision slots, from several sources, each within
+    // its source's share of readers: none of them holds a slot, so the API server's review is
+    // decided at once rather than waiting for a slot that never frees.
+    let per_source = limits::MAX_READERS_PER_SOURCE;
+    let sources = limits::MAX_CONCURRENT_REQUESTS / per_source + 1;
+    let mut pending = Vec::new();
+    for s in 0..sources {
+        let source = format!("127.0.1.{}", s + 1);
+        let mut senders = Vec::new();
+        for _ in 0..per_source.div_ceil(limits::MAX_STREAMS_PER_CONNECTION as usize) {
+            senders.push(h2_from(&h, &source).await);
+        }
+        let n = senders.len();
+        for i in 0..per_source {
+            let sender = &mut senders[i % n];
+            sender.ready().await.unwrap();
+            pending.push(tokio::spawn(sender.send_request(slow_review(0, 1_000_000))));
+        }
+    }
+    assert!(pending.len() > limits::MAX_CONCURRENT_REQUESTS);
+    // Let every stream reach the server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for proto in [Proto::H1, Proto::H2] {
+        let (status, review) = h
+            .send(proto, "/mutate", fixture("pod-create-isolated.json"))
+            .await;
+        assert_eq!(status, 200, "{review}");
+    }
+    // One source beyond its share of readers is refused at once.
+    let mut extra = h2_from(&h, "127.0.1.1").await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(3),
+        extra.send_request(slow_review(0, 1_000_000)),
+    )
+    .await
+    .expect("refused at once, not held")
+    .unwrap();
+    assert_eq!(response.status(), 429);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("moat_refusals_total{listener=\"reviews\",reason=\"requestPerSource\"}"),
+        "{metrics}"
+    );
+    for p in pending {
+        p.abort();
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_byte_budget_displaces_the_oldest_slow_body_for_a_new_request() {
+    let h = start("budget", default_config(), None, None).await;
+    // Slow bodies just under the size limit, most of each sent, from a few sources: more than
+    // the budget holds. Each new one displaces the oldest, which is answered 503 at once.
+    let body = limits::MAX_BODY_LEN_BYTES - 100;
+    let sent = body - 64 * 1024;
+    let count = limits::REQUEST_BUDGET_BYTES / sent + 3;
+    let mut slow = Vec::new();
+    for i in 0..count {
+        let mut sender = h2_from(&h, &format!("127.0.2.{}", i % 4 + 1)).await;
+        slow.push(tokio::spawn(async move {
+            let response = sender.send_request(slow_review(sent, body)).await;
+            drop(sender);
+            response
+        }));
+        // One after the other, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The API server's review fits, displacing the oldest slow body if needed.
+    let (status, review) = h
+        .send(Proto::H2, "/mutate", fixture("pod-create-isolated.json"))
+        .await;
+    assert_eq!(status, 200, "{review}");
+    let mut displaced = 0;
+    for s in &mut slow[..3] {
+        let response = tokio::time::timeout(Duration::from_secs(3), s)
+            .await
+            .expect("the oldest are answered at once")
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&text).contains("send bodies at once"),
+            "{text:?}"
+        );
+        displaced += 1;
+    }
+    assert_eq!(displaced, 3);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("moat_refusals_total{listener=\"reviews\",reason=\"requestDisplaced\"} 3"),
+        "{metrics}"
+    );
+    for s in slow.into_iter().skip(3) {
+        s.abort();
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_total_connection_cap_a_new_client_is_served() {
+    let h = start("displace", default_config(), None, None).await;
+    // Idle connections from many sources, each within its share, fill the total cap.
+    let per_source = limits::MAX_CONNECTIONS_PER_SOURCE;
+    let mut idle = Vec::new();
+    for s in 0..limits::MAX_CONNECTIONS.div_ceil(per_source) {
+        for _ in 0..per_source {
+            idle.push(connect_from(&format!("127.0.3.{}", s + 1), h.addr).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for proto in [Proto::H1, Proto::H2, Proto::H1] {
+        let (status, review) = h
+            .send(proto, "/mutate", fixture("pod-create-isolated.json"))
+            .await;
+        assert_eq!(status, 200, "{review}");
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics
+            .contains("moat_refusals_total{listener=\"reviews\",reason=\"connectionDisplaced\"}"),
+        "{metrics}"
+    );
+    drop(idle);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_metrics_port_caps_each_source_and_closes_an_unfinished_request() {
+    let h = start("metrics-port", default_config(), None, None).await;
+    let per_source = limits::METRICS_LIMITS.connections.per_source;
+    let mut held = Vec::new();
+    for _ in 0..per_source {
+        let mut c = connect_from("127.0.4.1", h.metrics_addr).await;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    // One more from the same source is closed as it is accepted.
+    let mut extra = connect_from("127.0.4.1", h.metrics_addr).await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+    )
+    .await
+    .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A scraper from another address is served meanwhile.
+    assert!(h.metrics().await.contains("moat_admission_in_flight"));
+    // The unfinished requests are closed at the header timeout.
+    for mut c in held {
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            limits::METRICS_LIMITS.header_timeout * 3,
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut rest),
+        )
+        .await
+        .expect("closed within the header timeout")
+        .ok();
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics
+            .contains("moat_refusals_total{listener=\"metrics\",reason=\"connectionPerSource\"} 1"),
+        "{metrics}"
     );
     h.stop().await;
 }

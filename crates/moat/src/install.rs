@@ -404,10 +404,15 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
 fn scrapers(namespaces: &[String], cidrs: &[String]) -> Result<Vec<Value>, String> {
     let mut peers = Vec::new();
     for ns in namespaces {
-        ns.parse::<moat_core::names::LabelValue>()
-            .ok()
-            .filter(|_| !ns.is_empty() && ns.len() <= 63)
-            .ok_or_else(|| format!("--metrics-namespace '{ns}' is not a namespace name"))?;
+        // A namespace name is a DNS label: lower-case letters, digits and '-', at most 63.
+        let label = !ns.is_empty()
+            && ns.len() <= 63
+            && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !ns.starts_with('-')
+            && !ns.ends_with('-');
+        if !label {
+            return Err(format!("--metrics-namespace '{ns}' is not a namespace name"));
+        }
         peers.push(
             json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}),
         );

@@ -665,22 +665,84 @@ fn a_network_policy_admits_only_the_api_server_to_the_review_port() {
         ingress[0]["from"],
         serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/24"}}, {"ipBlock": {"cidr": "fd00::/64"}}])
     );
-    assert_eq!(ingress[1]["ports"][0]["port"], "metrics");
+    assert_eq!(
+        ingress.len(),
+        1,
+        "no scraper named: the metrics port is closed"
+    );
     assert_eq!(
         np["spec"]["podSelector"]["matchLabels"],
         find(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     );
-    let (_, docs, _) = install(&[]);
+    let (_, docs, err) = install(&[]);
     assert!(
         find(&docs, "NetworkPolicy")["spec"]["ingress"][0]
             .get("from")
             .is_none()
     );
+    assert!(
+        err.contains("the review port is open to every pod in the cluster"),
+        "without a CIDR or a client CA, install says what stays open: {err}"
+    );
+    assert!(err.contains("admit no scraper"), "{err}");
     for bad in ["10.0.0.0", "10.0.0.0/33", "x/8"] {
         let (code, _, err) = install(&["--apiserver-cidr", bad]);
         assert_eq!(code, 2, "{bad}");
         assert!(err.contains("is not a CIDR"), "{err}");
     }
+}
+
+#[test]
+fn the_metrics_ports_admit_only_the_named_scrapers() {
+    let (code, docs, err) = install(&[
+        "--identity-agent",
+        "--metrics-namespace",
+        "monitoring",
+        "--metrics-cidr",
+        "192.168.0.0/16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let scrapers = serde_json::json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        {"ipBlock": {"cidr": "192.168.0.0/16"}},
+    ]);
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 2, "moat's and the identity agent's");
+    for np in policies {
+        let _: k8s_openapi::api::networking::v1::NetworkPolicy = round_trips(np);
+        let metrics = np["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"][0]["port"] == "metrics")
+            .expect("a metrics rule");
+        assert_eq!(metrics["from"], scrapers);
+    }
+    for (flag, bad) in [
+        ("--metrics-namespace", "Not_A_Name"),
+        ("--metrics-cidr", "x/8"),
+    ] {
+        let (code, _, err) = install(&[flag, bad]);
+        assert_eq!(code, 2, "{bad}");
+        assert!(err.contains(bad), "{err}");
+    }
+}
+
+#[test]
+fn the_memory_limit_is_derived_from_the_budgets() {
+    let (_, docs, _) = install(&[]);
+    let limit = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+        ["limits"]["memory"];
+    assert_eq!(
+        limit,
+        &serde_json::json!(format!(
+            "{}Mi",
+            moat_server::limits::memory_limit_bytes() / (1024 * 1024)
+        ))
+    );
 }
 
 #[test]
