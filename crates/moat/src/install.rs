@@ -407,11 +407,15 @@ fn scrapers(namespaces: &[String], cidrs: &[String]) -> Result<Vec<Value>, Strin
         // A namespace name is a DNS label: lower-case letters, digits and '-', at most 63.
         let label = !ns.is_empty()
             && ns.len() <= 63
-            && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !ns.starts_with('-')
             && !ns.ends_with('-');
         if !label {
-            return Err(format!("--metrics-namespace '{ns}' is not a namespace name"));
+            return Err(format!(
+                "--metrics-namespace '{ns}' is not a namespace name"
+            ));
         }
         peers.push(
             json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}),

@@ -129,10 +129,16 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
     // A class the operator forces on the namespace (its class label, isolateNamespaces) cannot
     // be escaped by anything the tenant writes; elsewhere the tenant chose isolation and may opt
     // out where the operator allows it.
+    // A pod in a namespace that isolates every pod is forced whatever its own label says: the
+    // label moat adds at the mutate stage must not turn into a tenant's opt-out at the validate
+    // stage (found by the backstop's equivalence test).
     let forced = matches!(
         class,
         Some(Some((_, Source::NamespaceLabel | Source::NamespaceDefault)))
-    );
+    ) || iso
+        .isolate_namespaces
+        .iter()
+        .any(|p| p.matches(ctx.req.namespace));
     let exemption = exemption(ctx, forced);
     if let Some(reason) = exemption {
         out.exempt(Policy::Isolation, reason);

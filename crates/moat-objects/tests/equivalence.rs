@@ -1,0 +1,522 @@
+//! The backstop decides as moat's validate stage does: every compiled expression evaluated by
+//! a Rust CEL implementation (the `cel` crate) against the same final objects moat's engine
+//! decides, per policy, in both directions. The corpus: the API server's captured requests, a
+//! table of tenant tricks crossed with the example configurations, and every pod moat's
+//! mutating webhook produces from them (which the backstop must admit: no lockout).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use cel::{Context, Program, Value as CelValue};
+use moat_core::config::Config;
+use moat_core::decision::{Operation, Policy, Request, Requester, Stage};
+use moat_core::engine;
+use moat_core::subject::Template;
+use moat_objects::backstop::{self, Compiled};
+use serde_json::{Value, json};
+
+/// One admission request as the API server would evaluate it.
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    operation: Operation,
+    object: Value,
+    old_object: Option<Value>,
+    namespace: String,
+    namespace_labels: BTreeMap<String, String>,
+    username: String,
+    dry_run: bool,
+}
+
+fn cel_value(v: &Value) -> CelValue {
+    cel::to_value(v).unwrap()
+}
+
+/// Evaluates one compiled policy: `None` when its match conditions leave the request out, else
+/// the messages of the validations that failed.
+fn evaluate(c: &Compiled, case: &Case) -> Option<Vec<String>> {
+    let mut ctx = Context::default();
+    ctx.add_variable("object", cel_value(&case.object)).unwrap();
+    ctx.add_variable(
+        "oldObject",
+        case.old_object.as_ref().map_or(CelValue::Null, cel_value),
+    )
+    .unwrap();
+    let op = match case.operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        _ => "DELETE",
+    };
+    let request = json!({
+        "operation": op,
+        "namespace": case.namespace,
+        "userInfo": {"username": case.username},
+        "dryRun": case.dry_run,
+    });
+    ctx.add_variable("request", cel_value(&request)).unwrap();
+    let mut labels = case.namespace_labels.clone();
+    labels.insert(
+        "kubernetes.io/metadata.name".to_owned(),
+        case.namespace.clone(),
+    );
+    ctx.add_variable(
+        "namespaceObject",
+        cel_value(&json!({"metadata": {"name": case.namespace, "labels": labels}})),
+    )
+    .unwrap();
+    let run = |ctx: &Context, expr: &str| -> CelValue {
+        let program = Program::compile(expr)
+            .unwrap_or_else(|e| panic!("{}: the crate cannot parse {expr}: {e}", c.name));
+        program
+            .execute(ctx)
+            .unwrap_or_else(|e| panic!("{} on {}: {expr}: {e:?}", c.name, case.name))
+    };
+    for (name, expr) in &c.match_conditions {
+        match run(&ctx, expr) {
+            CelValue::Bool(true) => {}
+            CelValue::Bool(false) => return None,
+            other => panic!("{}: match condition {name} gave {other:?}", c.name),
+        }
+    }
+    let mut variables: HashMap<String, CelValue> = HashMap::new();
+    for (name, expr) in &c.variables {
+        let v = run(&ctx, expr);
+        variables.insert(name.clone(), v);
+        ctx.add_variable_from_value("variables", variables.clone());
+    }
+    let mut failed = Vec::new();
+    for (expr, message) in &c.validations {
+        match run(&ctx, expr) {
+            CelValue::Bool(true) => {}
+            CelValue::Bool(false) => match run(&ctx, message) {
+                CelValue::String(s) => failed.push(s.to_string()),
+                other => panic!("{}: message {message} gave {other:?}", c.name),
+            },
+            other => panic!("{}: {expr} gave {other:?}", c.name),
+        }
+    }
+    Some(failed)
+}
+
+/// moat's validate stage: the policies that would deny (enforced or audited).
+fn moat_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
+    let template = Template::from_value(&case.object).unwrap().unwrap();
+    let old = case
+        .old_object
+        .as_ref()
+        .map(|o| Template::from_value(o).unwrap().unwrap());
+    let decision = engine::decide(
+        config,
+        &Request {
+            operation: case.operation,
+            stage: Stage::Validate,
+            object: Some(&template),
+            old_object: old.as_ref(),
+            namespace: &case.namespace,
+            namespace_labels: Some(&case.namespace_labels),
+            dry_run: case.dry_run,
+            requester: Some(Requester {
+                username: &case.username,
+            }),
+            placement_seed: "uid",
+        },
+    );
+    let mut out: BTreeMap<Policy, Vec<String>> = BTreeMap::new();
+    for d in decision.denials.iter().chain(&decision.audited) {
+        out.entry(d.policy).or_default().push(d.message.clone());
+    }
+    out
+}
+
+fn backstop_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for c in backstop::rules(config) {
+        if let Some(failed) = evaluate(&c, case)
+            && !failed.is_empty()
+        {
+            out.insert(c.policy, failed);
+        }
+    }
+    out
+}
+
+/// The final pod moat's mutating webhook makes of `case` (None when it denies).
+fn mutated(config: &Config, case: &Case) -> Option<Value> {
+    let template = Template::from_value(&case.object).unwrap().unwrap();
+    let decision = engine::decide(
+        config,
+        &Request {
+            operation: case.operation,
+            stage: Stage::Mutate,
+            object: Some(&template),
+            old_object: None,
+            namespace: &case.namespace,
+            namespace_labels: Some(&case.namespace_labels),
+            dry_run: case.dry_run,
+            requester: Some(Requester {
+                username: &case.username,
+            }),
+            placement_seed: "uid",
+        },
+    );
+    if !decision.allowed() {
+        return None;
+    }
+    let mut object = case.object.clone();
+    json_patch::patch(&mut object, &decision.patch).unwrap();
+    Some(object)
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn config(path: &str) -> Config {
+    Config::from_yaml(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
+}
+
+/// The configurations the corpus runs under: the embedded default, the shipped example, and
+/// variants that turn on every rule the backstop compiles.
+fn configs() -> Vec<(&'static str, Config)> {
+    let default = Config::from_yaml(moat_core::config::DEFAULT_CONFIG_YAML).unwrap();
+    let strict = Config::from_yaml(
+        r#"
+images: {allowedRegistries: [ghcr.io/acme, docker.io/library, localhost:5000], requireDigest: false}
+runtimeClass: {reservedRuntimes: [runc], fallbackRuntime: null, defaultRuntimeReserved: true}
+isolation:
+  mode: class
+  namespaceClassLabel: moat.dev/tenant-class
+  isolateNamespaces: [ci-*]
+  defaultClass: ci
+  classes:
+    - {name: ci, namespaces: ["ci-*"], runtimeClassName: gvisor}
+    - {name: shop, namespaceSelector: {matchLabels: {team: shop}}}
+    - {name: "*", namespaces: [open]}
+identity: {serviceAccountAnnotation: moat.dev/service-account}
+exemptions: {namespaces: [kube-system, moat-system, "*-infra"], ignoreAnnotation: moat.dev/ignore, pinnedPods: true, dryRun: true}
+"#,
+    )
+    .unwrap();
+    let mut pod_mode = default.clone();
+    pod_mode.isolation.mode = moat_core::config::IsolationMode::Pod;
+    pod_mode.images.require_digest = true;
+    let dedicated = Config::from_yaml(
+        r#"
+isolation: {mode: dedicatedNode, classes: [{name: untrusted, namespaces: ["*"]}]}
+enforcement: {images: audit, runtimeClass: enforce, isolation: enforce}
+"#,
+    )
+    .unwrap();
+    vec![
+        ("default", default),
+        ("ipp-compatible", config("examples/ipp-compatible.yaml")),
+        ("strict", strict),
+        ("pod-mode", pod_mode),
+        ("dedicated", dedicated),
+    ]
+}
+
+fn pod(name: &str, spec: Value, labels: Value, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": spec,
+    })
+}
+
+/// Tenant tricks and ordinary pods, as CREATE requests in several namespaces.
+fn tricks() -> Vec<Case> {
+    let images = [
+        "nginx",
+        "nginx:latest",
+        "nginx:1.27",
+        "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "busybox:1@sha256:0123",
+        "localhost:5000/redis",
+        "localhost:5000/redis:7",
+        "ghcr.io/acme/api:1.4",
+        "ghcr.io/acmex/api:1.4",
+        "ghcr.io/acme",
+        "Foo/bar:1",
+        "foo_bar.com/x:1",
+        "docker.io/library/x:1",
+        "docker.io/x:1",
+        "index.docker.io/x:1",
+        "library/x:2",
+        "UPPER:1",
+        "a:b/c:1",
+        "quay.io/a/b:latest",
+        "",
+    ];
+    let runtimes = [None, Some("runc"), Some("gvisor"), Some("kata")];
+    let tolerations = [
+        json!([]),
+        json!([{"operator": "Exists"}]),
+        json!([{"key": "moat.dev/isolated", "operator": "Exists"}]),
+        json!([{"key": "moat.dev/isolated", "operator": "Equal", "value": "untrusted", "effect": "NoSchedule"}]),
+        json!([{"key": "ipp", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]),
+        json!([{"key": "other", "operator": "Exists"}]),
+    ];
+    let labels = [
+        json!({}),
+        json!({"moat.dev/class": "untrusted"}),
+        json!({"moat.dev/class": "shop"}),
+        json!({"moat.dev/class": "ci"}),
+        json!({"moat.dev/class": "Bad_Class"}),
+        json!({"ipp-class": "gold"}),
+    ];
+    let namespaces: [(&str, Value); 5] = [
+        ("shop", json!({"team": "shop"})),
+        ("ci-7", json!({})),
+        ("open", json!({})),
+        ("tenant-a", json!({"moat.dev/tenant-class": "shop"})),
+        ("team-infra", json!({})),
+    ];
+    let mut cases = Vec::new();
+    let mut n = 0;
+    // Not the full product: a diagonal walk that still meets every value of every axis with
+    // every value of the next one.
+    for (i, image) in images.iter().enumerate() {
+        for (j, labels) in labels.iter().enumerate() {
+            let runtime = runtimes[(i + j) % runtimes.len()];
+            let tolerations = &tolerations[(i * 7 + j) % tolerations.len()];
+            let (ns, ns_labels) = &namespaces[(i + 2 * j) % namespaces.len()];
+            let mut spec = json!({
+                "containers": [{"name": "app", "image": image}],
+                "tolerations": tolerations,
+            });
+            if let Some(r) = runtime {
+                spec["runtimeClassName"] = json!(r);
+            }
+            if i % 5 == 1 {
+                spec["initContainers"] = json!([{"name": "init", "image": "busybox:1.36"}]);
+            }
+            if i % 6 == 2 {
+                spec["volumes"] = json!([{"name": "data", "image": {"reference": "nginx"}}]);
+            }
+            if j == 2 && i % 4 == 0 {
+                spec["nodeName"] = json!("node-1");
+            }
+            if j == 3 && i % 3 == 0 {
+                spec["schedulerName"] = json!("my-scheduler");
+            }
+            if i % 4 == 3 {
+                spec["serviceAccountName"] = json!("web");
+                spec["nodeSelector"] = json!({"disk": "ssd"});
+            }
+            let annotations = match (i + j) % 4 {
+                0 => json!({"moat.dev/service-account": "payments"}),
+                1 => json!({"moat.dev/ignore": "true"}),
+                _ => json!({}),
+            };
+            n += 1;
+            cases.push(Case {
+                name: format!("trick-{n}"),
+                operation: Operation::Create,
+                object: pod(&format!("p{n}"), spec, labels.clone(), annotations),
+                old_object: None,
+                namespace: (*ns).to_owned(),
+                namespace_labels: serde_json::from_value(ns_labels.clone()).unwrap(),
+                username: if n % 9 == 0 {
+                    "system:serviceaccount:kube-system:daemon-set-controller".to_owned()
+                } else {
+                    "alice".to_owned()
+                },
+                dry_run: n % 11 == 0,
+            });
+        }
+    }
+    cases
+}
+
+/// The API server's captured Pod requests.
+fn captured() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let dirs = [
+        repo("crates/moat-server/tests/data"),
+        repo("../shared/fixtures/kube-apiserver-1.26"),
+        repo("../shared/fixtures/kube-apiserver-1.34"),
+    ];
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            panic!("{} is missing", dir.display());
+        };
+        let mut paths: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        for path in paths {
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(review) = serde_json::from_slice::<Value>(&std::fs::read(&path).unwrap()) else {
+                continue;
+            };
+            let request = &review["request"];
+            if request["kind"]["kind"] != "Pod" || request["object"].is_null() {
+                continue;
+            }
+            let operation = match request["operation"].as_str() {
+                Some("CREATE") => Operation::Create,
+                Some("UPDATE") => Operation::Update,
+                _ => continue,
+            };
+            if Template::from_value(&request["object"]).is_err() {
+                continue;
+            }
+            cases.push(Case {
+                name: path.file_name().unwrap().to_string_lossy().into_owned(),
+                operation,
+                object: request["object"].clone(),
+                old_object: (!request["oldObject"].is_null()).then(|| request["oldObject"].clone()),
+                namespace: request["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned(),
+                namespace_labels: BTreeMap::new(),
+                username: request["userInfo"]["username"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                dry_run: request["dryRun"].as_bool().unwrap_or(false),
+            });
+        }
+    }
+    assert!(cases.len() >= 10, "the captured pods are found");
+    cases
+}
+
+/// A change made to a running pod.
+type Edit = fn(&mut Value);
+
+/// A running pod's UPDATEs: class label changed, tolerations added, stamp changed, image
+/// changed and unchanged.
+fn updates(config: &Config, creates: &[Case]) -> Vec<Case> {
+    let mut out = Vec::new();
+    for case in creates {
+        let Some(running) = mutated(config, case) else {
+            continue;
+        };
+        let edits: [(&str, Edit); 5] = [
+            ("relabel", |p| {
+                p["metadata"]["labels"]["moat.dev/class"] = json!("other")
+            }),
+            ("tolerate", |p| {
+                let t = p["spec"]["tolerations"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let mut t = t;
+                t.push(json!({"operator": "Exists"}));
+                p["spec"]["tolerations"] = json!(t);
+            }),
+            ("restamp", |p| {
+                p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
+            }),
+            ("retag", |p| {
+                p["spec"]["containers"][0]["image"] = json!("nginx:latest")
+            }),
+            ("status", |p| p["status"] = json!({"phase": "Running"})),
+        ];
+        for (what, edit) in edits {
+            let mut after = running.clone();
+            edit(&mut after);
+            out.push(Case {
+                name: format!("{}-{what}", case.name),
+                operation: Operation::Update,
+                object: after,
+                old_object: Some(running.clone()),
+                ..case.clone()
+            });
+        }
+    }
+    out
+}
+
+/// Where moat and the backstop may disagree, by design ([`backstop::GAPS`]).
+fn known_gap(case: &Case) -> bool {
+    // A reference over the length limit only after normalisation, or a bracketed IPv6 registry.
+    let spec = &case.object["spec"];
+    ["containers", "initContainers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|k| spec[k].as_array().into_iter().flatten())
+        .filter_map(|c| c["image"].as_str())
+        .any(|i| i.len() > 200 || i.starts_with('['))
+}
+
+#[test]
+fn the_backstop_decides_as_the_validate_stage_does_on_every_policy() {
+    let mut compared = 0;
+    let mut denied = BTreeMap::<Policy, usize>::new();
+    for (name, config) in configs() {
+        let creates: Vec<Case> = tricks().into_iter().chain(captured()).collect();
+        let finals: Vec<Case> = creates
+            .iter()
+            .filter_map(|c| {
+                Some(Case {
+                    name: format!("{}-mutated", c.name),
+                    object: mutated(&config, c)?,
+                    ..c.clone()
+                })
+            })
+            .collect();
+        assert!(!finals.is_empty(), "{name}: moat admits something");
+        let updates = updates(&config, &creates);
+        for case in creates.iter().chain(&finals).chain(&updates) {
+            if known_gap(case) {
+                continue;
+            }
+            let moat = moat_denies(&config, case);
+            let backstop = backstop_denies(&config, case);
+            for policy in [
+                Policy::Images,
+                Policy::RuntimeClass,
+                Policy::Isolation,
+                Policy::Identity,
+            ] {
+                let (m, b) = (moat.get(&policy), backstop.get(&policy));
+                assert_eq!(
+                    m.is_some(),
+                    b.is_some(),
+                    "{name}/{} {policy:?}: moat {m:?}, backstop {b:?}\nobject: {}",
+                    case.name,
+                    case.object
+                );
+                if m.is_some() {
+                    *denied.entry(policy).or_default() += 1;
+                }
+            }
+            compared += 1;
+        }
+        // What moat's own webhook made of a pod, the backstop admits: it never locks out a
+        // cluster whose webhook works.
+        for case in &finals {
+            let enforced: Vec<Policy> = backstop::rules(&config)
+                .iter()
+                .filter(|c| c.actions == ["Deny"])
+                .map(|c| c.policy)
+                .collect();
+            let mut b = backstop_denies(&config, case);
+            b.retain(|p, _| enforced.contains(p));
+            assert!(b.is_empty(), "{name}/{}: {b:?}\n{}", case.name, case.object);
+        }
+    }
+    assert!(compared > 1000, "{compared} cases compared");
+    for policy in [
+        Policy::Images,
+        Policy::RuntimeClass,
+        Policy::Isolation,
+        Policy::Identity,
+    ] {
+        assert!(
+            denied.get(&policy).copied().unwrap_or(0) > 10,
+            "the corpus exercises {policy:?}'s denials: {denied:?}"
+        );
+    }
+}
