@@ -90,16 +90,27 @@ pub struct Backstop {
     pub bindings: Vec<ValidatingAdmissionPolicyBinding>,
 }
 
-/// Compiles `config` into the backstop's policies and bindings.
+/// Compiles `config` into the backstop's policies and bindings. `also_exempt` names the
+/// namespaces the installation exempts beyond the configuration's (moat's own, the node agent's,
+/// `kube-system`), as its webhooks do.
 ///
 /// # Errors
 /// Only if an object does not fit the Kubernetes types (a bug: tested for every example
 /// configuration).
-pub fn compile(config: &Config) -> Result<Backstop, serde_json::Error> {
+pub fn compile(config: &Config, also_exempt: &[&str]) -> Result<Backstop, serde_json::Error> {
     let mut policies = Vec::new();
     let mut bindings = Vec::new();
-    for c in rules(config) {
-        let (policy, binding) = objects(config, &c);
+    for mut c in rules(config) {
+        if !also_exempt.is_empty() {
+            c.match_conditions.push((
+                "not-moat-namespace".to_owned(),
+                format!(
+                    "!(request.namespace in {})",
+                    list(also_exempt.iter().copied())
+                ),
+            ));
+        }
+        let (policy, binding) = objects(config, &c, also_exempt);
         policies.push(serde_json::from_value(policy)?);
         bindings.push(serde_json::from_value(binding)?);
     }
@@ -118,16 +129,15 @@ pub fn rules(config: &Config) -> Vec<Compiled> {
     out
 }
 
-fn objects(config: &Config, c: &Compiled) -> (Value, Value) {
+fn objects(config: &Config, c: &Compiled, also_exempt: &[&str]) -> (Value, Value) {
     let labels =
         json!({"app.kubernetes.io/name": "moat", "app.kubernetes.io/component": "backstop"});
-    let exact: Vec<&str> = config
-        .exemptions
-        .namespaces
-        .iter()
-        .filter(|p| !p.is_glob())
-        .map(|p| p.as_str())
-        .collect();
+    let mut exact: Vec<&str> = also_exempt.to_vec();
+    for p in config.exemptions.namespaces.iter().filter(|p| !p.is_glob()) {
+        if !exact.contains(&p.as_str()) {
+            exact.push(p.as_str());
+        }
+    }
     let policy = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -482,6 +492,7 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
         let ours = list([
             iso.nodes.label_key.as_str(),
             iso.dedicated_node_label.as_str(),
+            iso.nodes.topology_key.as_str(),
         ]);
         exemptions.push(format!(
             "((has(object.spec.nodeSelector) && object.spec.nodeSelector.exists(k, !(k in {ours}))) || \

@@ -34,6 +34,26 @@ struct Case {
     dry_run: bool,
 }
 
+thread_local! {
+    static PROGRAMS: std::cell::RefCell<HashMap<String, std::rc::Rc<Program>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// `expr` parsed by the crate, once per thread; a failure to parse fails the test.
+fn compiled(expr: &str) -> std::rc::Rc<Program> {
+    PROGRAMS.with(|p| {
+        p.borrow_mut()
+            .entry(expr.to_owned())
+            .or_insert_with(|| {
+                std::rc::Rc::new(
+                    Program::compile(expr)
+                        .unwrap_or_else(|e| panic!("the crate cannot parse {expr}: {e}")),
+                )
+            })
+            .clone()
+    })
+}
+
 fn cel_value(v: &Value) -> CelValue {
     cel::to_value(v).unwrap()
 }
@@ -71,9 +91,7 @@ fn evaluate(c: &Compiled, case: &Case) -> Option<Vec<String>> {
     )
     .unwrap();
     let run = |ctx: &Context, expr: &str| -> CelValue {
-        let program = Program::compile(expr)
-            .unwrap_or_else(|e| panic!("{}: the crate cannot parse {expr}: {e}", c.name));
-        program
+        compiled(expr)
             .execute(ctx)
             .unwrap_or_else(|e| panic!("{} on {}: {expr}: {e:?}", c.name, case.name))
     };
@@ -273,8 +291,9 @@ fn tricks() -> Vec<Case> {
         json!({"moat.dev/class": "Bad_Class"}),
         json!({"ipp-class": "gold"}),
     ];
-    let namespaces: [(&str, Value); 5] = [
+    let namespaces: [(&str, Value); 6] = [
         ("shop", json!({"team": "shop"})),
+        ("gold", json!({"ipp-class": "gold"})),
         ("ci-7", json!({})),
         ("open", json!({})),
         ("tenant-a", json!({"moat.dev/tenant-class": "shop"})),
@@ -392,8 +411,8 @@ fn captured() -> Vec<Case> {
     cases
 }
 
-/// A change made to a running pod.
-type Edit = fn(&mut Value);
+/// A change made to a pod.
+type Edit = Box<dyn Fn(&mut Value)>;
 
 /// A running pod's UPDATEs: class label changed, tolerations added, stamp changed, image
 /// changed and unchanged.
@@ -403,26 +422,37 @@ fn updates(config: &Config, creates: &[Case]) -> Vec<Case> {
         let Some(running) = mutated(config, case) else {
             continue;
         };
+        let class_key = config.isolation.pod_class_label.to_string();
         let edits: [(&str, Edit); 5] = [
-            ("relabel", |p| {
-                p["metadata"]["labels"]["moat.dev/class"] = json!("other")
-            }),
-            ("tolerate", |p| {
-                let t = p["spec"]["tolerations"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                let mut t = t;
-                t.push(json!({"operator": "Exists"}));
-                p["spec"]["tolerations"] = json!(t);
-            }),
-            ("restamp", |p| {
-                p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
-            }),
-            ("retag", |p| {
-                p["spec"]["containers"][0]["image"] = json!("nginx:latest")
-            }),
-            ("status", |p| p["status"] = json!({"phase": "Running"})),
+            (
+                "relabel",
+                Box::new(move |p| p["metadata"]["labels"][class_key.as_str()] = json!("other")),
+            ),
+            (
+                "tolerate",
+                Box::new(|p| {
+                    let mut t = p["spec"]["tolerations"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    t.push(json!({"operator": "Exists"}));
+                    p["spec"]["tolerations"] = json!(t);
+                }),
+            ),
+            (
+                "restamp",
+                Box::new(|p| {
+                    p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
+                }),
+            ),
+            (
+                "retag",
+                Box::new(|p| p["spec"]["containers"][0]["image"] = json!("nginx:latest")),
+            ),
+            (
+                "status",
+                Box::new(|p| p["status"] = json!({"phase": "Running"})),
+            ),
         ];
         for (what, edit) in edits {
             let mut after = running.clone();
@@ -432,6 +462,89 @@ fn updates(config: &Config, creates: &[Case]) -> Vec<Case> {
                 operation: Operation::Update,
                 object: after,
                 old_object: Some(running.clone()),
+                ..case.clone()
+            });
+        }
+    }
+    out
+}
+
+/// Single faults in pods moat admitted: each breaks one rule, so each rule is seen alone.
+fn faults(config: &Config, creates: &[Case]) -> Vec<Case> {
+    let mut out = Vec::new();
+    for case in creates {
+        let Some(admitted) = mutated(config, case) else {
+            continue;
+        };
+        let class_key = config.isolation.pod_class_label.to_string();
+        let (k1, k2) = (class_key.clone(), class_key);
+        let node_key = config.isolation.nodes.label_key.to_string();
+        let edits: [(&str, Edit); 12] = [
+            (
+                "scheduler",
+                Box::new(|p| p["spec"]["schedulerName"] = json!("my-scheduler")),
+            ),
+            (
+                "node-name",
+                Box::new(|p| p["spec"]["nodeName"] = json!("node-1")),
+            ),
+            (
+                "no-tolerations",
+                Box::new(|p| p["spec"]["tolerations"] = json!([])),
+            ),
+            (
+                "tolerate-all",
+                Box::new(|p| p["spec"]["tolerations"] = json!([{"operator": "Exists"}])),
+            ),
+            (
+                "no-affinity",
+                Box::new(|p| {
+                    if let Some(spec) = p["spec"].as_object_mut() {
+                        spec.remove("affinity");
+                    }
+                }),
+            ),
+            (
+                "selector",
+                Box::new(move |p| p["spec"]["nodeSelector"][node_key.as_str()] = json!("other")),
+            ),
+            (
+                "runc",
+                Box::new(|p| p["spec"]["runtimeClassName"] = json!("runc")),
+            ),
+            (
+                "no-runtime",
+                Box::new(|p| {
+                    if let Some(spec) = p["spec"].as_object_mut() {
+                        spec.remove("runtimeClassName");
+                    }
+                }),
+            ),
+            (
+                "restamp",
+                Box::new(|p| {
+                    p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
+                }),
+            ),
+            (
+                "latest",
+                Box::new(|p| p["spec"]["containers"][0]["image"] = json!("nginx:latest")),
+            ),
+            (
+                "bad-class",
+                Box::new(move |p| p["metadata"]["labels"][k1.as_str()] = json!("Bad_Class")),
+            ),
+            (
+                "undeclared-class",
+                Box::new(move |p| p["metadata"]["labels"][k2.as_str()] = json!("zzz")),
+            ),
+        ];
+        for (what, edit) in edits {
+            let mut object = admitted.clone();
+            edit(&mut object);
+            out.push(Case {
+                name: format!("{}-{what}", case.name),
+                object,
                 ..case.clone()
             });
         }
@@ -468,7 +581,8 @@ fn the_backstop_decides_as_the_validate_stage_does_on_every_policy() {
             .collect();
         assert!(!finals.is_empty(), "{name}: moat admits something");
         let updates = updates(&config, &creates);
-        for case in creates.iter().chain(&finals).chain(&updates) {
+        let faults = faults(&config, &creates);
+        for case in creates.iter().chain(&finals).chain(&updates).chain(&faults) {
             if known_gap(case) {
                 continue;
             }
@@ -519,4 +633,70 @@ fn the_backstop_decides_as_the_validate_stage_does_on_every_policy() {
             "the corpus exercises {policy:?}'s denials: {denied:?}"
         );
     }
+}
+
+#[test]
+fn every_generated_expression_parses() {
+    for (name, config) in configs() {
+        let backstop = backstop::compile(&config, &["moat-system", "kube-system"]).unwrap();
+        assert_eq!(backstop.policies.len(), backstop.bindings.len(), "{name}");
+        for c in backstop::rules(&config) {
+            let all = c
+                .match_conditions
+                .iter()
+                .map(|(_, e)| e)
+                .chain(c.variables.iter().map(|(_, e)| e))
+                .chain(c.validations.iter().flat_map(|(e, m)| [e, m]));
+            for expr in all {
+                compiled(expr);
+            }
+        }
+    }
+}
+
+/// Each validation matters: replaced by `true`, some case in the corpus that moat denies is
+/// then admitted by the backstop (under at least one configuration where the rule can fail), so
+/// the equivalence test would fail.
+#[test]
+fn changing_any_validation_breaks_the_equivalence() {
+    let mut caught: BTreeMap<(String, String), bool> = BTreeMap::new();
+    for (_, config) in configs() {
+        let creates: Vec<Case> = tricks().into_iter().chain(captured()).collect();
+        let updates = updates(&config, &creates);
+        let faults = faults(&config, &creates);
+        let corpus: Vec<(Case, BTreeMap<Policy, Vec<String>>)> = creates
+            .into_iter()
+            .chain(updates)
+            .chain(faults)
+            .filter(|c| !known_gap(c))
+            .map(|c| {
+                let m = moat_denies(&config, &c);
+                (c, m)
+            })
+            .collect();
+        for original in backstop::rules(&config) {
+            for k in 0..original.validations.len() {
+                let key = (original.name.clone(), original.validations[k].1.clone());
+                if caught.get(&key) == Some(&true) {
+                    continue;
+                }
+                let mut changed = original.clone();
+                changed.validations[k].0 = "true".to_owned();
+                let found = corpus.iter().any(|(case, moat)| {
+                    let denied = evaluate(&changed, case).is_some_and(|f| !f.is_empty());
+                    moat.contains_key(&changed.policy) != denied
+                });
+                caught.insert(key, found);
+            }
+        }
+    }
+    let missed: Vec<_> = caught
+        .iter()
+        .filter(|(_, c)| !**c)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "validations the corpus does not notice when removed: {missed:#?}"
+    );
 }

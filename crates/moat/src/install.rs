@@ -64,9 +64,17 @@ pub struct InstallArgs {
     /// Server replicas (at least 2, so a node drain never leaves the webhook unanswered).
     #[arg(long, default_value_t = 2, value_name = "N")]
     replicas: i32,
-    /// What the API server does when moat cannot answer.
-    #[arg(long, value_enum, default_value_t = FailurePolicy::Fail)]
-    failure_policy: FailurePolicy,
+    /// What the API server does when moat cannot answer. Default: `ignore` with the backstop
+    /// (the API server's own policies refuse what moat would have refused, so an outage stops
+    /// nothing else), `fail` without it.
+    #[arg(long, value_enum)]
+    failure_policy: Option<FailurePolicy>,
+    /// Leave out the backstop: the ValidatingAdmissionPolicies (Kubernetes 1.30 or later)
+    /// compiled from the same configuration, which the API server evaluates itself, so moat's
+    /// rules hold while moat is down without failing every request. Only for clusters older than
+    /// 1.30; the webhooks then fail closed by default.
+    #[arg(long)]
+    no_backstop: bool,
     /// Let cert-manager issue the serving certificate and inject the CA, instead of a Secret
     /// generated now (which puts a private key in the output).
     #[arg(long)]
@@ -360,17 +368,38 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     }))?);
 
     let agent_ns = identity_agent.then_some(identity_namespace.as_str());
+    // With the backstop, the API server refuses on its own what moat would have refused, so the
+    // webhooks can fail open: an outage then stops only pods that needed moat's changes (they
+    // are refused with a message to retry), never anything else.
+    let backstop = !args.no_backstop;
+    let failure_policy = failure_policy.unwrap_or(if backstop {
+        FailurePolicy::Ignore
+    } else {
+        FailurePolicy::Fail
+    });
     let (mutating, validating) = webhooks(
         ns,
         agent_ns,
         config,
         ca_pem.as_deref(),
-        *failure_policy,
+        failure_policy,
         *cert_manager,
         &labels,
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
     objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
+    if backstop {
+        let mut also_exempt = vec![ns.as_str(), "kube-system"];
+        also_exempt.extend(agent_ns);
+        let compiled = moat_objects::backstop::compile(config, &also_exempt)
+            .map_err(|e| format!("compiling the backstop: {e}"))?;
+        for policy in compiled.policies {
+            objects.push(serde_json::to_value(policy).map_err(|e| e.to_string())?);
+        }
+        for binding in compiled.bindings {
+            objects.push(serde_json::to_value(binding).map_err(|e| e.to_string())?);
+        }
+    }
     // After the webhook configurations that exempt its namespace: applied over an earlier
     // install, whose webhooks do not know that namespace yet, the agent's DaemonSet (which
     // tolerates every taint, isolation's included) would otherwise be refused by them.
@@ -925,6 +954,16 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
              streams, bytes, time), but a tenant can still spend its CPU and add latency to every \
              pod creation; give --apiserver-cidr (the API server's addresses as webhooks see them) \
              or --apiserver-client-ca where your control plane allows it"
+        );
+    }
+    if !args.no_backstop {
+        let gaps: Vec<String> = moat_objects::backstop::GAPS
+            .iter()
+            .map(|g| format!("  - {} (covered by: {})", g.rule, g.covered_by))
+            .collect();
+        eprintln!(
+            "moat: note: the backstop (ValidatingAdmissionPolicies, Kubernetes 1.30+) enforces moat's rules while moat is down, except:\n{}",
+            gaps.join("\n")
         );
     }
     if args.metrics_namespaces.is_empty() && args.metrics_cidrs.is_empty() {

@@ -70,7 +70,13 @@ fn prints_every_manifest_as_valid_objects() {
             "PodDisruptionBudget",
             "Service",
             "MutatingWebhookConfiguration",
-            "ValidatingWebhookConfiguration"
+            "ValidatingWebhookConfiguration",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicyBinding",
         ]
     );
     for d in &docs {
@@ -134,7 +140,8 @@ fn prints_every_manifest_as_valid_objects() {
         assert_eq!(side_effects, "None");
         assert!(timeout.is_some());
         assert_eq!(versions, &["v1".to_owned()]);
-        assert_eq!(failure.as_deref(), Some("Fail"));
+        // The backstop is installed: the webhooks fail open, the API server's policies refuse.
+        assert_eq!(failure.as_deref(), Some("Ignore"));
         let exempt = &selector
             .as_ref()
             .unwrap()
@@ -167,6 +174,68 @@ fn prints_every_manifest_as_valid_objects() {
             .unwrap()
             .contains(&"deployments".to_owned())),
         "workloads are validated at once"
+    );
+}
+
+#[test]
+fn the_backstop_is_installed_by_default_and_without_it_the_webhooks_fail_closed() {
+    let (code, docs, err) = install(&["--identity-agent"]);
+    assert_eq!(code, 0, "{err}");
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .collect();
+    let names: Vec<&str> = policies
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap())
+        .collect();
+    // The agent turns the service-account stamp on, so the identity policy is compiled too.
+    assert_eq!(
+        names,
+        [
+            "moat-images",
+            "moat-runtimeclass",
+            "moat-isolation",
+            "moat-identity"
+        ]
+    );
+    for p in &policies {
+        let _: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy =
+            round_trips(p);
+    }
+    for b in docs
+        .iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+    {
+        let _: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding =
+            round_trips(b);
+        assert_eq!(b["spec"]["validationActions"], serde_json::json!(["Deny"]));
+        let exempt = &b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0];
+        for ns in ["moat-system", "kube-system", "moat-node"] {
+            assert!(
+                exempt["values"].as_array().unwrap().iter().any(|v| v == ns),
+                "{ns} is exempt from the backstop as from the webhooks: {exempt}"
+            );
+        }
+    }
+    assert!(
+        err.contains("the backstop"),
+        "install lists what it cannot express: {err}"
+    );
+    for gap in moat_objects::backstop::GAPS {
+        assert!(err.contains(gap.rule), "{err}");
+    }
+
+    let (code, docs, _) = install(&["--no-backstop"]);
+    assert_eq!(code, 0);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ValidatingAdmissionPolicy")
+    );
+    assert_eq!(
+        find(&docs, "MutatingWebhookConfiguration")["webhooks"][0]["failurePolicy"],
+        "Fail"
     );
 }
 
@@ -476,7 +545,16 @@ fn admitted_while_moat_is_down(
             }
         }
     }
-    image_policy.is_none_or(|p| p["defaultAllow"] == true)
+    // The backstop: the API server's own policies review the pod (its bindings select by the
+    // same namespace label), so it is not admitted unreviewed.
+    let backstop = docs.iter().any(|d| {
+        d["kind"] == "ValidatingAdmissionPolicyBinding"
+            && d["spec"]["validationActions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "Deny"))
+            && selects(&d["spec"]["matchResources"]["namespaceSelector"])
+    });
+    !backstop && image_policy.is_none_or(|p| p["defaultAllow"] == true)
 }
 
 #[test]

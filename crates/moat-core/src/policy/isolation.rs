@@ -400,8 +400,14 @@ fn class_of(ctx: &Context<'_>, out: &mut Findings) -> Option<Option<(ClassName, 
 /// Whether the pod constrains its own placement, beyond moat's own keys.
 fn pins_itself(iso: &IsolationPolicy, ctx: &Context<'_>) -> bool {
     let spec = &ctx.template.fields;
-    let ours =
-        |k: &str| k == iso.nodes.label_key.as_str() || k == iso.dedicated_node_label.as_str();
+    // moat's own keys, the topology key included: moat requires it on every term it adds, so a
+    // pod moat placed must not count as pinning itself at the validate stage (found by the
+    // backstop's equivalence test).
+    let ours = |k: &str| {
+        k == iso.nodes.label_key.as_str()
+            || k == iso.dedicated_node_label.as_str()
+            || k == iso.nodes.topology_key.as_str()
+    };
     let selector = spec
         .node_selector
         .as_ref()
