@@ -689,7 +689,8 @@ fn any_output_applies_in_one_go_over_an_earlier_one() {
 
 #[test]
 fn the_validating_webhook_sees_label_changes_through_every_pod_subresource() {
-    let (_, docs, _) = install(&[]);
+    // Without the backstop, the validating webhook is what re-checks pods.
+    let (_, docs, _) = install(&["--no-backstop"]);
     let rules = &find(&docs, "ValidatingWebhookConfiguration")["webhooks"][0]["rules"];
     let resources: Vec<&str> = rules
         .as_array()
@@ -701,6 +702,58 @@ fn the_validating_webhook_sees_label_changes_through_every_pod_subresource() {
     for r in ["pods", "pods/status", "pods/ephemeralcontainers"] {
         assert!(resources.contains(&r), "{r} in {resources:?}");
     }
+}
+
+/// The webhooks the API server calls for one pod CREATE in a tenant namespace.
+fn calls_per_pod_create(docs: &[Value]) -> usize {
+    docs.iter()
+        .filter(|d| {
+            d["kind"] == "MutatingWebhookConfiguration"
+                || d["kind"] == "ValidatingWebhookConfiguration"
+        })
+        .flat_map(|d| d["webhooks"].as_array().unwrap())
+        .filter(|w| {
+            w["rules"].as_array().unwrap().iter().any(|r| {
+                r["apiGroups"][0] == ""
+                    && r["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x == "pods")
+                    && r["operations"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|o| o == "CREATE")
+            })
+        })
+        .count()
+}
+
+#[test]
+fn with_the_backstop_a_pod_costs_one_webhook_call_fewer() {
+    let (_, with, _) = install(&[]);
+    let (_, without, _) = install(&["--no-backstop"]);
+    assert_eq!(
+        calls_per_pod_create(&with),
+        1,
+        "mutate only: the backstop validates"
+    );
+    assert_eq!(calls_per_pod_create(&without), 2, "mutate and validate");
+    // dedicatedNode mode keeps the validating webhook for pods: the backstop cannot check a
+    // dedicated node id's namespace binding.
+    let dir = std::env::temp_dir().join(format!("moat-dedicated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        "isolation: {mode: dedicatedNode, classes: [{name: untrusted, namespaces: [\"*\"]}]}\n",
+    )
+    .unwrap();
+    let (code, dedicated, err) = install(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(calls_per_pod_create(&dedicated), 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
