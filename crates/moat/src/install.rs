@@ -384,14 +384,16 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     let pods_validated =
         !backstop || config.isolation.mode == moat_core::config::IsolationMode::DedicatedNode;
     let (mutating, validating) = webhooks(
-        ns,
-        agent_ns,
         config,
-        ca_pem.as_deref(),
-        failure_policy,
-        *cert_manager,
-        &labels,
-        pods_validated,
+        &WebhookOptions {
+            ns,
+            agent_ns,
+            ca_pem: ca_pem.as_deref(),
+            failure_policy,
+            cert_manager: *cert_manager,
+            labels: &labels,
+            pods_validated,
+        },
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
     objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
@@ -817,16 +819,28 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
     ])
 }
 
-fn webhooks(
-    ns: &str,
-    agent_ns: Option<&str>,
-    config: &Config,
-    ca_pem: Option<&str>,
+/// How the webhook configurations are written.
+struct WebhookOptions<'a> {
+    ns: &'a str,
+    agent_ns: Option<&'a str>,
+    ca_pem: Option<&'a str>,
     failure_policy: FailurePolicy,
     cert_manager: bool,
-    labels: &Value,
+    labels: &'a Value,
+    /// Whether the validating webhook reviews pods (not when the backstop does).
     pods_validated: bool,
-) -> (Value, Value) {
+}
+
+fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
+    let &WebhookOptions {
+        ns,
+        agent_ns,
+        ca_pem,
+        failure_policy,
+        cert_manager,
+        labels,
+        pods_validated,
+    } = options;
     // Never send moat its own namespace or kube-system, so the cluster cannot lock itself out;
     // exact exempt names from the configuration are skipped here too (patterns are applied by
     // moat itself).
