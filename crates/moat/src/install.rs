@@ -75,6 +75,16 @@ pub struct InstallArgs {
     /// 1.30; the webhooks then fail closed by default.
     #[arg(long)]
     no_backstop: bool,
+    /// The runtime handler (containerd's runtime name on the nodes) of a RuntimeClass the
+    /// configuration names, as NAME=HANDLER. Repeatable. Default: `gvisor=runsc`, and a
+    /// RuntimeClass's own name for any other.
+    #[arg(long = "runtime-handler", value_name = "NAME=HANDLER")]
+    runtime_handlers: Vec<String>,
+    /// Do not install the RuntimeClasses the configuration names (the fallback runtime and the
+    /// classes' runtimes): when the cluster already defines them. Without them, every pod moat
+    /// sends to a RuntimeClass is refused by the API server.
+    #[arg(long)]
+    no_runtime_classes: bool,
     /// Let cert-manager issue the serving certificate and inject the CA, instead of a Secret
     /// generated now (which puts a private key in the output).
     #[arg(long)]
@@ -397,6 +407,9 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
     objects.push(typed::<ValidatingWebhookConfiguration>(validating)?);
+    if !args.no_runtime_classes {
+        objects.extend(runtime_classes(config, &args.runtime_handlers)?);
+    }
     if backstop {
         let mut also_exempt = vec![ns.as_str(), "kube-system"];
         also_exempt.extend(agent_ns);
@@ -724,8 +737,9 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": ns, "labels": {
                 // hostPath volumes need the privileged level; nothing else here is privileged.
+                // No `warn` label: a stricter warn level would print a warning on every apply
+                // for the agent's DaemonSet, which needs what it asks for.
                 "pod-security.kubernetes.io/enforce": "privileged",
-                "pod-security.kubernetes.io/warn": "baseline",
             }},
         }))?,
         typed::<ServiceAccount>(json!({
@@ -817,6 +831,53 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
             },
         }))?,
     ])
+}
+
+/// The RuntimeClasses the configuration sends pods to: the fallback runtime and every class's
+/// runtime (reserved runtimes are the node's own and are not moat's to define).
+fn runtime_classes(config: &Config, handlers: &[String]) -> Result<Vec<Value>, String> {
+    let mut mapping: std::collections::BTreeMap<&str, &str> =
+        std::collections::BTreeMap::from([("gvisor", "runsc")]);
+    for h in handlers {
+        let (name, handler) = h
+            .split_once('=')
+            .filter(|(n, h)| !n.is_empty() && !h.is_empty())
+            .ok_or_else(|| format!("--runtime-handler '{h}': expected NAME=HANDLER"))?;
+        // A handler is a DNS label (the API server refuses anything else).
+        if !handler
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "--runtime-handler '{h}': '{handler}' is not a valid handler name"
+            ));
+        }
+        mapping.insert(name, handler);
+    }
+    let names: std::collections::BTreeSet<&str> = config
+        .runtime_class
+        .fallback_runtime
+        .iter()
+        .chain(
+            config
+                .isolation
+                .classes
+                .iter()
+                .filter_map(|c| c.runtime_class_name.as_ref()),
+        )
+        .map(|r| r.as_str())
+        .collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let handler = mapping.get(name).copied().unwrap_or(name);
+            typed::<k8s_openapi::api::node::v1::RuntimeClass>(json!({
+                "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": NAME}},
+                "handler": handler,
+            }))
+        })
+        .collect()
 }
 
 /// How the webhook configurations are written.

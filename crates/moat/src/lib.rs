@@ -240,8 +240,11 @@ fn run_review(
         let report = capacity::report::report(&config, &inputs, &options, &node, stderr)
             .and_then(|r| capacity::report::render(&r, output, stdout).map(|()| r))
             .map_err(|e| format!("writing output: {e}"))?;
+        // As `moat review`: 2 for errors, 1 when any object was denied, 0 otherwise.
         return Ok(if failed || report.errors > 0 {
             EXIT_ERROR
+        } else if report.denied_objects > 0 {
+            1
         } else {
             0
         });

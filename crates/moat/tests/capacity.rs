@@ -433,9 +433,10 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         .arg(&manifests)
         .output()
         .unwrap();
+    // As `moat review`: 1 when any object is denied (here the untagged image).
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(1),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -71,6 +71,7 @@ fn prints_every_manifest_as_valid_objects() {
             "Service",
             "MutatingWebhookConfiguration",
             "ValidatingWebhookConfiguration",
+            "RuntimeClass",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicy",
@@ -237,6 +238,25 @@ fn the_backstop_is_installed_by_default_and_without_it_the_webhooks_fail_closed(
         find(&docs, "MutatingWebhookConfiguration")["webhooks"][0]["failurePolicy"],
         "Fail"
     );
+}
+
+#[test]
+fn the_runtime_classes_the_configuration_names_are_installed() {
+    let (code, docs, err) = install(&[]);
+    assert_eq!(code, 0, "{err}");
+    let rc = find(&docs, "RuntimeClass");
+    let _: k8s_openapi::api::node::v1::RuntimeClass = round_trips(rc);
+    assert_eq!(rc["metadata"]["name"], "gvisor", "the default's fallback");
+    assert_eq!(rc["handler"], "runsc", "gVisor's containerd handler");
+    let (_, docs, _) = install(&["--runtime-handler", "gvisor=runsc-kvm"]);
+    assert_eq!(find(&docs, "RuntimeClass")["handler"], "runsc-kvm");
+    let (_, docs, _) = install(&["--no-runtime-classes"]);
+    assert!(!docs.iter().any(|d| d["kind"] == "RuntimeClass"));
+    for bad in ["gvisor", "=x", "gvisor=Bad_Handler"] {
+        let (code, _, err) = install(&["--runtime-handler", bad]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--runtime-handler"), "{err}");
+    }
 }
 
 #[test]

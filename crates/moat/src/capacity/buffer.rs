@@ -19,9 +19,11 @@ pub const ACTIVE_CAPACITY: &str = "buffer.x-k8s.io/active-capacity";
 /// The CapacityBuffer API version an autoscaler serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Version {
-    /// `autoscaling.x-k8s.io/v1beta1` (Cluster Autoscaler from Kubernetes 1.35).
+    /// `autoscaling.x-k8s.io/v1beta1`: Karpenter's CapacityBuffer CRD (the only version it
+    /// serves) and the Cluster Autoscaler from Kubernetes 1.35.
     V1beta1,
-    /// `autoscaling.x-k8s.io/v1alpha1` (earlier Cluster Autoscalers, Karpenter's alpha support).
+    /// `autoscaling.x-k8s.io/v1alpha1`: earlier Cluster Autoscalers only (Karpenter does not
+    /// serve it).
     V1alpha1,
 }
 
