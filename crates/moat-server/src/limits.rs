@@ -131,9 +131,18 @@ pub const METRICS_LIMITS: PlainLimits = PlainLimits {
 /// How often the TLS and configuration files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Time in-flight requests get to finish after SIGTERM (below the pod's default 30 s
-/// `terminationGracePeriodSeconds`).
+/// After SIGTERM the server keeps accepting for this long while readiness fails, so the
+/// endpoints controller and every API server stop sending it reviews before it stops listening
+/// (a rolling update or a drain then fails no request).
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// Time in-flight requests get to finish once the server stops accepting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// The `terminationGracePeriodSeconds` `moat install` writes: drain, grace and a margin for the
+/// Lease release.
+pub const TERMINATION_GRACE: Duration =
+    Duration::from_secs(SHUTDOWN_DRAIN.as_secs() + SHUTDOWN_GRACE.as_secs() + 5);
 
 /// The review port's connection bounds.
 pub fn connection_limits(idle_timeout: Duration) -> ConnectionLimits {

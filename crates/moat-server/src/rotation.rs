@@ -104,6 +104,9 @@ pub const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 pub const DEFAULT_SERVING_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 /// Default propagation delay: ten kubelet sync periods.
 pub const DEFAULT_PROPAGATION_DELAY: Duration = Duration::from_secs(10 * 60);
+/// How long a kubelet may take to show a changed Secret in a volume: its sync period (60 s by
+/// default) plus its cache's TTL. A propagation delay below it is allowed only with a warning.
+pub const KUBELET_SECRET_SYNC: Duration = Duration::from_secs(90);
 /// Default Lease duration.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
 /// Default interval between checks.
@@ -149,6 +152,13 @@ impl RotationPolicy {
             return Err(RotationError::Policy(
                 "a third of the serving certificate lifetime must exceed a propagation delay, \
                  four check intervals and a lease"
+                    .to_owned(),
+            ));
+        }
+        if propagation_delay.is_zero() {
+            return Err(RotationError::Policy(
+                "the propagation delay cannot be 0: a CA would leave the trust bundle before every \
+                 API server and replica has moved to its successor"
                     .to_owned(),
             ));
         }
@@ -491,15 +501,23 @@ impl Rotator {
         })
     }
 
-    /// Checks every [`RotationPolicy::check_interval`] until `stop` turns true. Failures are
-    /// logged and retried at the next check.
+    /// Checks every [`RotationPolicy::check_interval`] until `stop` turns true, then releases
+    /// the Lease if this replica holds it, so another takes over at its next check instead of
+    /// after the Lease expires. Failures are logged and retried at the next check.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.options.policy.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
+                () = moat_listen::stopped(&mut stop) => {
+                    match self.release().await {
+                        Ok(true) => tracing::info!(lease = %self.options.lease, "released the certificate rotation Lease"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not release the certificate rotation Lease; another replica takes over when it expires"),
+                    }
+                    return;
+                }
             }
             match self.check().await {
                 Ok(actions) => {
@@ -613,6 +631,30 @@ impl Rotator {
         api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await?;
         Ok(true)
+    }
+
+    /// Gives the Lease up if this replica holds it: `Ok(true)` when it did.
+    ///
+    /// # Errors
+    /// [`RotationError`] when the API cannot be reached.
+    pub async fn release(&self) -> Result<bool, RotationError> {
+        let Some(mut lease) = self.leases.get_opt(&self.options.lease).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.options.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        match self
+            .leases
+            .replace(&self.options.lease, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if conflict(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Acquires or renews the Lease; `Ok(false)` while another live holder has it.
@@ -742,6 +784,13 @@ mod tests {
                 "serving_outlives_ca",
                 RotationPolicy {
                     serving_lifetime: base.ca_lifetime * 2,
+                    ..base.clone()
+                },
+            ),
+            (
+                "no_propagation_delay",
+                RotationPolicy {
+                    propagation_delay: Duration::ZERO,
                     ..base.clone()
                 },
             ),

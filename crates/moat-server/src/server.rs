@@ -61,6 +61,9 @@ pub struct ServeOptions {
     pub rotation: Option<RotationOptions>,
     /// CA bundle (PEM) that signs the API server's client certificate: reviews then need one.
     pub client_ca: Option<PathBuf>,
+    /// How long the server keeps accepting after the shutdown signal, not ready
+    /// ([`crate::limits::SHUTDOWN_DRAIN`] in production).
+    pub drain: Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -96,6 +99,7 @@ pub struct Server {
     idle_timeout: Duration,
     rotator: Option<Rotator>,
     client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    drain: Duration,
 }
 
 /// A client from `kubeconfig`, or in-cluster / `KUBECONFIG` / `~/.kube/config` without one.
@@ -133,6 +137,7 @@ impl Server {
             idle_timeout,
             rotation,
             client_ca,
+            drain,
         } = options;
         let client_verifier = client_ca
             .as_deref()
@@ -185,6 +190,7 @@ impl Server {
             idle_timeout,
             rotator,
             client_verifier,
+            drain,
         })
     }
 
@@ -217,6 +223,7 @@ impl Server {
             idle_timeout,
             rotator,
             client_verifier,
+            drain,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -268,9 +275,16 @@ impl Server {
             tracing::info!(%addr, "serving reviews");
         }
 
+        let mut drained: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             let (tcp, peer) = tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown, if drained.is_none() => {
+                    state.start_draining();
+                    tracing::info!(drain_secs = drain.as_secs_f64(), "shutting down: not ready, still answering while endpoints update");
+                    drained = Some(Box::pin(tokio::time::sleep(drain)));
+                    continue;
+                }
+                () = async { if let Some(d) = drained.as_mut() { d.await } }, if drained.is_some() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     // Out of file descriptors and the like: back off briefly, keep serving.
@@ -354,7 +368,13 @@ impl Server {
         let _ = summaries.await;
         reloads.abort();
         if let Some(rotation) = rotation {
-            rotation.abort();
+            // It releases the Lease on the stop signal; a hung API gets no more than a moment.
+            if tokio::time::timeout(Duration::from_secs(3), rotation)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the rotation controller did not stop in time");
+            }
         }
         tracing::info!("stopped");
         Ok(())

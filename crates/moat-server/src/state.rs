@@ -32,6 +32,8 @@ pub struct AppState {
     pub review_refusals: Arc<ListenerRefusals>,
     /// Decisions on large bodies run on the blocking pool, this many at a time.
     blocking: Semaphore,
+    /// Set at SIGTERM: readiness fails while the server drains.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -55,6 +57,7 @@ impl AppState {
             review_refusals: refusals.listener("reviews"),
             refusals,
             blocking: Semaphore::new(MAX_BLOCKING_DECISIONS),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -87,9 +90,17 @@ impl AppState {
         self.namespaces.as_ref()?.labels(namespace)
     }
 
+    /// Marks the server as shutting down: readiness fails from now on.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// What keeps the server from being ready, if anything.
     pub fn not_ready(&self) -> Option<&'static str> {
-        if self.namespaces.as_ref().is_some_and(|n| !n.synced()) {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            Some("shutting down")
+        } else if self.namespaces.as_ref().is_some_and(|n| !n.synced()) {
             Some("namespace cache has not synced")
         } else {
             None

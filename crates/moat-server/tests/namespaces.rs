@@ -235,6 +235,7 @@ async fn classes_bound_by_namespace_labels_follow_the_watched_cache() {
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
         rotation: None,
         client_ca: None,
+        drain: Duration::ZERO,
     })
     .await
     .unwrap();

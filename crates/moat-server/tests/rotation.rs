@@ -460,6 +460,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
         rotation: None,
         client_ca: None,
+        drain: Duration::ZERO,
     })
     .await
     .unwrap();
@@ -643,6 +644,23 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "moat-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    // A stopping holder gives the Lease up: the other replica takes over at its next check, not
+    // a Lease duration later (the clock does not move here).
+    assert!(
+        !first.release().await.unwrap(),
+        "a follower has nothing to release"
+    );
+    assert!(second.release().await.unwrap());
+    assert!(
+        !first.check().await.unwrap().contains(&Action::Follower),
+        "a released Lease is taken at once"
+    );
+    let lease = api
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{SECRET}-rotation"
+        ))
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "moat-a");
     // Each replica counts the steps it took.
     for (registry, who) in [(&first_registry, "moat-a"), (&second_registry, "moat-b")] {
         let mut text = String::new();
@@ -710,6 +728,7 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
             policy: RotationPolicy::default(),
         }),
         client_ca: None,
+        drain: Duration::ZERO,
     })
     .await
     .unwrap();

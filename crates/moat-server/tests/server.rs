@@ -83,6 +83,27 @@ async fn start_with(
     idle_timeout: Duration,
     client_ca: Option<PathBuf>,
 ) -> Harness {
+    start_draining(
+        name,
+        config,
+        config_path,
+        tls,
+        idle_timeout,
+        client_ca,
+        Duration::ZERO,
+    )
+    .await
+}
+
+async fn start_draining(
+    name: &str,
+    config: Config,
+    config_path: Option<PathBuf>,
+    tls: Option<(TlsSource, PathBuf)>,
+    idle_timeout: Duration,
+    client_ca: Option<PathBuf>,
+    drain: Duration,
+) -> Harness {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = temp_dir(name);
     let (tls, ca) = tls.unwrap_or_else(|| {
@@ -99,6 +120,7 @@ async fn start_with(
         idle_timeout,
         rotation: None,
         client_ca,
+        drain,
     };
     let server = Server::bind(options).await.unwrap();
     let (addr, metrics_addr) = (server.local_addr().unwrap(), server.metrics_addr().unwrap());
@@ -779,6 +801,65 @@ async fn shutdown_finishes_in_flight_requests() {
     assert!(
         TcpStream::connect(addr).await.is_err(),
         "no new connections after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn after_the_shutdown_signal_the_server_drains_answering_but_not_ready() {
+    let drain = Duration::from_secs(2);
+    let h = start_draining(
+        "drain",
+        default_config(),
+        None,
+        None,
+        limits::CONNECTION_IDLE_TIMEOUT,
+        None,
+        drain,
+    )
+    .await;
+    let h = Arc::new(h);
+    let ready = |h: Arc<Harness>| async move {
+        let tcp = TcpStream::connect(h.addr).await.unwrap();
+        let tls = h
+            .connector(Proto::H1)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get("https://localhost/readyz")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready(h.clone()).await, 200);
+    let addr = h.addr;
+    let mut h = Arc::into_inner(h).unwrap();
+    let _ = h.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let h = Arc::new(h);
+    // Draining: readiness fails (the endpoints controller takes the replica out), and reviews on
+    // new connections, which the Service may still route here, are answered.
+    assert_eq!(ready(h.clone()).await, 503);
+    let (status, _) = h
+        .send(Proto::H2, "/mutate", fixture("pod-create-isolated.json"))
+        .await;
+    assert_eq!(status, 200);
+    let mut h = Arc::into_inner(h).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), h.task.take().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connections after the drain"
     );
 }
 

@@ -609,7 +609,9 @@ fn deployment(
                         "runAsNonRoot": true, "runAsUser": RUN_AS_ID, "runAsGroup": RUN_AS_ID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "terminationGracePeriodSeconds": 30,
+                    // Drain (readiness fails, reviews still answered), in-flight grace, Lease
+                    // release: moat_server::limits::TERMINATION_GRACE.
+                    "terminationGracePeriodSeconds": moat_server::limits::TERMINATION_GRACE.as_secs(),
                     "containers": [{
                         "name": NAME,
                         "image": image,

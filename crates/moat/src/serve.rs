@@ -96,6 +96,22 @@ pub struct ServeArgs {
         requires = "rotate_certs"
     )]
     cert_propagation_delay_secs: u64,
+    /// With --rotate-certs: lifetime of each CA, in seconds (renewed when a third remains).
+    #[arg(long, default_value_t = moat_server::rotation::DEFAULT_CA_LIFETIME.as_secs(), value_name = "SECONDS", requires = "rotate_certs")]
+    ca_lifetime_secs: u64,
+    /// With --rotate-certs: lifetime of each serving certificate, in seconds.
+    #[arg(long, default_value_t = moat_server::rotation::DEFAULT_SERVING_LIFETIME.as_secs(), value_name = "SECONDS", requires = "rotate_certs")]
+    serving_lifetime_secs: u64,
+    /// With --rotate-certs: how often the controller looks at the Secret, in seconds.
+    #[arg(long, default_value_t = moat_server::rotation::DEFAULT_CHECK_INTERVAL.as_secs(), value_name = "SECONDS", requires = "rotate_certs")]
+    cert_check_interval_secs: u64,
+    /// With --rotate-certs: how long the rotation Lease lasts unrenewed, in seconds.
+    #[arg(long, default_value_t = moat_server::rotation::DEFAULT_LEASE_DURATION.as_secs(), value_name = "SECONDS", requires = "rotate_certs")]
+    lease_duration_secs: u64,
+    /// After SIGTERM: seconds the server keeps answering, not ready, so endpoints and API
+    /// servers stop sending it reviews before it stops listening.
+    #[arg(long, default_value_t = moat_server::limits::SHUTDOWN_DRAIN.as_secs(), value_name = "SECONDS")]
+    shutdown_drain_secs: u64,
     /// Kubeconfig for the namespace cache and certificate rotation. Default: in-cluster, else
     /// KUBECONFIG or ~/.kube/config.
     #[arg(long, value_name = "FILE")]
@@ -166,6 +182,11 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         cert_dns,
         webhook_configuration,
         cert_propagation_delay_secs,
+        ca_lifetime_secs,
+        serving_lifetime_secs,
+        cert_check_interval_secs,
+        lease_duration_secs,
+        shutdown_drain_secs,
         log_format,
         log_level,
     } = args;
@@ -187,8 +208,11 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
             identity,
             dns_names: cert_dns,
             policy: RotationPolicy {
+                ca_lifetime: Duration::from_secs(ca_lifetime_secs),
+                serving_lifetime: Duration::from_secs(serving_lifetime_secs),
                 propagation_delay: Duration::from_secs(cert_propagation_delay_secs),
-                ..RotationPolicy::default()
+                lease_duration: Duration::from_secs(lease_duration_secs),
+                check_interval: Duration::from_secs(cert_check_interval_secs),
             },
         }),
         (true, _, _) => {
@@ -197,6 +221,13 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
     };
     if let Some(r) = &rotation {
         r.policy.validate().map_err(|e| e.to_string())?;
+        if r.policy.propagation_delay < moat_server::rotation::KUBELET_SECRET_SYNC {
+            tracing::warn!(
+                propagation_delay_secs = r.policy.propagation_delay.as_secs(),
+                kubelet_sync_secs = moat_server::rotation::KUBELET_SECRET_SYNC.as_secs(),
+                "the propagation delay is shorter than the kubelet's Secret-volume sync: a replica may still serve a certificate from a CA that has left the trust bundle; use this only for tests"
+            );
+        }
     }
     let loaded = load_config(config.as_ref())?;
     for warning in loaded.warnings() {
@@ -212,6 +243,7 @@ pub fn run_serve(args: ServeArgs) -> Result<u8, String> {
         idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
         rotation,
         client_ca,
+        drain: Duration::from_secs(shutdown_drain_secs),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
