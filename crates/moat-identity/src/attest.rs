@@ -127,27 +127,103 @@ impl HandlerPattern {
     }
 }
 
-/// What marks a sandbox, and where the pod's vetted facts are.
+/// What marks a sandbox, and where the pod's vetted facts are: read from moat's configuration
+/// ([`SandboxConfig::from_moat`]), the same one the webhook decides with, so the agent never
+/// trusts a key the webhook does not police.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
     /// Runtime handlers that run pods in a sandbox.
     pub handlers: Vec<HandlerPattern>,
-    /// The pod label that holds its isolation class (moat's admission checks and freezes it).
-    pub class_label: String,
-    /// The pod annotation that holds its service account (moat's admission stamps, checks and
-    /// freezes it).
-    pub service_account_annotation: String,
+    /// The class label, when moat's admission polices it (isolation on and enforced): `None`
+    /// otherwise, and then no class is ever sent to SPIRE.
+    pub class: Option<PolicedClass>,
+    /// The pod annotation moat stamps with the pod's service account (and checks and freezes);
+    /// `None` when the stamp is off, and then no service account is sent to SPIRE.
+    pub service_account_annotation: Option<String>,
+}
+
+/// The class label as moat polices it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicedClass {
+    /// The pod label that holds the class.
+    pub label: String,
+    /// The classes moat declares: a pod moat exempts from isolation may carry an undeclared
+    /// class name unchecked, so only declared ones are vouched for.
+    pub declared: DeclaredClasses,
+}
+
+/// Which class names moat checks against a namespace binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeclaredClasses {
+    /// A `*` class: every valid name.
+    Any,
+    /// These names only.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl PolicedClass {
+    fn vouches_for(&self, class: &str) -> bool {
+        match &self.declared {
+            DeclaredClasses::Any => true,
+            DeclaredClasses::Only(names) => names.contains(class),
+        }
+    }
 }
 
 impl Default for SandboxConfig {
+    /// moat's default keys, with every class declared and the stamp on: what
+    /// `moat install --identity-agent` installs with the embedded configuration.
     fn default() -> Self {
         Self {
             handlers: crate::defaults::SANDBOXED_RUNTIME_HANDLERS
                 .iter()
                 .filter_map(|h| h.parse().ok())
                 .collect(),
-            class_label: crate::defaults::CLASS_LABEL.to_owned(),
-            service_account_annotation: crate::defaults::SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+            class: Some(PolicedClass {
+                label: crate::defaults::CLASS_LABEL.to_owned(),
+                declared: DeclaredClasses::Any,
+            }),
+            service_account_annotation: Some(
+                crate::defaults::SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+            ),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// What moat's configuration `config` vouches for: the class label only when isolation is
+    /// on and enforced (in audit mode or off, a tenant writes it freely), with the declared
+    /// classes; the service-account annotation only when moat stamps it.
+    #[must_use]
+    pub fn from_moat(config: &moat_core::config::Config, handlers: Vec<HandlerPattern>) -> Self {
+        use moat_core::config::{ClassPattern, Enforcement, IsolationMode};
+        let iso = &config.isolation;
+        let policed =
+            iso.mode != IsolationMode::Off && config.enforcement.isolation == Enforcement::Enforce;
+        let class = policed.then(|| PolicedClass {
+            label: iso.pod_class_label.to_string(),
+            declared: if iso.classes.iter().any(|c| c.name == ClassPattern::Any) {
+                DeclaredClasses::Any
+            } else {
+                DeclaredClasses::Only(
+                    iso.classes
+                        .iter()
+                        .filter_map(|c| match &c.name {
+                            ClassPattern::Name(n) => Some(n.to_string()),
+                            ClassPattern::Any => None,
+                        })
+                        .collect(),
+                )
+            },
+        });
+        Self {
+            handlers,
+            class,
+            service_account_annotation: config
+                .identity
+                .service_account_annotation
+                .as_ref()
+                .map(ToString::to_string),
         }
     }
 }
@@ -186,9 +262,15 @@ impl SandboxConfig {
             name: &pod.name,
             uid: &pod.uid,
             runtime_handler: &pod.runtime_handler,
-            service_account: vetted(&pod.annotations, &self.service_account_annotation),
-            class: vetted(&pod.labels, &self.class_label)
-                .map(|class| (self.class_label.as_str(), class)),
+            service_account: self
+                .service_account_annotation
+                .as_deref()
+                .and_then(|key| vetted(&pod.annotations, key)),
+            class: self.class.as_ref().and_then(|policed| {
+                vetted(&pod.labels, &policed.label)
+                    .filter(|class| policed.vouches_for(class))
+                    .map(|class| (policed.label.as_str(), class))
+            }),
         }
     }
 
@@ -403,7 +485,10 @@ mod tests {
     #[test]
     fn the_class_label_key_is_configurable() {
         let config = SandboxConfig {
-            class_label: "team".into(),
+            class: Some(PolicedClass {
+                label: "team".into(),
+                declared: DeclaredClasses::Any,
+            }),
             ..SandboxConfig::default()
         };
         let s = strings(&config.facts(&pod("runsc", 1)).selectors("app"));
@@ -412,5 +497,80 @@ mod tests {
             "{s:?}"
         );
         assert!(!s.iter().any(|s| s.contains("moat.dev/class")));
+    }
+
+    fn config(yaml: &str) -> SandboxConfig {
+        SandboxConfig::from_moat(
+            &moat_core::config::Config::from_yaml(yaml).unwrap(),
+            SandboxConfig::default().handlers,
+        )
+    }
+
+    /// The pod of [`pod`], as a tenant may write it: its own class label and a service-account
+    /// annotation under whatever keys it likes.
+    fn forged(handler: &str) -> Pod {
+        let mut p = pod(handler, 1);
+        p.labels = [
+            ("moat.dev/class".to_owned(), "gold".to_owned()),
+            ("ipp-class".to_owned(), "gold".to_owned()),
+        ]
+        .into();
+        p.annotations = [("moat.dev/service-account".to_owned(), "payments".to_owned())].into();
+        p
+    }
+
+    #[test]
+    fn only_keys_moat_polices_become_selectors() {
+        struct Case {
+            name: &'static str,
+            yaml: &'static str,
+            class: Option<(&'static str, &'static str)>,
+            service_account: Option<&'static str>,
+        }
+        let cases = [
+            Case {
+                name: "ipp_compatible_polices_ipp_class_and_stamps_nothing",
+                yaml: "isolation: {mode: class, podClassLabel: ipp-class, classes: [{name: '*', namespaces: ['*']}]}",
+                class: Some(("ipp-class", "gold")),
+                service_account: None,
+            },
+            Case {
+                name: "a_non_default_stamp_key_is_the_only_one_read",
+                yaml: "identity: {serviceAccountAnnotation: example.com/sa}\nisolation: {mode: off}",
+                class: None,
+                service_account: None,
+            },
+            Case {
+                name: "the_default_stamp_key_when_configured",
+                yaml: "identity: {serviceAccountAnnotation: moat.dev/service-account}\nisolation: {mode: class, classes: [{name: gold, namespaces: ['*']}]}",
+                class: Some(("moat.dev/class", "gold")),
+                service_account: Some("payments"),
+            },
+            Case {
+                name: "isolation_off_polices_no_class",
+                yaml: "isolation: {mode: off}",
+                class: None,
+                service_account: None,
+            },
+            Case {
+                name: "isolation_in_audit_polices_no_class",
+                yaml: "enforcement: {isolation: audit}\nisolation: {mode: class, classes: [{name: gold, namespaces: ['*']}]}",
+                class: None,
+                service_account: None,
+            },
+            Case {
+                name: "an_undeclared_class_is_not_vouched_for",
+                yaml: "isolation: {mode: class, classes: [{name: silver, namespaces: ['*']}]}",
+                class: None,
+                service_account: None,
+            },
+        ];
+        for case in cases {
+            let facts_config = config(case.yaml);
+            let p = forged("runsc");
+            let facts = facts_config.facts(&p);
+            assert_eq!(facts.class, case.class, "{}", case.name);
+            assert_eq!(facts.service_account, case.service_account, "{}", case.name);
+        }
     }
 }

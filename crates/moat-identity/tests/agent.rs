@@ -52,6 +52,15 @@ fn test_dir(name: &str) -> PathBuf {
 }
 
 fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
+    new_agent_with(dir, spire, registry, SandboxConfig::default())
+}
+
+fn new_agent_with(
+    dir: &Path,
+    spire: &Path,
+    registry: &mut Registry,
+    sandbox: SandboxConfig,
+) -> Agent {
     let config = AgentConfig {
         defaults: Defaults {
             spire_agent_address: spire.to_owned(),
@@ -60,7 +69,7 @@ fn new_agent(dir: &Path, spire: &Path, registry: &mut Registry) -> Agent {
         artifact_root: dir.join("artifacts"),
         svid_wait: defaults::SVID_WAIT,
         runtime_request_timeout: defaults::RUNTIME_REQUEST_TIMEOUT,
-        sandbox: SandboxConfig::default(),
+        sandbox,
         bundle_dir: dir.join("bundles"),
     };
     Agent::new(config, Metrics::register(registry)).unwrap()
@@ -83,11 +92,15 @@ async fn connect(
 }
 
 async fn harness(name: &str) -> Harness {
+    harness_with(name, SandboxConfig::default()).await
+}
+
+async fn harness_with(name: &str, sandbox: SandboxConfig) -> Harness {
     let dir = test_dir(name);
     let spire = SpireDouble::start(&dir.join("spire.sock"), "example.org").unwrap();
     let runtime = RuntimeDouble::bind(&dir.join("nri.sock")).unwrap();
     let mut registry = Registry::default();
-    let agent = new_agent(&dir, spire.socket(), &mut registry);
+    let agent = new_agent_with(&dir, spire.socket(), &mut registry, sandbox);
     let (conn, plugin) = connect(&agent, &runtime, &dir.join("nri.sock")).await;
     conn.synchronize(vec![], vec![]).await.unwrap();
     Harness {
@@ -722,6 +735,55 @@ async fn gvisor_containers_of_one_pod_get_their_own_identities_by_selectors_owne
     eventually("rotated SVID", || read(&side_dir, "svid.pem") != before).await;
     assert_svid(&side_dir, "spiffe://example.org/gold/runsc/side");
     assert_eq!(owner(&side_dir.join("svid_key.pem")), user);
+}
+
+/// The forgery the issue showed end to end: under a configuration whose keys are not moat's
+/// defaults (the shipped ipp-compatible one polices `ipp-class` and stamps nothing), a tenant
+/// writes `moat.dev/service-account` and `moat.dev/class` itself. The agent reads the same
+/// configuration as the webhook, so neither reaches SPIRE and the forged identity is not issued.
+#[tokio::test]
+async fn under_a_non_default_configuration_keys_a_tenant_writes_name_nothing() {
+    let config = moat_core::config::Config::from_yaml(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ipp-compatible.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let sandbox = SandboxConfig::from_moat(&config, SandboxConfig::default().handlers);
+    let h = harness_with("forged", sandbox).await;
+    let mut pod = sandboxed_pod("runsc", 4242);
+    pod.annotations
+        .insert("moat.dev/service-account".into(), "payments".into());
+    h.spire.register_selectors(
+        &["k8s:ns:shop", "k8s:sa:payments"],
+        "spiffe://example.org/ns/shop/sa/payments",
+    );
+    h.spire.register_selectors(
+        &["k8s:ns:shop", &format!("k8s:pod-label:{CLASS}:gold")],
+        "spiffe://example.org/gold",
+    );
+    let app = container("f-app", "app", 4242);
+    let [root, _] = users();
+    write_spec(&h, &app.id, root.0, root.1);
+    h.conn.create_container(&pod, &app).await.unwrap();
+    let started = h.conn.start_container(&pod, &app, Style::StateChange).await;
+    assert!(
+        started.is_err(),
+        "no identity, so the container does not start"
+    );
+    let requests = h.spire.requests();
+    assert!(!requests.is_empty());
+    for request in requests {
+        let SvidRequest::Selectors(s) = request else {
+            panic!("a PID request for a sandboxed container: {request:?}")
+        };
+        assert!(
+            !s.iter()
+                .any(|s| s.starts_with("k8s:sa:") || s.contains("moat.dev/class")),
+            "a key the configuration does not police reached SPIRE: {s:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -66,10 +66,12 @@ pub struct IdentityAgentArgs {
         default_values_t = defaults::SANDBOXED_RUNTIME_HANDLERS.map(|h| h.parse::<HandlerPattern>().unwrap_or_else(|e| unreachable!("{e}")))
     )]
     sandboxed_runtime_handlers: Vec<HandlerPattern>,
-    /// The pod label that holds the isolation class (moat's `classLabel`), sent to SPIRE as
-    /// `k8s:pod-label:<label>:<class>` for sandboxed containers.
-    #[arg(long, default_value = defaults::CLASS_LABEL, value_name = "KEY")]
-    class_label: String,
+    /// moat's configuration, the same file `moat serve` decides with (`moat install` mounts the
+    /// same ConfigMap content): the agent takes from it every key it trusts, the class label
+    /// only when isolation is on and enforced (and only declared classes), the service-account
+    /// annotation only when moat stamps it. Default: the embedded configuration (no stamp).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where the runtime keeps container bundles: `<dir>/<container id>/config.json` is the OCI
     /// spec whose `process.user` owns the files.
     #[arg(long, default_value = defaults::RUNTIME_BUNDLE_DIR, value_name = "DIR")]
@@ -99,7 +101,7 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         svid_wait_ms,
         runtime_request_timeout,
         sandboxed_runtime_handlers,
-        class_label,
+        config: config_path,
         runtime_bundle_dir,
         metrics_addr,
         log_format,
@@ -119,9 +121,13 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         absolute("--allowed-spire-admin-socket", socket)?;
     }
     absolute("--runtime-bundle-dir", &runtime_bundle_dir)?;
-    if class_label.is_empty() {
-        return Err("--class-label must not be empty".to_owned());
-    }
+    let moat_config = crate::load_config(config_path.as_ref())?;
+    let sandbox = SandboxConfig::from_moat(&moat_config, sandboxed_runtime_handlers);
+    tracing::info!(
+        class_label = sandbox.class.as_ref().map(|c| c.label.as_str()),
+        service_account_annotation = sandbox.service_account_annotation.as_deref(),
+        "selectors for sandboxed pods rest on what moat's configuration polices"
+    );
     if plugin_name.is_empty() {
         return Err("--plugin-name must not be empty".to_owned());
     }
@@ -136,11 +142,7 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         artifact_root: artifact_dir,
         svid_wait: Duration::from_millis(svid_wait_ms),
         runtime_request_timeout: runtime_request_timeout.duration(),
-        sandbox: SandboxConfig {
-            handlers: sandboxed_runtime_handlers,
-            class_label,
-            service_account_annotation: defaults::SERVICE_ACCOUNT_ANNOTATION.to_owned(),
-        },
+        sandbox,
         bundle_dir: runtime_bundle_dir,
     };
     // One thread: the agent waits on sockets, and its only blocking work is a few small file

@@ -426,7 +426,7 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
     // install, whose webhooks do not know that namespace yet, the agent's DaemonSet (which
     // tolerates every taint, isolation's included) would otherwise be refused by them.
     if *identity_agent {
-        objects.extend(identity_agent_objects(args, image)?);
+        objects.extend(identity_agent_objects(args, image, &config_yaml)?);
     }
     // After the webhooks: the placeholders' pods are then reviewed like any other.
     objects.extend(crate::capacity::objects(config, &args.capacity).map_err(|e| e.to_string())?);
@@ -698,7 +698,11 @@ fn require_client_certificates(deployment: &mut Value) {
 }
 
 /// The identity agent's namespace, service account and DaemonSet.
-fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>, String> {
+fn identity_agent_objects(
+    args: &InstallArgs,
+    image: &str,
+    config_yaml: &str,
+) -> Result<Vec<Value>, String> {
     let ns = &args.identity_namespace;
     if ns.parse::<moat_core::names::NamespacePattern>().is_err() || ns.contains('*') {
         return Err(format!(
@@ -749,6 +753,13 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
             "metadata": {"name": IDENTITY_NAME, "namespace": ns, "labels": labels},
             "automountServiceAccountToken": false,
         }))?,
+        // The webhook's configuration, byte for byte (a ConfigMap cannot be mounted across
+        // namespaces): the agent trusts only the keys moat polices under it.
+        typed::<ConfigMap>(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("{IDENTITY_NAME}-config"), "namespace": ns, "labels": labels},
+            "data": {"config.yaml": config_yaml},
+        }))?,
         typed::<DaemonSet>(json!({
             "apiVersion": "apps/v1", "kind": "DaemonSet",
             "metadata": {"name": IDENTITY_NAME, "namespace": ns, "labels": labels},
@@ -783,6 +794,7 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                                 "--runtime-request-timeout", timeout,
                                 "--runtime-bundle-dir", bundles,
                                 "--metrics-addr", format!("0.0.0.0:{IDENTITY_METRICS_PORT}"),
+                                "--config", "/etc/moat/config.yaml",
                                 "--log-format", "json",
                             ],
                             "ports": [{"name": "metrics", "containerPort": IDENTITY_METRICS_PORT, "protocol": "TCP"}],
@@ -808,6 +820,7 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                                 {"name": "artifacts", "mountPath": IDENTITY_ARTIFACT_DIR},
                                 // Each container's OCI spec: whose the files are.
                                 {"name": "bundles", "mountPath": bundles, "readOnly": true},
+                                {"name": "config", "mountPath": "/etc/moat", "readOnly": true},
                             ],
                         }],
                         "volumes": [
@@ -815,6 +828,7 @@ fn identity_agent_objects(args: &InstallArgs, image: &str) -> Result<Vec<Value>,
                             {"name": "spire-admin", "hostPath": {"path": spire_dir, "type": "DirectoryOrCreate"}},
                             {"name": "artifacts", "hostPath": {"path": IDENTITY_ARTIFACT_DIR, "type": "DirectoryOrCreate"}},
                             {"name": "bundles", "hostPath": {"path": bundles, "type": "DirectoryOrCreate"}},
+                            {"name": "config", "configMap": {"name": format!("{IDENTITY_NAME}-config")}},
                         ],
                     },
                 },

@@ -432,7 +432,7 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
     let volumes = spec["volumes"].as_array().unwrap();
     let host: Vec<&str> = volumes
         .iter()
-        .map(|v| v["hostPath"]["path"].as_str().unwrap())
+        .filter_map(|v| v["hostPath"]["path"].as_str())
         .collect();
     assert_eq!(
         host,
@@ -444,6 +444,22 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
         ]
     );
     assert_eq!(mounts_read_only(c, "bundles"), Some(true));
+    // One configuration: the agent reads the webhook's, byte for byte, from a copy in its own
+    // namespace, and takes every key it trusts from it.
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--config", "/etc/moat/config.yaml"])
+    );
+    assert_eq!(mounts_read_only(c, "config"), Some(true));
+    let agent_config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["namespace"] == "moat-node")
+        .expect("the agent's copy of the configuration");
+    assert_eq!(agent_config["data"], config["data"]);
+    assert!(
+        !args.contains(&"--class-label"),
+        "no key of its own that could differ from the webhook's"
+    );
     // The runtime's deadline is passed on (containerd 1.7 does not report it).
     assert!(
         args.windows(2)
