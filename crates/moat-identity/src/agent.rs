@@ -498,6 +498,12 @@ impl Agent {
 
     /// Stops following every container (the agent is exiting); files stay for the next agent.
     pub fn shutdown(&self) {
+        tracing::info!(
+            tracked = self.tracked(),
+            following = self.following(),
+            failures = %self.inner.metrics.failure_counts().replace('\n', " ").trim(),
+            "identity agent stopping: streams closed, files left for the runtime to remove"
+        );
         let containers = std::mem::take(&mut *lock(&self.inner.containers));
         drop(containers);
         lock(&self.inner.spire).clear();
@@ -509,6 +515,16 @@ impl Agent {
         if let Some(tracked) = lock(&self.inner.containers).get_mut(container_id) {
             tracked.stop_streams();
         }
+        self.update_gauge();
+    }
+
+    /// Containers whose SVIDs are being followed now (started, not stopped).
+    #[must_use]
+    pub fn following(&self) -> usize {
+        lock(&self.inner.containers)
+            .values()
+            .filter(|t| !t.streams.is_empty())
+            .count()
     }
 
     /// RemoveContainer: forget the container and delete its files.
@@ -523,7 +539,7 @@ impl Agent {
     }
 
     fn update_gauge(&self) {
-        let n = i64::try_from(self.tracked()).unwrap_or(i64::MAX);
+        let n = i64::try_from(self.following()).unwrap_or(i64::MAX);
         self.inner.metrics.containers_tracked.set(n);
     }
 
@@ -645,16 +661,19 @@ impl Agent {
             }
             firsts.push((entry, rx, last_error));
         }
-        let mut containers = lock(&self.inner.containers);
-        match containers.get_mut(container_id) {
-            Some(tracked) => {
-                tracked.stop_streams();
-                tracing::debug!(container = %tracked.label, streams = streams.len(), "following SVIDs");
-                tracked.streams = streams;
+        {
+            let mut containers = lock(&self.inner.containers);
+            match containers.get_mut(container_id) {
+                Some(tracked) => {
+                    tracked.stop_streams();
+                    tracing::debug!(container = %tracked.label, streams = streams.len(), "following SVIDs");
+                    tracked.streams = streams;
+                }
+                // Removed meanwhile: nothing to follow.
+                None => streams.iter().for_each(JoinHandle::abort),
             }
-            // Removed meanwhile: nothing to follow.
-            None => streams.iter().for_each(JoinHandle::abort),
         }
+        self.update_gauge();
         Some(firsts)
     }
 }

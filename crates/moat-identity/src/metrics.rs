@@ -72,6 +72,38 @@ pub struct CallOnlyLabels {
     pub call: Call,
 }
 
+/// Every [`Failure`], in the order the persisted file lists them.
+pub const FAILURES: [Failure; 10] = [
+    Failure::annotation,
+    Failure::timeout,
+    Failure::permission_denied,
+    Failure::spire_unavailable,
+    Failure::svid_invalid,
+    Failure::write,
+    Failure::no_pid,
+    Failure::owner_unknown,
+    Failure::runtime_deadline,
+    Failure::started_without_svid,
+];
+
+impl Failure {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::annotation => "annotation",
+            Self::timeout => "timeout",
+            Self::permission_denied => "permission_denied",
+            Self::spire_unavailable => "spire_unavailable",
+            Self::svid_invalid => "svid_invalid",
+            Self::write => "write",
+            Self::no_pid => "no_pid",
+            Self::owner_unknown => "owner_unknown",
+            Self::runtime_deadline => "runtime_deadline",
+            Self::started_without_svid => "started_without_svid",
+        }
+    }
+}
+
 /// The agent's instruments.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -83,6 +115,8 @@ pub struct Metrics {
     pub containers_tracked: Gauge,
     pub calls: Family<CallLabels, Counter>,
     pub call_duration: Family<CallOnlyLabels, Histogram>,
+    /// Where failure counts are kept across restarts ([`Metrics::persist_failures`]).
+    failures_file: std::sync::Arc<std::sync::OnceLock<std::path::PathBuf>>,
 }
 
 impl Metrics {
@@ -101,6 +135,7 @@ impl Metrics {
                 // 50 µs to ~3 s.
                 Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
             }),
+            failures_file: std::sync::Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("moat_identity");
         r.register(
@@ -146,8 +181,97 @@ impl Metrics {
         m
     }
 
-    /// Counts one failure.
+    /// Counts one failure, and writes the counts to the persisted file if there is one.
     pub fn fail(&self, reason: Failure) {
         self.failures.get_or_create(&FailureLabels { reason }).inc();
+        if let Some(path) = self.failures_file.get()
+            && let Err(e) = write_atomic(path, self.failure_counts().as_bytes())
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot persist failure counts");
+        }
+    }
+
+    /// The failure counts as `reason count` lines (the persisted form).
+    pub fn failure_counts(&self) -> String {
+        let mut out = String::new();
+        for reason in FAILURES {
+            let n = self.failures.get_or_create(&FailureLabels { reason }).get();
+            if n > 0 {
+                out.push_str(&format!("{} {n}\n", reason.as_str()));
+            }
+        }
+        out
+    }
+
+    /// Keeps failure counts in `path` across restarts: counts already there (from an agent
+    /// that exited, for example because the runtime hung up on a call past its deadline, before
+    /// any scrape saw the count) are added now, and every later failure rewrites the file. On
+    /// tmpfs (the artifact directory) they last until the node reboots.
+    pub fn persist_failures(&self, path: std::path::PathBuf) {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for line in text.lines() {
+                let Some((reason, n)) = line.split_once(' ') else {
+                    continue;
+                };
+                let (Some(reason), Ok(n)) = (
+                    FAILURES.iter().find(|f| f.as_str() == reason),
+                    n.parse::<u64>(),
+                ) else {
+                    continue;
+                };
+                self.failures
+                    .get_or_create(&FailureLabels { reason: *reason })
+                    .inc_by(n);
+            }
+        }
+        let _ = self.failures_file.set(path);
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old counts
+/// or the new ones, never half.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn failure_counts_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("moat-failures-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("failures");
+        let first = Metrics::register(&mut Registry::default());
+        first.persist_failures(path.clone());
+        first.fail(Failure::runtime_deadline);
+        first.fail(Failure::timeout);
+        first.fail(Failure::timeout);
+        // The agent exits; the next one starts from the counts on disk.
+        let mut registry = Registry::default();
+        let second = Metrics::register(&mut registry);
+        second.persist_failures(path.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("moat_identity_failures_total{reason=\"runtime_deadline\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_identity_failures_total{reason=\"timeout\"} 2"),
+            "{text}"
+        );
+        second.fail(Failure::timeout);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("timeout 3")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

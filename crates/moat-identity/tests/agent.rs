@@ -304,6 +304,12 @@ async fn an_annotated_container_gets_its_svid_before_it_starts_and_rotations_rea
     h.conn.stop_container(&pod, &ctr).await.unwrap();
     eventually("stream closed", || h.spire.open_svid_streams() == 0).await;
     assert!(dir.join("svid.pem").exists(), "files stay until removal");
+    // A stopped container is no longer followed, and the gauge says so before its removal.
+    assert!(
+        metrics_text(&h.registry).contains("moat_identity_containers_tracked 0"),
+        "{}",
+        metrics_text(&h.registry)
+    );
     h.conn
         .remove_container(&pod, &ctr, Style::StateChange)
         .await

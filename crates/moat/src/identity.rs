@@ -154,8 +154,11 @@ pub fn run_identity_agent(args: IdentityAgentArgs) -> Result<u8, String> {
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async {
         let mut registry = Registry::default();
-        let agent =
-            Agent::new(config, Metrics::register(&mut registry)).map_err(|e| e.to_string())?;
+        let metrics = Metrics::register(&mut registry);
+        // Counts that an exiting agent could not show a scrape (it exits when containerd hangs
+        // up on a late call) are shown by the next one.
+        metrics.persist_failures(config.artifact_root.join(".failures"));
+        let agent = Agent::new(config, metrics).map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
