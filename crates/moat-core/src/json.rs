@@ -2,9 +2,9 @@
 //! the typed views ask for and skips everything else by its structure alone.
 //!
 //! Most of an AdmissionReview is what no policy reads: `managedFields`, probes, env, volume
-//! mounts, resources, `status`, the review's `options`. serde_json checks every byte of what it
-//! skips (UTF-8, escapes, control characters, number syntax, commas and colons) through one
-//! call per token; that was more than half of the server's instructions per review. This reader
+//! mounts, resources, `status`, the review's `options`. serde_json checks what it skips token by
+//! token (escapes, control characters, number syntax, commas and colons), and with the typed
+//! reading that was more than half of the server's instructions per review. This reader
 //! keeps serde's types and derives (the views, `k8s_openapi`'s `Toleration`, `Affinity`,
 //! `OwnerReference`), so what a field means, which fields are required, null handling and
 //! duplicate fields are decided by the same code as before; only the reading of bytes differs:
