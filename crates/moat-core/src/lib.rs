@@ -36,6 +36,7 @@ pub mod dedicated;
 pub mod engine;
 pub mod fields;
 pub mod image;
+pub mod json;
 pub mod names;
 pub mod nesting;
 pub(crate) mod policy;

@@ -85,9 +85,9 @@ pub struct MalformedObject {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
-    /// Not JSON, or a field the policies read has the wrong type.
+    /// Not JSON where it is read, or a field the policies read has the wrong type.
     #[error(transparent)]
-    Json(#[from] serde_json::Error),
+    Json(#[from] crate::json::Error),
     /// JSON of a reviewed kind, but no usable pod template.
     #[error(transparent)]
     Malformed(#[from] MalformedObject),
@@ -195,7 +195,7 @@ impl Template {
     pub fn from_json(bytes: &[u8]) -> Result<Option<Self>, ReadError> {
         // The kind decides the shape of the rest, and a kind moat does not review may use the
         // same field names for anything: read the type first.
-        let types: wire::Types<'_> = serde_json::from_slice(bytes)?;
+        let types: wire::Types<'_> = crate::json::from_slice(bytes)?;
         match Kind::from_type(&types.api_version, &types.kind) {
             Some(kind) => Self::from_json_as(kind, bytes).map(Some),
             None => Ok(None),
@@ -203,15 +203,13 @@ impl Template {
     }
 
     /// Reads the template of an object whose kind is already known (the admission server takes
-    /// it from the review's `request.kind`, which the API server writes), in one pass.
+    /// it from the review's `request.kind`, which the API server writes), in one pass of
+    /// [`crate::json`]'s field-selective reader.
     ///
     /// # Errors
     /// As [`Template::from_json`].
     pub fn from_json_as(kind: Kind, bytes: &[u8]) -> Result<Self, ReadError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let read = serde::de::DeserializeSeed::deserialize(TemplateSeed(kind), &mut de)?;
-        de.end()?;
-        Ok(read?)
+        Ok(crate::json::from_slice_seed(bytes, TemplateSeed(kind))??)
     }
 
     fn assemble(

@@ -1,9 +1,9 @@
 //! The wire: bytes in, a core request out; a decision in, bytes out.
 //!
 //! - AdmissionReview (`admission.k8s.io/v1` and `v1beta1`, answered in the version asked). The
-//!   envelope is read in one pass with the objects kept as borrowed raw JSON; each object is then
-//!   read by [`Template::from_json`] into exactly the fields the policies read. Nothing builds a
-//!   JSON tree of the pod.
+//!   envelope is read in one pass of [`moat_core::json`]'s field-selective reader, each object
+//!   straight into the typed fields the policies read; what no policy reads is skipped by its
+//!   structure, unbuilt. Nothing builds a JSON tree of the pod.
 //! - ImageReview (`imagepolicy.k8s.io/v1alpha1`), kube-apiserver's ImagePolicyWebhook.
 //! - moat's own error body for requests it cannot read.
 //!
@@ -19,9 +19,9 @@ use base64::Engine;
 use bytes::Bytes;
 use http::StatusCode;
 use moat_core::decision::{Decision, Operation};
+use moat_core::json::RawJson;
 use moat_core::subject::{Kind, MalformedObject, ReadError, Template, TemplateSeed};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use moat_listen::refusals::Reason;
 
@@ -172,7 +172,7 @@ enum ObjectIn<'a> {
     /// A kind moat does not review.
     Other,
     /// Met before `request.kind`: read afterwards.
-    Raw(&'a RawValue),
+    Raw(RawJson<'a>),
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for RequestIn<'a> {
@@ -208,7 +208,7 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for RequestVisitor<'a> {
             old_object: ObjectIn::Absent,
             dry_run: None,
         };
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(FieldName(key)) = map.next_key()? {
             match &*key {
                 "uid" => uid = Some(map.next_value::<String>()?),
                 "kind" => kind = Some(map.next_value()?),
@@ -241,6 +241,28 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for RequestVisitor<'a> {
     }
 }
 
+/// A key of `request`, borrowed unless it has an escape.
+struct FieldName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// Reads one object: typed when the kind is known (`Some(Some(kind))`), skipped when it is one
 /// moat does not review (`Some(None)`), kept raw when the kind is not known yet (`None`).
 struct ObjectSeed(Option<Option<Kind>>);
@@ -250,9 +272,9 @@ impl<'de> serde::de::DeserializeSeed<'de> for ObjectSeed {
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<ObjectIn<'de>, D::Error> {
         match self.0 {
-            None => Ok(
-                Option::<&'de RawValue>::deserialize(d)?.map_or(ObjectIn::Absent, ObjectIn::Raw)
-            ),
+            None => {
+                Ok(Option::<RawJson<'de>>::deserialize(d)?.map_or(ObjectIn::Absent, ObjectIn::Raw))
+            }
             Some(None) => Ok(Option::<serde::de::IgnoredAny>::deserialize(d)?
                 .map_or(ObjectIn::Absent, |_| ObjectIn::Other)),
             Some(Some(kind)) => d.deserialize_option(TypedObject(kind)),
@@ -349,11 +371,11 @@ impl AdmissionIn {
     /// # Errors
     /// [`RequestError`] naming what is wrong with the body.
     pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
-        let malformed = |e: serde_json::Error| RequestError::Malformed {
+        let malformed = |e: moat_core::json::Error| RequestError::Malformed {
             kind: "AdmissionReview",
             message: e.to_string(),
         };
-        let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(malformed)?;
+        let review: ReviewIn<'_> = moat_core::json::from_slice(body).map_err(malformed)?;
         if review.kind != "AdmissionReview" {
             return Err(RequestError::WrongKind {
                 expected: "AdmissionReview",
@@ -373,8 +395,8 @@ impl AdmissionIn {
                 ObjectIn::Absent | ObjectIn::Other => return Ok(None),
                 ObjectIn::Read(read) => read,
                 ObjectIn::Raw(raw) => {
-                    let bytes = raw.get().as_bytes();
-                    if !raw.get().starts_with('{') {
+                    let bytes = raw.get();
+                    if !bytes.starts_with(b"{") {
                         return Err(RequestError::Malformed {
                             kind: "AdmissionReview",
                             message: "request.object is not an object".to_owned(),
@@ -678,6 +700,55 @@ mod tests {
         assert_eq!(b.old_object, direct);
         assert!(a.has_object && b.has_object);
         assert_eq!(a.user_info.username, "a");
+    }
+
+    /// Every captured review read by the field-selective reader gives what serde_json's whole
+    /// tree of it says: the same envelope facts and the same templates, hence the same decision.
+    #[test]
+    fn every_captured_review_reads_as_its_json_tree_says() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut read = 0;
+        for dir in ["", "kube-apiserver-1.26", "kube-apiserver-1.34"] {
+            for entry in std::fs::read_dir(data.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let body = std::fs::read(&path).unwrap();
+                let tree: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if tree["kind"] != "AdmissionReview" {
+                    continue;
+                }
+                let r = AdmissionIn::parse(&body).unwrap();
+                let req = &tree["request"];
+                let name = path.display();
+                assert_eq!(r.uid, req["uid"].as_str().unwrap(), "{name}");
+                assert_eq!(
+                    r.namespace,
+                    req["namespace"].as_str().unwrap_or(""),
+                    "{name}"
+                );
+                assert_eq!(r.operation_name(), req["operation"], "{name}");
+                assert_eq!(r.user_info.username, req["userInfo"]["username"], "{name}");
+                assert_eq!(
+                    r.dry_run,
+                    req["dryRun"].as_bool().unwrap_or(false),
+                    "{name}"
+                );
+                assert_eq!(
+                    r.object,
+                    Template::from_value(&req["object"]).unwrap(),
+                    "{name}"
+                );
+                assert_eq!(
+                    r.old_object,
+                    Template::from_value(&req["oldObject"]).unwrap(),
+                    "{name}"
+                );
+                read += 1;
+            }
+        }
+        assert!(read >= 35, "fixtures missing: {read}");
     }
 
     #[test]
