@@ -280,6 +280,18 @@ pub struct Rotator {
     options: RotationOptions,
     clock: Arc<dyn Clock>,
     metrics: RotationMetrics,
+    /// What this replica serves, reported at every check ([`Rotator::with_served`]).
+    served: Option<Arc<crate::tls::CertStore>>,
+}
+
+/// The label that marks a replica's serving report, with the rotation Lease's name as value.
+pub const SERVING_REPORT_LABEL: &str = "moat.dev/serving-report";
+/// The annotation of a serving report that holds the certificate the replica serves (PEM).
+pub const SERVING_CERTIFICATE_ANNOTATION: &str = "moat.dev/serving-certificate";
+
+/// The Lease in which replica `identity` reports what it serves, for rotation Lease `lease`.
+pub fn serving_report_name(lease: &str, identity: &str) -> String {
+    format!("{lease}-served-{identity}")
 }
 
 /// The Secret's contents, as the controller reasons about them.
@@ -416,10 +428,12 @@ impl Material {
     }
 
     /// Advances the rotation by what is due at `now`; the actions taken, in order.
+    /// `moved`: no live replica reports serving a certificate from the previous CA.
     fn advance(
         &mut self,
         now: SystemTime,
         options: &RotationOptions,
+        moved: bool,
     ) -> Result<Vec<Action>, CertError> {
         let policy = &options.policy;
         let mut done = Vec::new();
@@ -453,7 +467,7 @@ impl Material {
         let retire = self
             .promoted_at
             .is_none_or(|at| now >= at + policy.propagation_delay);
-        if self.previous.is_some() && retire && !done.contains(&Action::CaPromoted) {
+        if self.previous.is_some() && retire && moved && !done.contains(&Action::CaPromoted) {
             self.previous = None;
             done.push(Action::PreviousCaRemoved);
         }
@@ -498,6 +512,7 @@ impl Rotator {
             options,
             clock,
             metrics: RotationMetrics::register(registry),
+            served: None,
         })
     }
 
@@ -533,12 +548,91 @@ impl Rotator {
         }
     }
 
+    /// Reports, at every check, the certificate `store` serves, so the leader retires an old CA
+    /// only once every live replica serves a certificate from its successor (the propagation
+    /// delay alone trusts every kubelet to have synced the Secret in time).
+    #[must_use]
+    pub fn with_served(mut self, store: Arc<crate::tls::CertStore>) -> Self {
+        self.served = Some(store);
+        self
+    }
+
+    /// Writes this replica's serving report: a Lease named for it, renewed at every check, with
+    /// the certificate it serves.
+    async fn report(&self, now: SystemTime) -> Result<(), RotationError> {
+        let Some(pem) = self.served.as_ref().and_then(|s| s.leaf_pem()) else {
+            return Ok(());
+        };
+        let name = serving_report_name(&self.options.lease, &self.options.identity);
+        let seconds =
+            i32::try_from(self.options.policy.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let at = stamp(now).map(MicroTime);
+        let mut lease = self.leases.get_opt(&name).await?.unwrap_or_default();
+        let fresh = lease.metadata.resource_version.is_none();
+        lease.metadata.name = Some(name.clone());
+        lease
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SERVING_REPORT_LABEL.to_owned(), self.options.lease.clone());
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SERVING_CERTIFICATE_ANNOTATION.to_owned(), pem);
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        spec.holder_identity = Some(self.options.identity.clone());
+        spec.lease_duration_seconds = Some(seconds);
+        spec.renew_time = at;
+        let written = if fresh {
+            self.leases.create(&PostParams::default(), &lease).await
+        } else {
+            self.leases
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+        };
+        match written {
+            Ok(_) => Ok(()),
+            // Another write raced this one; the next check reports again.
+            Err(e) if conflict(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether a live replica still serves a certificate from `ca` (by its serving report).
+    async fn still_served(&self, ca: &str, now: SystemTime) -> Result<bool, RotationError> {
+        let params = kube::api::ListParams::default()
+            .labels(&format!("{SERVING_REPORT_LABEL}={}", self.options.lease));
+        let reports = self.leases.list(&params).await?;
+        Ok(reports.items.iter().any(|lease| {
+            let Some(spec) = &lease.spec else {
+                return false;
+            };
+            let live = spec.renew_time.as_ref().is_some_and(|t| {
+                let lasts = Duration::from_secs(
+                    u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+                );
+                now < SystemTime::from(t.0) + lasts
+            });
+            live && lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SERVING_CERTIFICATE_ANNOTATION))
+                .is_some_and(|pem| certs::signed_by(pem, ca))
+        }))
+    }
+
     /// One check: hold the Lease, advance the rotation, publish the trust bundle.
     ///
     /// # Errors
     /// [`RotationError`]; nothing is half-applied that the next check cannot finish.
     pub async fn check(&self) -> Result<Vec<Action>, RotationError> {
         let now = self.clock.now();
+        if let Err(e) = self.report(now).await {
+            // Without its report the leader falls back to the propagation delay alone.
+            tracing::warn!(error = %e, "could not report the serving certificate");
+        }
         if !self.lead(now).await? {
             return Ok(vec![Action::Follower]);
         }
@@ -550,7 +644,11 @@ impl Rotator {
             .ok_or_else(|| RotationError::NoSecret(name.clone()))?;
         let read = Material::read(&secret);
         let mut material = read.clone();
-        let mut done = material.advance(now, &self.options)?;
+        let moved = match &material.previous {
+            Some(previous) => !self.still_served(previous, now).await?,
+            None => true,
+        };
+        let mut done = material.advance(now, &self.options, moved)?;
         if material != read {
             secret = self
                 .secrets
@@ -817,14 +915,14 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let mut m = Material::default();
         // From nothing: a CA is staged, nothing can sign yet.
-        assert_eq!(m.advance(t0, &o).unwrap(), [Action::CaStaged]);
+        assert_eq!(m.advance(t0, &o, true).unwrap(), [Action::CaStaged]);
         assert!(m.tls_cert.is_none());
         // Not trusted yet: waits however long.
-        assert!(m.advance(t0 + delay * 10, &o).unwrap().is_empty());
+        assert!(m.advance(t0 + delay * 10, &o, true).unwrap().is_empty());
         m.next_trusted_since = Some(t0 + delay * 10);
-        assert!(m.advance(t0 + delay * 10, &o).unwrap().is_empty());
+        assert!(m.advance(t0 + delay * 10, &o, true).unwrap().is_empty());
         let t1 = t0 + delay * 11;
-        assert_eq!(m.advance(t1, &o).unwrap(), [Action::CaPromoted]);
+        assert_eq!(m.advance(t1, &o, true).unwrap(), [Action::CaPromoted]);
         assert!(certs::signed_by(
             m.tls_cert.as_deref().unwrap(),
             m.ca_cert.as_deref().unwrap()
@@ -834,18 +932,30 @@ mod tests {
 
         // Two thirds into the CA's life: staged again; the old CA stays current meanwhile.
         let t2 = t1 + o.policy.ca_lifetime * 2 / 3 + DAY;
-        let actions = m.advance(t2, &o).unwrap();
+        let actions = m.advance(t2, &o, true).unwrap();
         assert!(actions.contains(&Action::CaStaged), "{actions:?}");
         assert_eq!(m.ca_cert, first_ca);
         assert_eq!(m.bundle().matches("BEGIN CERTIFICATE").count(), 2);
         m.next_trusted_since = Some(t2);
-        assert_eq!(m.advance(t2 + delay, &o).unwrap(), [Action::CaPromoted]);
+        assert_eq!(
+            m.advance(t2 + delay, &o, true).unwrap(),
+            [Action::CaPromoted]
+        );
         assert_eq!(m.previous, first_ca);
         assert_eq!(m.bundle().matches("BEGIN CERTIFICATE").count(), 2);
-        // The old CA is kept for a delay after the new serving certificate was written.
-        assert!(m.advance(t2 + delay + delay / 2, &o).unwrap().is_empty());
+        // The old CA is kept for a delay after the new serving certificate was written, and
+        // then for as long as a live replica still serves a certificate from it.
+        assert!(
+            m.advance(t2 + delay + delay / 2, &o, true)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            m.advance(t2 + delay * 3, &o, false).unwrap().is_empty(),
+            "a replica still serves the old CA's certificate"
+        );
         assert_eq!(
-            m.advance(t2 + delay * 2, &o).unwrap(),
+            m.advance(t2 + delay * 3, &o, true).unwrap(),
             [Action::PreviousCaRemoved]
         );
         assert_eq!(m.bundle().matches("BEGIN CERTIFICATE").count(), 1);
@@ -862,7 +972,7 @@ mod tests {
             ..Material::default()
         };
         assert_eq!(
-            m.advance(SystemTime::now(), &o).unwrap(),
+            m.advance(SystemTime::now(), &o, true).unwrap(),
             [Action::CaStaged]
         );
         assert_eq!(m.tls_cert.as_deref(), Some(g.cert_pem.as_str()));
@@ -873,7 +983,7 @@ mod tests {
         let o = options(RotationPolicy::default());
         let mut m = Material::default();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        m.advance(now, &o).unwrap();
+        m.advance(now, &o, true).unwrap();
         m.next_trusted_since = Some(now);
         let mut secret = Secret::default();
         secret.metadata.annotations = Some(BTreeMap::from([("keep".to_owned(), "me".to_owned())]));

@@ -165,13 +165,12 @@ impl Server {
             _ => None,
         };
         let mut registry = Registry::default();
+        let certs = Arc::new(certs);
         let rotator = match (client, rotation) {
-            (Some(client), Some(options)) => Some(Rotator::new(
-                client,
-                options,
-                Arc::new(SystemClock),
-                &mut registry,
-            )?),
+            (Some(client), Some(options)) => Some(
+                Rotator::new(client, options, Arc::new(SystemClock), &mut registry)?
+                    .with_served(certs.clone()),
+            ),
             _ => None,
         };
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
@@ -185,7 +184,7 @@ impl Server {
             metrics_listener: bind(metrics_addr).await?,
             state,
             registry: Arc::new(registry),
-            certs: Arc::new(certs),
+            certs,
             config_path,
             idle_timeout,
             rotator,

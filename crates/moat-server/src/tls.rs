@@ -129,6 +129,25 @@ impl CertStore {
         })
     }
 
+    /// The certificate served now (the chain's leaf), as PEM.
+    pub fn leaf_pem(&self) -> Option<String> {
+        use base64::Engine as _;
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let der = current.cert.first()?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).ok()?);
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        Some(pem)
+    }
+
     /// Reloads the files if either changed since the last load. `Ok(true)`: a new key is in use.
     /// On error the old key stays in use; the same change is not retried until the files change
     /// again.

@@ -76,12 +76,41 @@ impl FakeApi {
         object
     }
 
+    /// A collection: the objects stored under `path`, filtered by a `key=value` selector.
+    fn list(&self, path: &str, selector: Option<(&str, &str)>) -> Option<Value> {
+        let prefix = format!("{path}/");
+        let objects = self.objects.lock().unwrap();
+        let items: Vec<Value> = objects
+            .iter()
+            .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+            .map(|(_, o)| o.clone())
+            .filter(|o| selector.is_none_or(|(k, v)| o["metadata"]["labels"][k] == v))
+            .collect();
+        if items.is_empty() && !path.ends_with("/leases") {
+            return None;
+        }
+        Some(
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+        )
+    }
+
     fn serve(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let stored = self.get(path);
         match method {
             "GET" => match stored {
                 Some(o) => (200, o),
-                None => status(404, "NotFound", "not found"),
+                None => {
+                    let selector = query
+                        .split('&')
+                        .find_map(|q| q.strip_prefix("labelSelector="))
+                        .map(|s| s.replace("%3D", "=").replace("%2F", "/"));
+                    let selector = selector.as_deref().and_then(|s| s.split_once('='));
+                    match self.list(path, selector) {
+                        Some(list) => (200, list),
+                        None => status(404, "NotFound", "not found"),
+                    }
+                }
             },
             "POST" => {
                 let object: Value = serde_json::from_slice(body).unwrap();
@@ -130,7 +159,10 @@ async fn start_api(api: Arc<FakeApi>) -> String {
                     let api = api.clone();
                     async move {
                         let method = req.method().as_str().to_owned();
-                        let path = req.uri().path().to_owned();
+                        let path = req
+                            .uri()
+                            .path_and_query()
+                            .map_or_else(|| req.uri().path().to_owned(), ToString::to_string);
                         let content_type = req
                             .headers()
                             .get("content-type")
@@ -763,5 +795,120 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
     );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A replica that still serves a certificate from the old CA (its kubelet has not synced the
+/// Secret) keeps the old CA in the trust bundle past the propagation delay, until its report
+/// shows the new one: the CA is retired when every replica has moved, not on a timer alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_ca_leaves_the_bundle_only_when_every_replica_serves_the_new_one() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("replicas");
+    let policy = policy();
+    let names = vec!["localhost".to_owned()];
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+    // A CA already due for rotation.
+    let ca = certs::new_ca(clock.now() - 45 * DAY, policy.ca_lifetime).unwrap();
+    let (cert, key) = certs::issue(&ca, &names, clock.now(), policy.serving_lifetime).unwrap();
+    let api = Arc::new(FakeApi::default());
+    seed(&api, &ca, &cert, &key);
+    let url = start_api(api.clone()).await;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(write_kubeconfig(&dir, &url)).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    // Each replica serves the files its kubelet projected.
+    let replica = |who: &str| {
+        let files = dir.join(who);
+        std::fs::create_dir_all(&files).unwrap();
+        certs::write_atomic(&files.join("tls.crt"), cert.as_bytes(), 0o644).unwrap();
+        certs::write_atomic(&files.join("tls.key"), key.as_bytes(), 0o600).unwrap();
+        let store = Arc::new(
+            moat_server::tls::CertStore::from_files(&files.join("tls.crt"), &files.join("tls.key"))
+                .unwrap(),
+        );
+        let rotator = Rotator::new(
+            client.clone(),
+            RotationOptions {
+                namespace: None,
+                secret: SECRET.to_owned(),
+                lease: moat_server::rotation::lease_name(SECRET),
+                webhook_configuration: "moat".to_owned(),
+                identity: who.to_owned(),
+                dns_names: names.clone(),
+                policy: policy.clone(),
+            },
+            clock.clone(),
+            &mut Registry::default(),
+        )
+        .unwrap()
+        .with_served(store.clone());
+        (rotator, store, files)
+    };
+    let (leader, leader_store, leader_files) = replica("moat-a");
+    let (lagging, lagging_store, lagging_files) = replica("moat-b");
+    let sync = |files: &Path, store: &moat_server::tls::CertStore| {
+        let secret = api.get(&secret_path()).unwrap();
+        for name in ["tls.crt", "tls.key"] {
+            certs::write_atomic(
+                &files.join(name),
+                unb64(&secret["data"][name]).as_bytes(),
+                0o600,
+            )
+            .unwrap();
+        }
+        store.reload_if_changed().unwrap();
+    };
+    let mut removed_at = None;
+    let start = clock.now();
+    for step in 0..40 {
+        // Reports renew at every check, well within their Lease (the steps here are longer).
+        lagging.check().await.unwrap();
+        leader.check().await.unwrap();
+        // The leader's kubelet keeps up; the other's catches up only after five days.
+        sync(&leader_files, &leader_store);
+        if clock.now() >= start + 5 * DAY {
+            sync(&lagging_files, &lagging_store);
+        }
+        let bundle = pems(&bundle_of(&api, "mutating"));
+        if removed_at.is_none() && bundle.len() == 1 && step > 0 {
+            let secret = api.get(&secret_path()).unwrap();
+            if secret["data"].get("previous-ca.crt").is_none()
+                && secret["data"].get("next-ca.crt").is_none()
+                && unb64(&secret["data"]["ca.crt"]) != ca.cert_pem
+            {
+                removed_at = Some(clock.now());
+            }
+        }
+        clock.advance(6 * HOUR);
+    }
+    let removed_at = removed_at.expect("the old CA was retired in the end");
+    // Promotion comes a delay after staging, retirement a delay after that at the earliest
+    // (about two days in): held back here until the lagging replica moved, on day five.
+    assert!(
+        removed_at >= start + 5 * DAY,
+        "retired at {:?} after the start, while a replica still served the old CA",
+        removed_at.duration_since(start).unwrap()
+    );
+    let reports = api
+        .list(
+            &format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"),
+            Some((
+                moat_server::rotation::SERVING_REPORT_LABEL,
+                &moat_server::rotation::lease_name(SECRET),
+            )),
+        )
+        .unwrap();
+    assert_eq!(
+        reports["items"].as_array().unwrap().len(),
+        2,
+        "one report per replica"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

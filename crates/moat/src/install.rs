@@ -536,7 +536,6 @@ struct Rotation<'a> {
 /// each by name, and their bindings to moat's service account.
 fn rotation_rbac(ns: &str, secret: &str, labels: &Value) -> Result<Vec<Value>, String> {
     let role_name = format!("{NAME}-cert-rotation");
-    let lease = moat_server::rotation::lease_name(secret);
     let subjects = json!([{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]);
     Ok(vec![
         typed::<Role>(json!({
@@ -544,10 +543,10 @@ fn rotation_rbac(ns: &str, secret: &str, labels: &Value) -> Result<Vec<Value>, S
             "metadata": {"name": role_name, "namespace": ns, "labels": labels},
             "rules": [
                 {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "update"]},
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease], "verbs": ["get", "update"]},
-                // RBAC cannot limit create by name (the name is not known until the request is
-                // decoded); a create only makes a Lease in moat's own namespace.
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                // The rotation Lease, and each replica's serving report (a Lease named for the
+                // pod, so not listable by name): every Lease in moat's own namespace, which holds
+                // only moat's. RBAC cannot limit create by name either.
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "create", "update"]},
             ],
         }))?,
         typed::<RoleBinding>(json!({

@@ -932,8 +932,7 @@ fn rotate_certs_puts_the_ca_key_in_the_secret_and_grants_only_what_rotation_writ
         role["rules"],
         serde_json::json!([
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["moat-tls"], "verbs": ["get", "update"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["moat-tls-rotation"], "verbs": ["get", "update"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "create", "update"]},
         ])
     );
     let cluster_role = find(&docs, "ClusterRole");
