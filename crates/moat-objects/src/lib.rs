@@ -1,7 +1,30 @@
 //! What turns moat's typed configuration into Kubernetes objects: typed configuration in, typed
-//! objects out, no I/O. Today the [`backstop`]: ValidatingAdmissionPolicies the API server
-//! evaluates itself, compiled from the same [`moat_core::config::Config`] the webhook decides
-//! with, so moat's rules hold even while moat cannot answer.
+//! objects out, no I/O. The [`backstop`]: ValidatingAdmissionPolicies the API server evaluates
+//! itself, compiled from the same [`moat_core::config::Config`] the webhook decides with, so
+//! moat's rules hold even while moat cannot answer; the [`capacity`] planner: Karpenter
+//! NodePools, warm pools and the capacity report.
 
 pub mod backstop;
+pub mod capacity;
 pub mod cel;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Converts `v` through `T` and back; refuses it if anything changed (an unknown or misspelt
+/// field, a wrong type).
+///
+/// # Errors
+/// The object's `kind` and what did not convert.
+pub fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
+    let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+    let t: T = serde_json::from_value(v.clone()).map_err(|e| format!("{kind}: {e}"))?;
+    let back = serde_json::to_value(&t).map_err(|e| format!("{kind}: {e}"))?;
+    if back != v {
+        return Err(format!(
+            "{kind}: object does not round-trip through its Kubernetes type"
+        ));
+    }
+    Ok(back)
+}

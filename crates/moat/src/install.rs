@@ -429,7 +429,10 @@ pub fn manifests(args: &InstallArgs, config: &Config) -> Result<Install, String>
         objects.extend(identity_agent_objects(args, image, &config_yaml)?);
     }
     // After the webhooks: the placeholders' pods are then reviewed like any other.
-    objects.extend(crate::capacity::objects(config, &args.capacity).map_err(|e| e.to_string())?);
+    objects.extend(
+        moat_objects::capacity::objects(config, &args.capacity.clone().into())
+            .map_err(|e| e.to_string())?,
+    );
 
     let image_policy_files = match (&args.image_policy_dir, &ca_pem) {
         (None, _) => Vec::new(),
