@@ -7,6 +7,7 @@
 pub mod backstop;
 pub mod capacity;
 pub mod cel;
+pub mod install;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
