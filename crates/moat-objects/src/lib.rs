@@ -1,8 +1,20 @@
 //! What turns moat's typed configuration into Kubernetes objects: typed configuration in, typed
-//! objects out, no I/O. The [`backstop`]: ValidatingAdmissionPolicies the API server evaluates
-//! itself, compiled from the same [`moat_core::config::Config`] the webhook decides with, so
-//! moat's rules hold even while moat cannot answer; the [`capacity`] planner: Karpenter
-//! NodePools, warm pools and the capacity report.
+//! objects out, no I/O. [`install`]: every manifest `moat install` prints. [`capacity`]: node
+//! pools, Karpenter NodePools, warm pools and the capacity report's counts. [`backstop`]:
+//! ValidatingAdmissionPolicies the API server evaluates itself, compiled from the same
+//! [`moat_core::config::Config`] the webhook decides with, so moat's rules hold even while moat
+//! cannot answer.
+//!
+//! The caller (the `moat` command) parses arguments into plain option structs, reads and writes
+//! files, generates keys and prints; this crate returns objects, file contents and warnings.
+//!
+//! No dependency on `moat-server`: what the manifests take from the server (webhook timeout,
+//! termination grace, memory limit, whether it watches namespaces, the rotation Lease's name)
+//! comes in through [`install::ServerFacts`], filled by the caller from `moat_server`'s own
+//! constants, and the serving certificate through [`install::Tls`]. Depending on the server for
+//! a few numbers would pull its runtime, HTTP and TLS stacks into a crate that does no I/O.
+//! Likewise the identity agent's fixed paths and port come from `moat_identity::defaults`
+//! through [`install::IdentityAgentOptions`].
 
 pub mod backstop;
 pub mod capacity;
