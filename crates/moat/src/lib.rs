@@ -233,12 +233,28 @@ fn run_review(
         }
     }
     if capacity {
-        let node = capacity::report::NodeSize {
+        let node = moat_objects::capacity::report::NodeSize {
             cpu: node_cpu,
             memory: node_memory,
         };
-        let report = capacity::report::report(&config, &inputs, &options, &node, stderr)
-            .and_then(|r| capacity::report::render(&r, output, stdout).map(|()| r))
+        let documents = review::documents(&inputs).map(|(file, number, doc)| {
+            moat_objects::capacity::report::Document {
+                file,
+                number,
+                objects: review::parse_document(doc),
+            }
+        });
+        let (report, errors) = moat_objects::capacity::report::report(
+            &config,
+            documents,
+            &review::namespace_labels(&inputs, &options),
+            &options.default_namespace,
+            &node,
+        );
+        errors
+            .iter()
+            .try_for_each(|e| writeln!(stderr, "moat: {e}"))
+            .and_then(|()| capacity::render(&report, output, stdout))
             .map_err(|e| format!("writing output: {e}"))?;
         // As `moat review`: 2 for errors, 1 when any object was denied, 0 otherwise.
         return Ok(if failed || report.errors > 0 {

@@ -13,11 +13,11 @@ mod support;
 use std::path::PathBuf;
 use std::process::Command;
 
-use moat::capacity::karpenter::NodePool;
 use moat_core::config::Config;
 use moat_core::decision::{Operation, Request, Stage};
 use moat_core::engine::decide;
 use moat_core::subject::Template;
+use moat_objects::capacity::karpenter::NodePool;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -301,7 +301,7 @@ fn warm_placeholders_pass_moats_own_policies() {
         );
         let buffers = of_kind(&buffer_docs, "CapacityBuffer");
         assert_eq!(buffers.len(), 1, "only classes with warmNodes");
-        let buffer: moat::capacity::buffer::CapacityBuffer =
+        let buffer: moat_objects::capacity::buffer::CapacityBuffer =
             serde_json::from_value(buffers[0].clone()).unwrap();
         assert_eq!(buffer.api_version, "autoscaling.x-k8s.io/v1beta1");
         assert_eq!(buffer.spec.replicas, Some(3));

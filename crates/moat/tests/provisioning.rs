@@ -26,13 +26,13 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use moat::capacity::karpenter::NodePool;
-use moat::capacity::{self, CapacityArgs, WarmForm};
 use moat_core::config::Config;
 use moat_core::decision::Request;
 use moat_core::engine::decide;
 use moat_core::resources::IdleAfter;
 use moat_core::subject::Template;
+use moat_objects::capacity::karpenter::NodePool;
+use moat_objects::capacity::{self, CapacityOptions as CapacityArgs, WarmForm};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use support::Node;

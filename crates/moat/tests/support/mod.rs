@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use moat::capacity::karpenter::NodePool;
+use moat_objects::capacity::karpenter::NodePool;
 use serde_json::Value;
 
 pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";

@@ -9,7 +9,6 @@
 //! `--node-memory`) and at least one; warm nodes come on top.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
 use moat_core::config::{Config, IsolationMode};
 use moat_core::decision::Request;
@@ -19,10 +18,19 @@ use moat_core::subject::{Kind, Template, type_of};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::review::{
-    Input, NAMESPACE_NAME_LABEL, Options, OutputFormat, documents, metadata_str, namespace_labels,
-    parse_document,
-};
+/// The label the API server gives every namespace, its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// One document of the input, as the caller read and parsed it.
+#[derive(Debug)]
+pub struct Document<'a> {
+    /// The file it came from, as the caller names it in messages.
+    pub file: &'a str,
+    /// Its position in the file, from 1.
+    pub number: usize,
+    /// Its objects, or why it could not be parsed.
+    pub objects: Result<Vec<Value>, String>,
+}
 
 /// One node's allocatable resources, for class mode's packing estimate.
 #[derive(Debug, Clone, Default)]
@@ -74,35 +82,40 @@ pub struct CapacityReport {
     pub errors: u64,
 }
 
-/// Builds the report over `inputs`, writing each unreadable document's error to `errors`.
-///
-/// # Errors
-/// Only the writer's.
-pub fn report(
+/// Builds the report over `documents`, `namespaces` holding the labels of each namespace known
+/// (from flags and from the input's Namespace objects) and `default_namespace` the namespace of
+/// objects that name none. Returns the report and, in input order, one message per document
+/// that could not be counted (`FILE: document N: why`).
+pub fn report<'a>(
     config: &Config,
-    inputs: &[Input],
-    options: &Options,
+    documents: impl IntoIterator<Item = Document<'a>>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    default_namespace: &str,
     node: &NodeSize,
-    errors: &mut dyn Write,
-) -> std::io::Result<CapacityReport> {
+) -> (CapacityReport, Vec<String>) {
     let iso = &config.isolation;
     // With isolation off, count as class mode would: the classes are declared all the same.
     let mut deciding = config.clone();
     if iso.mode == IsolationMode::Off {
         deciding.isolation.mode = IsolationMode::Class;
     }
-    let namespaces = namespace_labels(inputs, options);
+    let mut errors = Vec::new();
     let mut report = CapacityReport {
         mode: mode_name(iso.mode).to_owned(),
         ..CapacityReport::default()
     };
     let mut classes: BTreeMap<String, ClassCapacity> = BTreeMap::new();
-    for (file, document, doc) in documents(inputs) {
-        let objects = match parse_document(doc) {
+    for Document {
+        file,
+        number,
+        objects,
+    } in documents
+    {
+        let objects = match objects {
             Ok(o) => o,
             Err(e) => {
                 report.errors += 1;
-                writeln!(errors, "moat: {file}: document {document}: {e}")?;
+                errors.push(format!("{file}: document {number}: {e}"));
                 continue;
             }
         };
@@ -115,7 +128,7 @@ pub fn report(
                 continue;
             }
             let namespace = metadata_str(&object, "namespace")
-                .unwrap_or(&options.default_namespace)
+                .unwrap_or(default_namespace)
                 .to_owned();
             let labels = namespaces.get(&namespace).map(|known| {
                 let mut l = known.clone();
@@ -124,7 +137,7 @@ pub fn report(
             });
             let Some(pod) = pod_of(&object, kind, &namespace) else {
                 report.errors += 1;
-                writeln!(errors, "moat: {file}: document {document}: no pod template")?;
+                errors.push(format!("{file}: document {number}: no pod template"));
                 continue;
             };
             let count = replicas(&object, kind);
@@ -161,7 +174,7 @@ pub fn report(
             .map_or(0, |s| s.warm_nodes);
     }
     report.classes = classes.into_values().collect();
-    Ok(report)
+    (report, errors)
 }
 
 fn mode_name(mode: IsolationMode) -> &'static str {
@@ -185,6 +198,10 @@ fn class_mode_nodes(c: &ClassCapacity, node: &NodeSize) -> Option<u64> {
         .max(bound(c.memory_bytes, node.memory.as_ref(), 1000))
         .max(u128::from(c.pods > 0));
     Some(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+fn metadata_str<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
+    object.get("metadata")?.get(key)?.as_str()
 }
 
 /// The pod a workload's template makes (a Pod is itself).
@@ -286,101 +303,6 @@ fn requests(pod: &Value) -> (u128, u128) {
         sum.max(init)
     };
     (total("cpu"), total("memory"))
-}
-
-/// Writes the report as a table (text) or as one JSON/YAML document.
-///
-/// # Errors
-/// Only the writer's.
-pub fn render(
-    report: &CapacityReport,
-    format: OutputFormat,
-    out: &mut dyn Write,
-) -> std::io::Result<()> {
-    match format {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, report).map_err(std::io::Error::other)?;
-            writeln!(out)
-        }
-        OutputFormat::Yaml => {
-            let text = serde_yaml_ng::to_string(report).map_err(std::io::Error::other)?;
-            out.write_all(text.as_bytes())
-        }
-        OutputFormat::Text => render_text(report, out),
-    }
-}
-
-fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "nodes for isolated pods per mode (this configuration: {} mode)",
-        r.mode
-    )?;
-    let rows: Vec<[String; 8]> = r
-        .classes
-        .iter()
-        .map(|c| {
-            [
-                c.class.clone(),
-                c.pods.to_string(),
-                format!("{}m", c.cpu_millis),
-                format!("{}Mi", c.memory_bytes.div_ceil(1 << 20)),
-                c.nodes
-                    .class
-                    .map_or_else(|| "≥1".to_owned(), |n| format!("≥{n}")),
-                c.nodes.pod.to_string(),
-                c.nodes.dedicated_node.to_string(),
-                format!("+{}", c.warm_nodes),
-            ]
-        })
-        .collect();
-    let header = [
-        "CLASS",
-        "PODS",
-        "CPU",
-        "MEMORY",
-        "CLASS MODE",
-        "POD MODE",
-        "DEDICATED MODE",
-        "WARM",
-    ];
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let mut s = String::new();
-        for (cell, w) in cells.iter().zip(widths) {
-            s.push_str(cell);
-            s.push_str(&" ".repeat(w - cell.chars().count() + 2));
-        }
-        s.trim_end().to_owned()
-    };
-    writeln!(out, "{}", line(&header))?;
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        writeln!(out, "{}", line(&cells))?;
-    }
-    let (pods, pod_nodes) = r
-        .classes
-        .iter()
-        .fold((0, 0), |(p, n), c| (p + c.pods, n + c.nodes.pod));
-    writeln!(
-        out,
-        "{pods} isolated pods: pod and dedicatedNode modes need {pod_nodes} nodes; class mode shares each class's nodes{}",
-        if r.classes.iter().any(|c| c.nodes.class.is_none()) {
-            " (give --node-cpu and --node-memory for a packing estimate)"
-        } else {
-            ""
-        }
-    )?;
-    writeln!(
-        out,
-        "not isolated: {} pods; denied (not counted): {} objects; DaemonSets (a pod on every node): {}; errors: {}",
-        r.unisolated_pods, r.denied_objects, r.daemon_sets, r.errors
-    )
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ pub const GROUP: &str = "autoscaling.x-k8s.io";
 pub const ACTIVE_CAPACITY: &str = "buffer.x-k8s.io/active-capacity";
 
 /// The CapacityBuffer API version an autoscaler serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     /// `autoscaling.x-k8s.io/v1beta1`: Karpenter's CapacityBuffer CRD (the only version it
     /// serves) and the Cluster Autoscaler from Kubernetes 1.35.
