@@ -1058,3 +1058,140 @@ fn warnings(options: &InstallOptions, cert_manager: bool) -> Vec<String> {
     }
     warnings
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use super::*;
+
+    fn options() -> InstallOptions {
+        InstallOptions {
+            namespace: "moat-system".to_owned(),
+            image: "localhost/moat:test".to_owned(),
+            replicas: 2,
+            failure_policy: None,
+            backstop: true,
+            runtime_handlers: Vec::new(),
+            runtime_classes: true,
+            rotate_certs: false,
+            image_policy_dir: None,
+            image_policy_url: None,
+            image_policy_fail_closed: false,
+            apiserver_cidrs: Vec::new(),
+            metrics_namespaces: Vec::new(),
+            metrics_cidrs: Vec::new(),
+            apiserver_client_ca: None,
+            identity_agent: None,
+            capacity: CapacityOptions::default(),
+            server: ServerFacts {
+                webhook_timeout: Duration::from_secs(10),
+                termination_grace: Duration::from_secs(35),
+                memory_limit_bytes: 162 * 1024 * 1024,
+                watches_namespaces: false,
+            },
+        }
+    }
+
+    fn install(options: &InstallOptions) -> Install {
+        let config = Config::embedded_default();
+        manifests(&config, options, Tls::CertManager).unwrap()
+    }
+
+    fn webhook_failure_policies(objects: &[Value]) -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| {
+                o["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.ends_with("WebhookConfiguration"))
+            })
+            .map(|o| {
+                o["webhooks"][0]["failurePolicy"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_backstop_makes_the_webhooks_fail_open_and_without_it_they_fail_closed() {
+        let with = install(&options());
+        assert_eq!(
+            webhook_failure_policies(&with.objects),
+            ["Ignore", "Ignore"]
+        );
+        assert_eq!(
+            with.objects
+                .iter()
+                .filter(|o| o["kind"] == "ValidatingAdmissionPolicyBinding")
+                .count(),
+            3
+        );
+        let without = install(&InstallOptions {
+            backstop: false,
+            ..options()
+        });
+        assert_eq!(webhook_failure_policies(&without.objects), ["Fail", "Fail"]);
+        assert!(
+            !without
+                .objects
+                .iter()
+                .any(|o| o["kind"] == "ValidatingAdmissionPolicy")
+        );
+    }
+
+    #[test]
+    fn the_memory_limit_and_grace_come_from_the_server_facts() {
+        let objects = install(&options()).objects;
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .expect("a Deployment");
+        let spec = &deployment["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["containers"][0]["resources"]["limits"]["memory"],
+            "162Mi"
+        );
+        assert_eq!(spec["terminationGracePeriodSeconds"], 35);
+    }
+
+    #[test]
+    fn an_open_review_port_is_a_warning_and_a_cidr_closes_it() {
+        let open = install(&options());
+        assert!(
+            open.warnings
+                .iter()
+                .any(|w| w.contains("open to every pod")),
+            "{:?}",
+            open.warnings
+        );
+        let closed = install(&InstallOptions {
+            apiserver_cidrs: vec!["10.0.0.0/24".to_owned()],
+            ..options()
+        });
+        assert!(
+            !closed
+                .warnings
+                .iter()
+                .any(|w| w.contains("open to every pod"))
+        );
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_anything_is_generated() {
+        for bad in [
+            InstallOptions {
+                replicas: 1,
+                ..options()
+            },
+            InstallOptions {
+                namespace: "Not A Namespace".to_owned(),
+                ..options()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+            assert!(manifests(&Config::embedded_default(), &bad, Tls::CertManager).is_err());
+        }
+    }
+}
