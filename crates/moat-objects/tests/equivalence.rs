@@ -361,8 +361,9 @@ fn captured() -> Vec<Case> {
     let mut cases = Vec::new();
     let dirs = [
         repo("crates/moat-server/tests/data"),
-        repo("../shared/fixtures/kube-apiserver-1.26"),
-        repo("../shared/fixtures/kube-apiserver-1.34"),
+        // The real API servers' captures, kept in the repository beside the server's tests.
+        repo("crates/moat-server/tests/data/kube-apiserver-1.26"),
+        repo("crates/moat-server/tests/data/kube-apiserver-1.34"),
     ];
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(&dir) else {
