@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -54,6 +53,17 @@ pub struct Client {
     pub source: IpAddr,
     /// The connection, to mark a decision in progress (never displaced, never idle meanwhile).
     pub activity: Option<Activity>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().cloned().unwrap_or_default())
+    }
 }
 
 impl Default for Client {
@@ -125,11 +135,10 @@ async fn read_limited(mut body: Body, ticket: &mut Ticket) -> Result<Bytes, Requ
 
 pub(crate) async fn mutate(
     State(state): State<Arc<AppState>>,
-    client: Option<Extension<Client>>,
+    client: Client,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let client = client.map(|c| c.0).unwrap_or_default();
     timed(&state, Endpoint::mutate, client, headers, body, |s, b| {
         review(s, Endpoint::mutate, Stage::Mutate, b)
     })
@@ -138,11 +147,10 @@ pub(crate) async fn mutate(
 
 pub(crate) async fn validate(
     State(state): State<Arc<AppState>>,
-    client: Option<Extension<Client>>,
+    client: Client,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let client = client.map(|c| c.0).unwrap_or_default();
     timed(&state, Endpoint::validate, client, headers, body, |s, b| {
         review(s, Endpoint::validate, Stage::Validate, b)
     })
@@ -151,11 +159,10 @@ pub(crate) async fn validate(
 
 pub(crate) async fn imagereview(
     State(state): State<Arc<AppState>>,
-    client: Option<Extension<Client>>,
+    client: Client,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let client = client.map(|c| c.0).unwrap_or_default();
     timed(
         &state,
         Endpoint::imagereview,
