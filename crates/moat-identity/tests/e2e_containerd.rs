@@ -51,7 +51,7 @@ test -s /run/spiffe/svid.pem
 test -s /run/spiffe/svid_key.pem
 test -s /run/spiffe/bundle.pem
 head -c 1 /run/spiffe/svid_key.pem >/dev/null
-echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | strings | grep -o 'spiffe://[a-z0-9./_-]*' | head -1)\"
+echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | grep -a -o 'spiffe://[a-z0-9./_-]*' | head -1)\"
 exec sleep 600";
 
 async fn cri(socket: &Path) -> RuntimeServiceClient<Channel> {
@@ -430,7 +430,7 @@ const GVISOR_CLASS_LABEL: &str = "moat.dev/class";
 const GVISOR_SCRIPT: &str = "set -e
 test -s /run/spiffe/svid.pem
 if head -c 1 /run/spiffe/svid_key.pem >/dev/null 2>&1; then readable=yes; else readable=no; fi
-echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | strings | grep -o 'spiffe://[a-z0-9./_-]*[a-z]' | head -1) key-owner=$(stat -L -c %u /run/spiffe/svid_key.pem) key-readable=$readable\"
+echo \"first-instruction-sees: $(sed -n '2,/END/p' /run/spiffe/svid.pem | grep -v END | base64 -d | grep -a -o 'spiffe://[a-z0-9./_-]*[a-z]' | head -1) key-owner=$(stat -L -c %u /run/spiffe/svid_key.pem) key-readable=$readable\"
 last=
 while true; do
   sum=$(md5sum /run/spiffe/svid.pem | cut -c1-32)
@@ -597,6 +597,11 @@ async fn each_container_of_a_gvisor_pod_gets_its_own_identity_readable_by_its_us
 
     // A rotation reaches both, inside the sandbox.
     let (app_log, side_log) = (&logs[0], &logs[1]);
+    // Each script prints its first checksum just after its first line.
+    wait_for("both sandboxes' first checksum", async || {
+        !log_lines(app_log, "svid-sum:").is_empty() && !log_lines(side_log, "svid-sum:").is_empty()
+    })
+    .await;
     let before = (
         log_lines(app_log, "svid-sum:").len(),
         log_lines(side_log, "svid-sum:").len(),
