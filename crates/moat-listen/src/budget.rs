@@ -197,7 +197,8 @@ impl Ticket {
         let mut s = lock(&self.budget.state);
         match self.held {
             Some(ref mut held) => {
-                // Finished readers are not charged more; kept for completeness.
+                // Nothing charges a request once its body has arrived today; if something did,
+                // the charge would be held like the body's, never displaced.
                 s.used += n;
                 *held += n;
                 return Ok(());

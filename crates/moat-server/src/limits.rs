@@ -171,9 +171,11 @@ pub const SLOT_LIMITS: SlotLimits = SlotLimits {
 /// cache of a few hundred namespaces, allocator slack. Measured idle: 13–15 MiB.
 pub const BASELINE_BYTES: usize = 24 * MIB;
 
-/// What one open TLS connection holds at most between requests: rustls' record buffers,
-/// hyper's read and write buffers, HTTP/2's connection state and HPACK tables. Measured with
-/// `scripts/flood.sh idle-tls` (RSS growth per connection held).
+/// What one open TLS connection may hold between requests: rustls' record buffers, hyper's read
+/// and write buffers, HTTP/2's connection state and HPACK tables. `scripts/flood.sh idle-tls`
+/// measured about 15 KiB per idle connection (RSS 13 → 28 MiB with the 1,024 the cap holds);
+/// the figure here leaves room for connections that have carried requests and grown their
+/// buffers, which no measurement here pins down.
 pub const CONNECTION_BYTES: usize = 48 * KIB;
 
 /// A decision's working set per body byte: the body, the typed views read from it and the
