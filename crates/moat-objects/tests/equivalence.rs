@@ -415,6 +415,16 @@ fn captured() -> Vec<Case> {
 /// A change made to a pod.
 type Edit = Box<dyn Fn(&mut Value)>;
 
+/// Writes another service account into moat's stamp.
+fn restamp(p: &mut Value) {
+    p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin");
+}
+
+/// Points the first container at the mutable tag `latest`.
+fn tag_latest(p: &mut Value) {
+    p["spec"]["containers"][0]["image"] = json!("nginx:latest");
+}
+
 /// A running pod's UPDATEs: class label changed, tolerations added, stamp changed, image
 /// changed and unchanged.
 fn updates(config: &Config, creates: &[Case]) -> Vec<Case> {
@@ -440,16 +450,8 @@ fn updates(config: &Config, creates: &[Case]) -> Vec<Case> {
                     p["spec"]["tolerations"] = json!(t);
                 }),
             ),
-            (
-                "restamp",
-                Box::new(|p| {
-                    p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
-                }),
-            ),
-            (
-                "retag",
-                Box::new(|p| p["spec"]["containers"][0]["image"] = json!("nginx:latest")),
-            ),
+            ("restamp", Box::new(restamp)),
+            ("retag", Box::new(tag_latest)),
             (
                 "status",
                 Box::new(|p| p["status"] = json!({"phase": "Running"})),
@@ -521,16 +523,8 @@ fn faults(config: &Config, creates: &[Case]) -> Vec<Case> {
                     }
                 }),
             ),
-            (
-                "restamp",
-                Box::new(|p| {
-                    p["metadata"]["annotations"]["moat.dev/service-account"] = json!("admin")
-                }),
-            ),
-            (
-                "latest",
-                Box::new(|p| p["spec"]["containers"][0]["image"] = json!("nginx:latest")),
-            ),
+            ("restamp", Box::new(restamp)),
+            ("latest", Box::new(tag_latest)),
             (
                 "bad-class",
                 Box::new(move |p| p["metadata"]["labels"][k1.as_str()] = json!("Bad_Class")),
