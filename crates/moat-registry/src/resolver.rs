@@ -191,7 +191,7 @@ impl Resolver {
                 self.metrics.failure(label, FailureReason::timeout);
                 Err(RegistryError::Timeout {
                     registry: parsed.domain().to_owned(),
-                    budget_ms: budget.as_millis(),
+                    budget_ms: (budget.as_micros() + 500) / 1000,
                 }
                 .to_string())
             }
