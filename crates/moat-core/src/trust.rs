@@ -376,6 +376,20 @@ impl<'de> Deserialize<'de> for PemCertificates {
     }
 }
 
+/// What the registry said about one image reference, as the server found it before the
+/// decision (the engine itself calls no registry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageVerdict {
+    /// Resolved (and verified, when its rule requires a signature): the pod must run `pinned`,
+    /// `name[:tag]@sha256:…` (the reference itself when it already named a digest).
+    Admitted { pinned: String },
+    /// Why the image is refused: the registry and the reason.
+    Refused(String),
+}
+
+/// Verdicts by image reference as the pod writes it.
+pub type ImageVerdicts = std::collections::HashMap<String, ImageVerdict>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

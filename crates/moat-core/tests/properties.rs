@@ -118,6 +118,7 @@ fn decide_on_template(c: &Config, ns: &str, pod: &Template, stage: Stage) -> Dec
         dry_run: false,
         requester: None,
         placement_seed: "seed",
+        images: None,
     };
     decide(c, &req)
 }
@@ -425,6 +426,7 @@ proptest! {
                     },
                 }),
                 placement_seed: "seed",
+                images: None,
             });
             (d.patched(pod).unwrap(), d)
         };

@@ -40,6 +40,7 @@ fn decide_and_answer(
                 username: &req.user_info.username,
             }),
             placement_seed: &req.uid,
+            images: None,
         },
     );
     (codec::admission_answer(&req, &decision), decision)
