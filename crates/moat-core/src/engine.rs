@@ -188,6 +188,24 @@ pub fn images_to_resolve<'a>(config: &Config, req: &Request<'a>) -> Vec<&'a str>
     images::to_resolve(template, old)
 }
 
+/// The image references an ImageReview in `namespace` must have resolved before
+/// [`review_images_verified`]: each valid one once; none in an exempt namespace or without
+/// `images.trust`.
+pub fn image_review_to_resolve<'a>(
+    config: &Config,
+    namespace: &str,
+    images: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    if config.images.trust.is_none() || namespace_exempt(config, namespace) {
+        return Vec::new();
+    }
+    let mut seen = std::collections::HashSet::new();
+    images
+        .into_iter()
+        .filter(|raw| raw.parse::<crate::image::ImageRef>().is_ok() && seen.insert(*raw))
+        .collect()
+}
+
 /// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`), with the same
 /// namespace exemptions and enforcement as admission. Denials name `spec.containers[i]`.
 pub fn review_images<'a>(
