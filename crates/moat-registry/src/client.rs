@@ -19,10 +19,12 @@ use moat_core::trust::PemCertificates;
 use crate::auth::{Challenge, Credentials, CredentialsError, DockerConfig};
 use crate::error::RegistryError;
 use crate::limits::{
-    IDLE_CONNECTION_TIMEOUT, MAX_IDLE_CONNECTIONS_PER_HOST, MAX_REDIRECTS,
-    MAX_TOKEN_RESPONSE_BYTES, MAX_TOKEN_TTL, MAX_TOKENS, TOKEN_EXPIRY_MARGIN,
+    IDLE_CONNECTION_TIMEOUT, MAX_CALLS_IN_FLIGHT, MAX_CALLS_IN_FLIGHT_PER_REGISTRY,
+    MAX_IDLE_CONNECTIONS_PER_HOST, MAX_REDIRECTS, MAX_TOKEN_RESPONSE_BYTES, MAX_TOKEN_TTL,
+    MAX_TOKENS, TOKEN_EXPIRY_MARGIN,
 };
 use crate::metrics::{Call, RegistryMetrics};
+use tokio::sync::Semaphore;
 
 /// Manifest media types moat reads, in the order it prefers them: an index (multi-platform) is
 /// pinned as such, the kubelet picks its platform.
@@ -83,6 +85,11 @@ pub(crate) struct Client {
     credentials: Option<Credentials>,
     /// `(registry, scope, credentials generation)` → `Authorization` value and its expiry.
     authorizations: Mutex<HashMap<(String, String, u64), (Arc<str>, Instant)>>,
+    /// Calls in flight, all registries ([`MAX_CALLS_IN_FLIGHT`]).
+    in_flight: Arc<Semaphore>,
+    /// Calls in flight per registry label ([`MAX_CALLS_IN_FLIGHT_PER_REGISTRY`]); labels are
+    /// the registries rules name and `other`, a set the operator bounds.
+    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     metrics: RegistryMetrics,
 }
 
@@ -136,6 +143,8 @@ impl Client {
             http,
             credentials,
             authorizations: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
+            per_registry: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -150,6 +159,16 @@ impl Client {
         what: &str,
         call: Call,
     ) -> Result<Option<Fetched>, RegistryError> {
+        let registry = self
+            .per_registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(repo.label.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT_PER_REGISTRY)))
+            .clone();
+        // Neither semaphore is ever closed; the waits end at the review's deadline.
+        let _registry_turn = registry.acquire_owned().await.ok();
+        let _turn = self.in_flight.clone().acquire_owned().await.ok();
         let started = Instant::now();
         let result = self.get_inner(repo, path, accept, limit, what).await;
         self.metrics.call(repo.label, call, started.elapsed());

@@ -37,7 +37,7 @@ pub enum RegistryError {
         limit: usize,
     },
     /// A body or header that is not what the protocol says.
-    #[error("registry {registry} sent an unusable {what}: {reason}")]
+    #[error("registry {registry} sent an unusable answer for {what}: {reason}")]
     Garbage {
         registry: String,
         what: String,

@@ -7,9 +7,21 @@ use std::time::Duration;
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-/// Largest manifest or index read from a registry: distribution itself refuses to store
-/// manifests over 4 MiB, so a larger body is not a manifest.
-pub const MAX_MANIFEST_BYTES: usize = 4 * MIB;
+/// Largest manifest or index read from a registry. Real ones are a few KiB (an index of a dozen
+/// platforms with their attestations, a manifest of a hundred layers: tens of KiB);
+/// distribution accepts up to 4 MiB, which times [`MAX_CALLS_IN_FLIGHT`] would be more memory
+/// than moat's whole limit, for images nobody builds.
+pub const MAX_MANIFEST_BYTES: usize = 256 * KIB;
+
+/// Registry calls in flight at once, all registries together: each holds at most one body of
+/// [`MAX_MANIFEST_BYTES`] while it reads it. More wait their turn (within their review's
+/// deadline).
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
+
+/// Registry calls in flight at once to one registry (as the metrics label it: a registry a rule
+/// names, or all others together), so one slow registry holds at most a quarter of the calls
+/// and the others' reviews go on.
+pub const MAX_CALLS_IN_FLIGHT_PER_REGISTRY: usize = MAX_CALLS_IN_FLIGHT / 4;
 
 /// Largest signature payload (cosign's simple-signing JSON) read: the payload is a few hundred
 /// bytes plus the signer's optional annotations.
@@ -40,6 +52,10 @@ pub const MAX_CACHE_BYTES: usize = 8 * MIB;
 /// What one cache entry costs beyond its key and value: the map slot, the eviction queue
 /// slot and the expiry.
 pub const CACHE_ENTRY_OVERHEAD_BYTES: usize = 128;
+
+/// What the registry client may hold at once, for the memory limit: the cache and every call's
+/// body in flight.
+pub const MAX_HELD_BYTES: usize = MAX_CACHE_BYTES + MAX_CALLS_IN_FLIGHT * MAX_MANIFEST_BYTES;
 
 /// How long a verified signature is reused for the same digest, repository and keys. A
 /// signature over a digest never stops being valid; what can change is the registry deleting
