@@ -272,7 +272,7 @@ mod tests {
         let flights = Arc::new(Flights::<u32>::default());
         let first = {
             let flights = flights.clone();
-            tokio::spawn(async move { flights.run("k", || std::future::pending::<u32>()).await })
+            tokio::spawn(async move { flights.run("k", std::future::pending::<u32>).await })
         };
         while flights.is_empty() {
             tokio::task::yield_now().await;

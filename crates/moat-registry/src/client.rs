@@ -77,14 +77,17 @@ pub(crate) struct Fetched {
 
 type Https = HttpsConnector<HttpConnector>;
 
+/// `(registry, scope, credentials generation)`: what an `Authorization` value is good for.
+type AuthKey = (String, String, u64);
+
 /// The HTTP client, shared by every lookup: its connection pool, the credentials file and the
 /// authorisation headers got so far.
 #[derive(Debug)]
 pub(crate) struct Client {
     http: HyperClient<Https, Empty<Bytes>>,
     credentials: Option<Credentials>,
-    /// `(registry, scope, credentials generation)` → `Authorization` value and its expiry.
-    authorizations: Mutex<HashMap<(String, String, u64), (Arc<str>, Instant)>>,
+    /// [`AuthKey`] → `Authorization` value and its expiry.
+    authorizations: Mutex<HashMap<AuthKey, (Arc<str>, Instant)>>,
     /// Calls in flight, all registries ([`MAX_CALLS_IN_FLIGHT`]).
     in_flight: Arc<Semaphore>,
     /// Calls in flight per registry label ([`MAX_CALLS_IN_FLIGHT_PER_REGISTRY`]); labels are
@@ -412,7 +415,7 @@ impl Client {
         result
     }
 
-    fn cached_authorization(&self, key: &(String, String, u64)) -> Option<Arc<str>> {
+    fn cached_authorization(&self, key: &AuthKey) -> Option<Arc<str>> {
         let map = self
             .authorizations
             .lock()
@@ -422,7 +425,7 @@ impl Client {
             .map(|(v, _)| v.clone())
     }
 
-    fn store_authorization(&self, key: (String, String, u64), value: Arc<str>, ttl: Duration) {
+    fn store_authorization(&self, key: AuthKey, value: Arc<str>, ttl: Duration) {
         let mut map = self
             .authorizations
             .lock()
@@ -436,7 +439,7 @@ impl Client {
         map.insert(key, (value, Instant::now() + ttl));
     }
 
-    fn drop_authorization(&self, key: &(String, String, u64)) {
+    fn drop_authorization(&self, key: &AuthKey) {
         self.authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

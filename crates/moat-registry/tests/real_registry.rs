@@ -2,211 +2,30 @@
 //! pushed with skopeo and signed with cosign. `scripts/test.sh` installs them, starts the
 //! registries (`scripts/start-test-registry.sh`) and runs these with `--ignored`; without the
 //! registries each test fails, naming what is missing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod support;
 
 use moat_core::image::ImageRef;
 use moat_core::trust::ImageTrust;
 use moat_registry::metrics::{CacheKind, Call};
 use moat_registry::{Image, Resolver};
 use prometheus_client::registry::Registry;
+use support::{
+    Env, Scratch, base64_encode, indent, key_pair, push, push_command, push_with, run, sign,
+};
 
 /// The deadline the tests give a review: the server's budget.
 const BUDGET: Duration = Duration::from_secs(2);
-const COSIGN_PASSWORD: &str = "moat-test";
-
-struct Env {
-    registry: String,
-    auth_registry: String,
-    user: String,
-    password: String,
-    ca: String,
-    cert_dir: String,
-}
-
-fn env() -> Env {
-    let var = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| {
-            panic!("{k} is not set: run scripts/start-test-registry.sh and source its env file")
-        })
-    };
-    Env {
-        registry: var("MOAT_TEST_REGISTRY"),
-        auth_registry: var("MOAT_TEST_REGISTRY_AUTH"),
-        user: var("MOAT_TEST_REGISTRY_USER"),
-        password: var("MOAT_TEST_REGISTRY_PASSWORD"),
-        ca: std::fs::read_to_string(var("MOAT_TEST_REGISTRY_CA")).unwrap(),
-        cert_dir: var("MOAT_TEST_REGISTRY_CERT_DIR"),
-    }
-}
-
-/// A directory of the test's own, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moat-registry-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    moat_registry::Digest::of(bytes).hex().to_owned()
-}
-
-/// An OCI layout at `dir` holding one image tagged `v`, distinct per `variant` (a label in its
-/// configuration), with one empty layer.
-fn write_layout(dir: &Path, variant: &str) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let hex = sha256_hex(bytes);
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    // 1,024 zero bytes: an empty tar archive.
-    let (layer, layer_len) = put(&[0u8; 1024]);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [layer]},
-        "config": {"Labels": {"moat.test/variant": variant}},
-    });
-    let (config, config_len) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_len},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_len}],
-    });
-    let (manifest, manifest_len) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest,
-                       "size": manifest_len, "annotations": {"org.opencontainers.image.ref.name": "v"}}],
-    });
-    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-}
-
-/// The skopeo command that pushes `variant` to `dest` (`host:port/repo:tag`); its digest lands
-/// in `digest_file`.
-fn push_command(
-    env: &Env,
-    scratch: &Scratch,
-    variant: &str,
-    dest: &str,
-    login: Option<(&str, &str)>,
-) -> (Command, PathBuf) {
-    let layout = scratch.path(&format!("layout-{variant}"));
-    write_layout(&layout, variant);
-    let digest_file = scratch.path(&format!("digest-{variant}"));
-    let mut cmd = Command::new("skopeo");
-    cmd.args([
-        "copy",
-        "--quiet",
-        "--dest-cert-dir",
-        &env.cert_dir,
-        "--digestfile",
-    ])
-    .arg(&digest_file);
-    if let Some((u, p)) = login {
-        cmd.args(["--dest-creds", &format!("{u}:{p}")]);
-    }
-    cmd.arg(format!("oci:{}:v", layout.display()))
-        .arg(format!("docker://{dest}"));
-    (cmd, digest_file)
-}
-
-/// Pushes `variant` to `dest`; the digest the registry serves for it.
-fn push(env: &Env, scratch: &Scratch, variant: &str, dest: &str) -> String {
-    push_with(env, scratch, variant, dest, None)
-}
-
-fn push_with(
-    env: &Env,
-    scratch: &Scratch,
-    variant: &str,
-    dest: &str,
-    login: Option<(&str, &str)>,
-) -> String {
-    let (mut cmd, digest_file) = push_command(env, scratch, variant, dest, login);
-    run(&mut cmd);
-    std::fs::read_to_string(digest_file)
-        .unwrap()
-        .trim()
-        .to_owned()
-}
-
-/// `cosign generate-key-pair` in `dir/name`: the private key's path and the public key's PEM.
-fn key_pair(scratch: &Scratch, name: &str) -> (PathBuf, String) {
-    let dir = scratch.path(&format!("key-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    run(Command::new("cosign")
-        .arg("generate-key-pair")
-        .current_dir(&dir)
-        .env("COSIGN_PASSWORD", COSIGN_PASSWORD));
-    let public = std::fs::read_to_string(dir.join("cosign.pub")).unwrap();
-    (dir.join("cosign.key"), public)
-}
-
-/// `cosign sign --key` without a transparency log upload (nothing outside is reachable).
-fn sign(env: &Env, scratch: &Scratch, key: &Path, reference: &str) {
-    let ca = scratch.path("ca.pem");
-    std::fs::write(&ca, &env.ca).unwrap();
-    let docker_config = scratch.path("docker-config");
-    std::fs::create_dir_all(&docker_config).unwrap();
-    let auth = base64_encode(format!("{}:{}", env.user, env.password).as_bytes());
-    std::fs::write(
-        docker_config.join("config.json"),
-        format!(
-            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
-            env.auth_registry
-        ),
-    )
-    .unwrap();
-    run(Command::new("cosign")
-        .args(["sign", "--tlog-upload=false", "--yes", "--key"])
-        .arg(key)
-        .arg(reference)
-        .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
-        .env("SSL_CERT_FILE", &ca)
-        .env("DOCKER_CONFIG", &docker_config));
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn indent(pem: &str, by: usize) -> String {
-    pem.lines()
-        .map(|l| format!("{}{l}\n", " ".repeat(by)))
-        .collect()
-}
 
 /// A trust section for `repos` with the test CA, `signatures: required` by `keys` (name, PEM),
 /// or `off` when `keys` is empty.
@@ -258,7 +77,7 @@ fn resolver(trust: &ImageTrust) -> Resolver {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn an_unsigned_image_is_denied() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("unsigned");
     let (_, public) = key_pair(&scratch, "release");
     let image = format!("{}/unsigned/app:1", env.registry);
@@ -274,7 +93,7 @@ async fn an_unsigned_image_is_denied() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn an_image_signed_by_a_trusted_key_is_admitted_pinned_to_the_digest_served() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("trusted");
     let (key, public) = key_pair(&scratch, "release");
     let image = format!("{}/trusted/app:1.4", env.registry);
@@ -295,7 +114,7 @@ async fn an_image_signed_by_a_trusted_key_is_admitted_pinned_to_the_digest_serve
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn an_image_signed_by_another_key_is_denied() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("other-key");
     let (_, trusted) = key_pair(&scratch, "release");
     let (other, _) = key_pair(&scratch, "intruder");
@@ -317,7 +136,7 @@ async fn an_image_signed_by_another_key_is_denied() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn a_signature_over_another_digest_is_denied() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("replay");
     let (key, public) = key_pair(&scratch, "release");
     let repo = format!("{}/replay/app", env.registry);
@@ -350,7 +169,7 @@ async fn a_signature_over_another_digest_is_denied() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn a_moved_tag_reaches_new_pods_and_the_admitted_pod_keeps_its_digest() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("moved");
     let (key, public) = key_pair(&scratch, "release");
     let repo = format!("{}/moved/app", env.registry);
@@ -391,7 +210,7 @@ async fn a_moved_tag_reaches_new_pods_and_the_admitted_pod_keeps_its_digest() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn a_stopped_registry_is_a_denial_naming_it() {
-    let env = env();
+    let env = support::env();
     // A port nothing listens on: the registry is down.
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -413,7 +232,7 @@ async fn a_stopped_registry_is_a_denial_naming_it() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn a_registry_that_never_answers_is_a_denial_at_the_deadline() {
-    let env = env();
+    let env = support::env();
     // Accepts connections and never says a word (not even the TLS handshake).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let registry = listener.local_addr().unwrap().to_string();
@@ -442,7 +261,7 @@ async fn a_registry_that_never_answers_is_a_denial_at_the_deadline() {
 async fn two_hundred_images_in_concurrent_reviews_are_each_resolved_once() {
     const IMAGES: usize = 200;
     const REVIEWS: usize = 8;
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("many");
     let mut expected = Vec::new();
     // Twenty repositories of ten tags, each a distinct image, pushed eight at a time.
@@ -517,7 +336,7 @@ async fn two_hundred_images_in_concurrent_reviews_are_each_resolved_once() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn rotated_credentials_are_used_without_a_restart() {
-    let env = env();
+    let env = support::env();
     let scratch = Scratch::new("rotated");
     let (key, public) = key_pair(&scratch, "release");
     let login = Some((env.user.as_str(), env.password.as_str()));
@@ -564,7 +383,7 @@ async fn rotated_credentials_are_used_without_a_restart() {
 #[tokio::test]
 #[ignore = "needs a registry: scripts/test.sh starts it"]
 async fn a_registry_asking_for_credentials_moat_lacks_is_a_denial_saying_so() {
-    let env = env();
+    let env = support::env();
     let trust = trust(&env, &[&env.auth_registry], &[], "");
     let image = format!("{}/nobody/app:1", env.auth_registry);
     let why = check_one(&resolver(&trust), &trust, &image)
