@@ -70,4 +70,5 @@ echo "== image trust against real registries (distribution, skopeo, cosign)"
 (
   . "$e2e/registry/env"
   cargo test -p moat-registry --locked --test real_registry -- --ignored
+  cargo test -p moat-server --locked --test registry -- --ignored
 )
