@@ -70,7 +70,6 @@ pub(crate) fn decide_json(data: &[u8]) {
                 dry_run: false,
                 requester: None,
                 placement_seed: "fuzz",
-                images: None,
             };
             decide(&config, &req)
                 .patched(&object)

@@ -23,7 +23,6 @@ fn request(stage: Stage, object: Option<&Template>) -> Request<'_> {
         dry_run: false,
         requester: None,
         placement_seed: "6f1c2d3e",
-        images: None,
     }
 }
 

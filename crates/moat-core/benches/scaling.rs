@@ -42,7 +42,6 @@ fn bench(c: &mut Criterion) {
             dry_run: false,
             requester: None,
             placement_seed: "6f1c2d3e",
-            images: None,
         };
         group.bench_with_input(BenchmarkId::new("create", n), &n, |b, _| {
             let req = request(Operation::Create, None);

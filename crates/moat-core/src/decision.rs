@@ -7,7 +7,6 @@ use std::fmt;
 use serde_json::Value;
 
 use crate::subject::{Kind, Template};
-use crate::trust::ImageVerdicts;
 
 /// The admission operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +45,6 @@ pub struct Request<'a> {
     pub requester: Option<Requester<'a>>,
     /// Stable per-object input that names a dedicated node (dedicatedNode mode).
     pub placement_seed: &'a str,
-    /// What the registries said about the images [`crate::engine::images_to_resolve`] named,
-    /// when `images.trust` is configured and the caller resolved them (the server does; offline
-    /// review does not, and says so in a warning).
-    pub images: Option<&'a ImageVerdicts>,
 }
 
 impl<'a> Request<'a> {
@@ -71,7 +66,6 @@ impl<'a> Request<'a> {
             dry_run: false,
             requester: None,
             placement_seed,
-            images: None,
         }
     }
 }

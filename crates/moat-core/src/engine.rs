@@ -14,6 +14,7 @@ use crate::decision::{
 use crate::fields::PodFields;
 use crate::policy::{identity, images, isolation, runtime};
 use crate::subject::{Kind, Template};
+use crate::trust::ImageVerdicts;
 
 /// Everything a policy reads.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +24,8 @@ pub(crate) struct Context<'a> {
     pub(crate) template: &'a Template,
     /// The pod before an UPDATE.
     pub(crate) old: Option<&'a Template>,
+    /// The registries' verdicts on the images (`images.trust`), when the caller resolved them.
+    pub(crate) images: Option<&'a ImageVerdicts>,
 }
 
 impl Context<'_> {
@@ -82,6 +85,19 @@ pub fn enforcement(modes: &EnforcementModes, policy: Policy) -> Enforcement {
 /// mutations of runtimeClass, isolation and identity. Mutations of a policy in audit mode go to
 /// a copy that is thrown away and are reported as warnings.
 pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
+    decide_with_images(config, req, None)
+}
+
+/// [`decide`] with what the registries said about the images [`images_to_resolve`] named, when
+/// `images.trust` is configured and the caller resolved them (the server does; offline review
+/// does not, and the decision says so in a warning): a refused image is denied with the
+/// registry's reason, one not checked is denied, and a pod's images are pinned to the digests
+/// that were verified.
+pub fn decide_with_images(
+    config: &Config,
+    req: &Request<'_>,
+    images: Option<&ImageVerdicts>,
+) -> Decision {
     let Some(template) = req.object else {
         return Decision::untouched(None, ExemptionReason::UnsupportedKind);
     };
@@ -107,10 +123,11 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
         req,
         template,
         old,
+        images,
     };
 
     let mut found = Findings::default();
-    if config.images.trust.is_some() && req.images.is_none() {
+    if config.images.trust.is_some() && images.is_none() {
         found.warnings.push(
             "images.trust is configured but this review called no registry: digests and signatures were not checked".to_owned(),
         );
@@ -222,7 +239,7 @@ pub fn review_images_verified<'a>(
     config: &Config,
     namespace: &str,
     images: impl IntoIterator<Item = &'a str>,
-    verdicts: Option<&crate::trust::ImageVerdicts>,
+    verdicts: Option<&ImageVerdicts>,
 ) -> Decision {
     if namespace_exempt(config, namespace) {
         return Decision::untouched(None, ExemptionReason::Namespace);

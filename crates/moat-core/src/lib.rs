@@ -24,7 +24,6 @@
 //!     old_object: None, namespace: "shop", namespace_labels: None, dry_run: false,
 //!     requester: None,
 //!     placement_seed: "",
-//!     images: None,
 //! };
 //! let decision = decide(&config, &req);
 //! assert!(!decision.allowed());

@@ -92,7 +92,6 @@ fn run(c: &Config, object: &Value, call: Call<'_>) -> Checked {
         dry_run: call.dry_run,
         requester: call.user.map(|username| Requester { username }),
         placement_seed: "uid-1",
-        images: None,
     };
     let d = decide(c, &req);
     let patched = d.patched(object).expect("the patch applies to its input");

@@ -118,7 +118,6 @@ fn decide_on_template(c: &Config, ns: &str, pod: &Template, stage: Stage) -> Dec
         dry_run: false,
         requester: None,
         placement_seed: "seed",
-        images: None,
     };
     decide(c, &req)
 }
@@ -426,7 +425,6 @@ proptest! {
                     },
                 }),
                 placement_seed: "seed",
-                images: None,
             });
             (d.patched(pod).unwrap(), d)
         };

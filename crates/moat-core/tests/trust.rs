@@ -11,7 +11,7 @@
 
 use moat_core::config::Config;
 use moat_core::decision::{Decision, Operation, Request, Stage};
-use moat_core::engine::{decide, images_to_resolve, review_images_verified};
+use moat_core::engine::{decide_with_images, images_to_resolve, review_images_verified};
 use moat_core::subject::Template;
 use moat_core::trust::{ImageVerdict, ImageVerdicts};
 use serde_json::{Value, json};
@@ -68,9 +68,8 @@ fn decide_with(
         dry_run: false,
         requester: None,
         placement_seed: "uid",
-        images: verdicts,
     };
-    let d = decide(c, &req);
+    let d = decide_with_images(c, &req, verdicts);
     let patched = d.patched(object).unwrap();
     (d, patched)
 }

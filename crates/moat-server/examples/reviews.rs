@@ -40,7 +40,6 @@ fn decide_and_answer(
                 username: &req.user_info.username,
             }),
             placement_seed: &req.uid,
-            images: None,
         },
     );
     (codec::admission_answer(&req, &decision), decision)

@@ -257,7 +257,7 @@ async fn review(
     let config = state.config();
     let labels = state.namespace_labels(&req.namespace);
     let verdicts = if config.images.trust.is_some() && req.unusable.is_none() {
-        let request = admission_request(&req, stage, labels.as_ref(), None);
+        let request = admission_request(&req, stage, labels.as_ref());
         let images = engine::images_to_resolve(&config, &request);
         state.image_verdicts(&config, &req.namespace, &images).await
     } else {
@@ -275,7 +275,6 @@ fn admission_request<'a>(
     req: &'a AdmissionIn,
     stage: Stage,
     labels: Option<&'a std::collections::BTreeMap<String, String>>,
-    images: Option<&'a moat_core::trust::ImageVerdicts>,
 ) -> Request<'a> {
     Request {
         operation: req.operation,
@@ -289,7 +288,6 @@ fn admission_request<'a>(
             username: &req.user_info.username,
         }),
         placement_seed: &req.uid,
-        images,
     }
 }
 
@@ -332,9 +330,10 @@ fn decide_review(
         tracing::info!(reason = %e, "denied an unreadable object");
         return Ok(codec::admission_deny(req, e.to_string()));
     }
-    let decision = engine::decide(
+    let decision = engine::decide_with_images(
         config,
-        &admission_request(req, stage, labels.as_ref(), verdicts.as_ref()),
+        &admission_request(req, stage, labels.as_ref()),
+        verdicts.as_ref(),
     );
     state.metrics.record_policies(endpoint, &decision);
     let outcome = if decision.allowed() {

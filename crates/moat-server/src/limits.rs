@@ -207,6 +207,15 @@ pub const fn memory_limit_bytes() -> usize {
     with_slack.div_ceil(MIB) * MIB
 }
 
+/// What `moat install` adds to [`memory_limit_bytes`] when `images.trust` is configured: the
+/// registry client's cache and the bodies of its calls in flight
+/// (`moat_registry::limits::MAX_HELD_BYTES`), plus a quarter for fragmentation, rounded up to a
+/// MiB.
+pub const fn registry_memory_bytes() -> usize {
+    let held = moat_registry::limits::MAX_HELD_BYTES;
+    (held + held / 4).div_ceil(MIB) * MIB
+}
+
 // One source never holds every slot, every connection, or the whole budget in readers'
 // overhead: checked when the crate compiles.
 const _: () = assert!(MAX_REQUESTS_PER_SOURCE < MAX_CONCURRENT_REQUESTS);
@@ -230,6 +239,12 @@ mod tests {
         assert_eq!(limit % MIB, 0);
         // What the install writes today; a change to a bound shows here and in docs/server.md.
         assert_eq!(limit / MIB, 162);
+    }
+
+    #[test]
+    fn image_trust_adds_its_cache_and_calls_to_the_memory_limit() {
+        // 8 MiB of cache and 64 calls of at most 256 KiB, and a quarter: 30 MiB.
+        assert_eq!(registry_memory_bytes() / MIB, 30);
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
             out.deny(Policy::Images, format!("{who}: {problem}"));
         }
         // A reference that does not parse was denied above and never sent to a registry.
-        let Some(verdicts) = ctx.req.images.filter(|_| raw.parse::<ImageRef>().is_ok()) else {
+        let Some(verdicts) = ctx.images.filter(|_| raw.parse::<ImageRef>().is_ok()) else {
             continue;
         };
         match verdicts.get(raw) {
