@@ -394,3 +394,102 @@ async fn a_registry_asking_for_credentials_moat_lacks_is_a_denial_saying_so() {
         "{why}"
     );
 }
+
+/// A TCP proxy to `upstream` that holds every chunk `one_way` before passing it on, either
+/// way: a registry `2 × one_way` of round trip away, as one in another zone or region is.
+async fn distant(upstream: String, one_way: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        one_way: Duration,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    tokio::time::sleep(one_way).await;
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, one_way));
+            tokio::spawn(pipe(sr, cw, one_way));
+        }
+    });
+    addr
+}
+
+/// Prints the figure docs/server.md quotes: a cold review of a pod with N distinct signed
+/// images, each a TLS handshake, a tag lookup, a signature manifest and a payload, against a
+/// registry 20 ms of round trip away, costs about what one image costs, not N times it.
+/// Asserts only the calls made, never a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a registry: scripts/test.sh starts it"]
+async fn a_cold_review_of_many_images_costs_about_one_images_round_trips() {
+    let env = support::env();
+    let scratch = Scratch::new("cold");
+    let (key, public) = key_pair(&scratch, "release");
+    let mut images = Vec::new();
+    for i in 0..16 {
+        let repo = format!("{}/cold{}/app{i}", env.registry, std::process::id());
+        let digest = push(&env, &scratch, &format!("cold-{i}"), &format!("{repo}:1"));
+        sign(&env, &scratch, &key, &format!("{repo}@{digest}"));
+        images.push(format!("{repo}:1"));
+    }
+    // The images as seen through the distant path; their signatures name the registry's own
+    // address, so the repository check is off for this figure.
+    const ONE_WAY: Duration = Duration::from_millis(10);
+    let far = distant(env.registry.clone(), ONE_WAY).await;
+    let images: Vec<String> = images
+        .iter()
+        .map(|i| i.replace(&env.registry, &far))
+        .collect();
+    let mut trust = trust(&env, &[&far], &[("release", &public)], "");
+    trust.rules[0].require_same_repository = false;
+    let mut lines = vec![format!(
+        "registry round trip {} ms (a proxy holds each chunk {} ms each way)",
+        2 * ONE_WAY.as_millis(),
+        ONE_WAY.as_millis()
+    )];
+    for n in [1usize, 4, 16] {
+        // A fresh resolver per run: cold cache, cold connections (each run's first call
+        // pays the TLS handshake, as a cold review does).
+        let resolver = resolver(&trust);
+        let parsed: Vec<ImageRef> = images[..n].iter().map(|r| r.parse().unwrap()).collect();
+        let asked: Vec<Image<'_>> = images[..n]
+            .iter()
+            .zip(&parsed)
+            .map(|(raw, parsed)| Image { raw, parsed })
+            .collect();
+        let started = Instant::now();
+        let answers = resolver
+            .check(&trust, "tenant", &asked, Instant::now() + BUDGET)
+            .await;
+        let took = started.elapsed();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        let m = resolver.metrics();
+        for call in [Call::manifest, Call::signatures, Call::payload] {
+            assert_eq!(m.calls(&far, call), n as u64, "{call:?}");
+        }
+        lines.push(format!(
+            "cold review of {n:2} signed image(s): {:6.1} ms ({} registry calls)",
+            took.as_secs_f64() * 1e3,
+            3 * n
+        ));
+    }
+    println!("{}", lines.join("\n"));
+}
