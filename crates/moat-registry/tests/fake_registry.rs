@@ -1,6 +1,7 @@
-//! Registries that answer, but not with what the protocol says: each a denial naming the
-//! registry and what was wrong, never a hang. A TLS server of the test's own answers every
-//! request with one canned HTTP response; no real registry is needed.
+//! Registries of the test's own (a TLS server answering from a function of the request head),
+//! for what a real distribution registry will not do: answers that are not what the protocol
+//! says (each a denial naming the registry and what was wrong, never a hang) and the bearer
+//! token dance of Docker Hub and GHCR.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -51,16 +52,26 @@ fn tls() -> (String, tokio_rustls::TlsAcceptor) {
 /// Serves `response` (status line, headers and body) to every request; the registry's
 /// `host:port` and the CA to trust.
 async fn canned(response: Vec<u8>) -> (String, String) {
+    serve(move |_, _| response.clone()).await
+}
+
+/// Answers each request with `answer(request head, own host:port)`, one request per
+/// connection; the registry's `host:port` and the CA to trust.
+async fn serve<F>(answer: F) -> (String, String)
+where
+    F: Fn(&str, &str) -> Vec<u8> + Send + Sync + 'static,
+{
     let (ca, acceptor) = tls();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let response = Arc::new(response);
+    let answer = Arc::new(answer);
+    let own = addr.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, response) = (acceptor.clone(), response.clone());
+            let (acceptor, answer, own) = (acceptor.clone(), answer.clone(), own.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -73,6 +84,7 @@ async fn canned(response: Vec<u8>) -> (String, String) {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
+                let response = answer(&String::from_utf8_lossy(&head), &own);
                 let _ = tls.write_all(&response).await;
                 let _ = tls.shutdown().await;
             });
@@ -93,17 +105,30 @@ fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
 }
 
 async fn check(registry: &str, ca: &str) -> Result<moat_registry::Admitted, String> {
+    let (trust, resolver) = resolver(ca, "");
+    check_with(&resolver, &trust, &format!("{registry}/app:1")).await
+}
+
+fn resolver(ca: &str, extra: &str) -> (ImageTrust, Resolver) {
     let yaml = format!(
-        "caCertificates: |\n{}unmatched: pin\n",
+        "caCertificates: |\n{}unmatched: pin\n{extra}",
         ca.lines().map(|l| format!("  {l}\n")).collect::<String>()
     );
     let trust: ImageTrust = serde_yaml_ng::from_str(&yaml).unwrap();
     let resolver = Resolver::new(&trust, &mut Registry::default()).unwrap();
-    let raw = format!("{registry}/app:1");
+    (trust, resolver)
+}
+
+async fn check_with(
+    resolver: &Resolver,
+    trust: &ImageTrust,
+    raw: &str,
+) -> Result<moat_registry::Admitted, String> {
+    let raw = raw.to_owned();
     let parsed: ImageRef = raw.parse().unwrap();
     let mut out = resolver
         .check(
-            &trust,
+            trust,
             "tenant",
             &[Image {
                 raw: &raw,
@@ -224,4 +249,77 @@ async fn a_token_service_that_is_not_https_gets_no_credentials() {
     .await;
     let why = check(&registry, &ca).await.unwrap_err();
     assert!(why.contains("is not https"), "{why}");
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_got_with_the_login_and_reused_for_the_repository() {
+    use base64::Engine as _;
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let login = base64::engine::general_purpose::STANDARD.encode("robot:s3cret");
+    let basic = format!("authorization: Basic {login}");
+    let tokens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = tokens.clone();
+    let (registry, ca) = serve(move |head, own| {
+        let head_lower = head.to_ascii_lowercase();
+        if head.starts_with("GET /token?service=fake&scope=repository%3Ashop%2Fapi%3Apull ") {
+            if !head_lower.contains(&basic.to_ascii_lowercase()) {
+                return http("401 Unauthorized", &[("content-length", "0".into())], b"");
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = br#"{"token":"T0K3N","expires_in":300}"#;
+            return http(
+                "200 OK",
+                &[("content-length", body.len().to_string())],
+                body,
+            );
+        }
+        if head_lower.contains("authorization: bearer t0k3n") {
+            return http(
+                "200 OK",
+                &[("content-length", manifest.len().to_string())],
+                manifest,
+            );
+        }
+        let challenge = format!(
+            r#"Bearer realm="https://{own}/token",service="fake",scope="repository:shop/api:pull""#
+        );
+        http(
+            "401 Unauthorized",
+            &[
+                ("www-authenticate", challenge),
+                ("content-length", "0".into()),
+            ],
+            b"",
+        )
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("moat-bearer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let creds = dir.join("config.json");
+    std::fs::write(
+        &creds,
+        format!(r#"{{"auths": {{"{registry}": {{"auth": "{login}"}}}}}}"#),
+    )
+    .unwrap();
+    let (trust, resolver) = resolver(&ca, &format!("credentialsFile: {}\n", creds.display()));
+    for tag in ["1", "2", "3"] {
+        let admitted = check_with(&resolver, &trust, &format!("{registry}/shop/api:{tag}"))
+            .await
+            .unwrap();
+        assert_eq!(admitted.digest, moat_registry::Digest::of(manifest));
+    }
+    assert_eq!(
+        tokens.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one token for the repository"
+    );
+    assert_eq!(
+        // No rule names this registry (`unmatched: pin`): its metrics say `other`.
+        resolver
+            .metrics()
+            .calls("other", moat_registry::metrics::Call::token),
+        1
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
