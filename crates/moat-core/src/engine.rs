@@ -184,7 +184,8 @@ pub fn decide_with_images(
 /// The image references a review of `req` must have resolved at their registries before
 /// [`decide`] (when `images.trust` is configured; empty otherwise, and for requests [`decide`]
 /// does not look into: deletions, exempt namespaces, workload updates that leave the template
-/// alone). Each reference once; images an UPDATE leaves alone are not decided again.
+/// alone). Each reference once; images an UPDATE leaves alone are not decided again. The caller
+/// asks only about references that parse.
 pub fn images_to_resolve<'a>(config: &Config, req: &Request<'a>) -> Vec<&'a str> {
     let Some(template) = req.object else {
         return Vec::new();
@@ -206,8 +207,8 @@ pub fn images_to_resolve<'a>(config: &Config, req: &Request<'a>) -> Vec<&'a str>
 }
 
 /// The image references an ImageReview in `namespace` must have resolved before
-/// [`review_images_verified`]: each valid one once; none in an exempt namespace or without
-/// `images.trust`.
+/// [`review_images_verified`]: each once (the caller asks only about those that parse); none in
+/// an exempt namespace or without `images.trust`.
 pub fn image_review_to_resolve<'a>(
     config: &Config,
     namespace: &str,
@@ -216,11 +217,13 @@ pub fn image_review_to_resolve<'a>(
     if config.images.trust.is_none() || namespace_exempt(config, namespace) {
         return Vec::new();
     }
-    let mut seen = std::collections::HashSet::new();
-    images
-        .into_iter()
-        .filter(|raw| raw.parse::<crate::image::ImageRef>().is_ok() && seen.insert(*raw))
-        .collect()
+    let mut out: Vec<&str> = Vec::new();
+    for raw in images {
+        if !raw.is_empty() && !out.contains(&raw) {
+            out.push(raw);
+        }
+    }
+    out
 }
 
 /// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`), with the same
@@ -253,8 +256,7 @@ pub fn review_images_verified<'a>(
             );
             continue;
         }
-        let problems = images::judge(&config.images, raw);
-        let parsed = raw.parse::<crate::image::ImageRef>().is_ok();
+        let (parsed, problems) = images::judge_parsed(&config.images, raw);
         for problem in problems {
             found.deny(Policy::Images, format!("spec.containers[{i}]: {problem}"));
         }

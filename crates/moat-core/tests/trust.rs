@@ -244,14 +244,18 @@ fn audit_mode_describes_the_pin_and_the_refusal_without_applying_them() {
 }
 
 #[test]
-fn only_valid_references_of_non_exempt_requests_are_resolved_each_once() {
+fn the_references_of_non_exempt_requests_are_named_each_once() {
     let c = config(&format!(
         "{TRUST}\nexemptions: {{namespaces: [kube-system]}}"
     ));
     let object = pod(&["r.example/a:1", "Not A Ref", "r.example/a:1"], None);
     let template = Template::from_value(&object).unwrap().unwrap();
     let req = Request::offline_create(Some(&template), "t", None, "uid");
-    assert_eq!(images_to_resolve(&c, &req), vec!["r.example/a:1"]);
+    // The server parses them and asks the registry only about those that parse.
+    assert_eq!(
+        images_to_resolve(&c, &req),
+        vec!["r.example/a:1", "Not A Ref"]
+    );
     let exempt = Request::offline_create(Some(&template), "kube-system", None, "uid");
     assert!(images_to_resolve(&c, &exempt).is_empty());
     assert!(

@@ -19,6 +19,8 @@ use crate::error::FailureReason;
     reason = "label values are written as Prometheus shows them"
 )]
 pub enum CacheKind {
+    /// A whole image (reference as written, under its rule) admitted earlier.
+    image,
     /// tag → digest.
     tag,
     /// digest → signature verdict.

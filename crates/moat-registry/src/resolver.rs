@@ -37,11 +37,17 @@ pub enum Verdict {
     Rejected(String),
 }
 
-/// What the cache holds: both kinds of answer share one bound.
+/// What the cache holds: all kinds of answer share one bound.
 #[derive(Debug, Clone)]
 enum Cached {
     Digest(Digest),
     Verdict(Verdict),
+    /// A whole image admitted under the rule identified by `rule` (see [`rule_identity`]),
+    /// keyed by the reference as written: a warm review's one lookup per image.
+    Admitted {
+        admitted: Admitted,
+        rule: u64,
+    },
 }
 
 /// An image moat admits.
@@ -114,13 +120,47 @@ impl Resolver {
         images: &[Image<'_>],
         deadline: Instant,
     ) -> Vec<Result<Admitted, String>> {
-        let budget = deadline.saturating_duration_since(Instant::now());
-        join_all(
-            images
-                .iter()
-                .map(|image| self.check_one(trust, namespace, *image, deadline, budget)),
+        let now = Instant::now();
+        let budget = deadline.saturating_duration_since(now);
+        // The warm path first, with no future, timer or allocation per image but the answer:
+        // most reviews end here.
+        let mut answers: Vec<Option<Result<Admitted, String>>> = images
+            .iter()
+            .map(|image| self.warm(trust, namespace, *image, now).map(Ok))
+            .collect();
+        if answers.iter().all(Option::is_some) {
+            return answers.into_iter().flatten().collect();
+        }
+        let cold: Vec<usize> = (0..images.len())
+            .filter(|&i| answers[i].is_none())
+            .collect();
+        let looked_up = join_all(
+            cold.iter()
+                .map(|&i| self.check_one(trust, namespace, images[i], deadline, budget)),
         )
-        .await
+        .await;
+        for (i, answer) in cold.into_iter().zip(looked_up) {
+            answers[i] = Some(answer);
+        }
+        answers.into_iter().flatten().collect()
+    }
+
+    /// The image as admitted earlier under the same rule, if the cache still has it.
+    fn warm(
+        &self,
+        trust: &ImageTrust,
+        namespace: &str,
+        image: Image<'_>,
+        now: Instant,
+    ) -> Option<Admitted> {
+        let identity = identity(trust, trust.rule_for(image.parsed, namespace))?;
+        match self.cache.get(image.raw, now) {
+            Some(Cached::Admitted { admitted, rule }) if rule == identity => {
+                self.metrics.hit(CacheKind::image);
+                Some(admitted)
+            }
+            _ => None,
+        }
     }
 
     async fn check_one(
@@ -132,7 +172,8 @@ impl Resolver {
         budget: Duration,
     ) -> Result<Admitted, String> {
         let parsed = image.parsed;
-        let rule = trust.rule_for(parsed, namespace).map(|(_, r)| r);
+        let matched = trust.rule_for(parsed, namespace);
+        let rule = matched.map(|(_, r)| r);
         let label = match (rule, trust.unmatched) {
             (Some(_), _) => parsed.domain(),
             (None, Unmatched::Pin) => OTHER_REGISTRY_LABEL,
@@ -179,11 +220,30 @@ impl Resolver {
             } else {
                 format!("{}@{digest}", image.raw)
             };
-            Ok(Admitted {
+            let admitted = Admitted {
                 digest,
                 pinned,
                 signed_by,
-            })
+            };
+            if let Some(identity) = identity(trust, matched) {
+                // Kept as long as its shortest-lived part: the tag's digest, or the verdict.
+                let ttl = if parsed.digest().is_some() {
+                    VERIFIED_TTL
+                } else {
+                    ttl.min(VERIFIED_TTL)
+                };
+                self.cache.insert(
+                    image.raw.to_owned(),
+                    Cached::Admitted {
+                        admitted: admitted.clone(),
+                        rule: identity,
+                    },
+                    admitted.pinned.len() + 96,
+                    ttl,
+                    Instant::now(),
+                );
+            }
+            Ok(admitted)
         };
         match tokio::time::timeout_at(deadline.into(), work).await {
             Ok(answer) => answer,
@@ -286,11 +346,7 @@ impl Resolver {
         rule: &TrustRule,
         negative_ttl: Duration,
     ) -> Result<Verdict, RegistryError> {
-        let key = format!(
-            "v {} {digest} {}",
-            image.repository(),
-            rule_fingerprint(rule)
-        );
+        let key = format!("v {} {digest} {:016x}", image.repository(), rule_keys(rule));
         if let Some(Cached::Verdict(v)) = self.cache.get(&key, Instant::now()) {
             self.metrics.hit(CacheKind::signature);
             return Ok(v);
@@ -435,16 +491,38 @@ impl Resolver {
 }
 
 /// Identifies what a verdict depends on in a rule (its keys and the repository check), so a
-/// configuration reload that changes them is not answered from the cache.
-fn rule_fingerprint(rule: &TrustRule) -> String {
-    let mut material = Vec::new();
+/// configuration reload that changes them is not answered from the cache. A 64-bit hash of
+/// operator-written keys: no tenant chooses what it is computed over.
+fn rule_keys(rule: &TrustRule) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
     for k in &rule.keys {
-        material.extend_from_slice(k.name.as_bytes());
-        material.push(0);
-        material.extend_from_slice(k.public_key.raw());
+        k.name.hash(&mut h);
+        k.public_key.raw().hash(&mut h);
     }
-    material.push(u8::from(rule.require_same_repository));
-    Digest::of(&material).hex()[..16].to_owned()
+    rule.require_same_repository.hash(&mut h);
+    h.finish()
+}
+
+/// The [`rule_identity`] of the rule that applies, or of `unmatched: pin`; `None` when the
+/// image is refused without a lookup.
+fn identity(trust: &ImageTrust, matched: Option<(usize, &TrustRule)>) -> Option<u64> {
+    match (matched, trust.unmatched) {
+        (Some((index, rule)), _) => Some(rule_identity(index, rule)),
+        (None, Unmatched::Pin) => Some(u64::MAX),
+        (None, Unmatched::Deny) => None,
+    }
+}
+
+/// Identifies what a whole admitted image depends on: which rule (by position) and what its
+/// verdict depends on, and whether it asks for signatures at all.
+fn rule_identity(index: usize, rule: &TrustRule) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    index.hash(&mut h);
+    rule_keys(rule).hash(&mut h);
+    (rule.signatures == SignaturePolicy::Required).hash(&mut h);
+    h.finish()
 }
 
 /// A resolver shared by every endpoint.

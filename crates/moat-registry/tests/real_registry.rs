@@ -105,10 +105,23 @@ async fn an_image_signed_by_a_trusted_key_is_admitted_pinned_to_the_digest_serve
         &format!("{}/trusted/app@{digest}", env.registry),
     );
     let trust = trust(&env, &[&env.registry], &[("release", &public)], "");
-    let admitted = check_one(&resolver(&trust), &trust, &image).await.unwrap();
+    let resolver = resolver(&trust);
+    let admitted = check_one(&resolver, &trust, &image).await.unwrap();
     assert_eq!(admitted.digest.to_string(), digest);
     assert_eq!(admitted.pinned, format!("{image}@{digest}"));
     assert_eq!(admitted.signed_by.as_deref(), Some("release"));
+    // The next review of the image is one cache lookup: no registry call.
+    let calls = |c| resolver.metrics().calls(&env.registry, c);
+    let before = [Call::manifest, Call::signatures, Call::payload].map(calls);
+    assert_eq!(
+        check_one(&resolver, &trust, &image).await.unwrap(),
+        admitted
+    );
+    assert_eq!(
+        [Call::manifest, Call::signatures, Call::payload].map(calls),
+        before
+    );
+    assert_eq!(resolver.metrics().hits(CacheKind::image), 1);
 }
 
 #[tokio::test]

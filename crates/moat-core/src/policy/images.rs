@@ -88,15 +88,21 @@ fn reviewed<'a>(template: &'a Template, old: Option<&'a Template>) -> Vec<Contai
         .collect()
 }
 
-/// The references the registry must be asked about for this review (valid references only:
-/// the others are denied as they are).
+/// The references the registry must be asked about for this review, each once. The caller
+/// parses them (it needs the parts) and asks only about those that parse: the others are
+/// denied as they are.
 pub(crate) fn to_resolve<'a>(template: &'a Template, old: Option<&'a Template>) -> Vec<&'a str> {
-    let mut seen = HashSet::new();
-    reviewed(template, old)
+    let mut out: Vec<&str> = Vec::new();
+    for raw in reviewed(template, old)
         .into_iter()
         .filter_map(|c| c.image.filter(|i| !i.is_empty()))
-        .filter(|raw| raw.parse::<ImageRef>().is_ok() && seen.insert(*raw))
-        .collect()
+    {
+        // A pod names a handful of images: a scan beats a set.
+        if !out.contains(&raw) {
+            out.push(raw);
+        }
+    }
+    out
 }
 
 /// An image to pin: where, to what, and who it is for messages.
@@ -119,11 +125,12 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
             out.deny(Policy::Images, format!("{who} has no image"));
             continue;
         };
-        for problem in judge(&ctx.config.images, raw) {
+        let (parsed, problems) = judge_parsed(&ctx.config.images, raw);
+        for problem in problems {
             out.deny(Policy::Images, format!("{who}: {problem}"));
         }
         // A reference that does not parse was denied above and never sent to a registry.
-        let Some(verdicts) = ctx.images.filter(|_| raw.parse::<ImageRef>().is_ok()) else {
+        let Some(verdicts) = ctx.images.filter(|_| parsed) else {
             continue;
         };
         match verdicts.get(raw) {
@@ -162,15 +169,25 @@ pub(crate) fn mutate(pins: Vec<Pin>, pod: &mut PodFields, out: &mut Findings) {
     }
 }
 
-/// What is wrong with one image reference under `policy` (empty: nothing).
-pub(crate) fn judge(policy: &ImagePolicy, raw: &str) -> Vec<String> {
+/// Whether the reference parsed (only those are sent to a registry), and what is wrong with it
+/// under `policy` (empty: nothing).
+pub(crate) fn judge_parsed(policy: &ImagePolicy, raw: &str) -> (bool, Vec<String>) {
     let image: ImageRef = match raw.parse() {
         Ok(i) => i,
-        Err(e) => return vec![format!("image '{raw}' is not a valid reference: {e}")],
+        Err(e) => {
+            return (
+                false,
+                vec![format!("image '{raw}' is not a valid reference: {e}")],
+            );
+        }
     };
+    (true, judge_image(policy, raw, &image))
+}
+
+fn judge_image(policy: &ImagePolicy, raw: &str, image: &ImageRef) -> Vec<String> {
     let mut problems = Vec::new();
     if !policy.allowed_registries.is_empty()
-        && !policy.allowed_registries.iter().any(|r| r.contains(&image))
+        && !policy.allowed_registries.iter().any(|r| r.contains(image))
     {
         let allowed: Vec<String> = policy
             .allowed_registries
