@@ -208,6 +208,7 @@ async fn a_certificate_from_an_untrusted_ca_is_a_denial() {
     let (registry, _) = canned(http("200 OK", &[], b"")).await;
     let (other_ca, _) = tls();
     let why = check(&registry, &other_ca).await.unwrap_err();
+    eprintln!("{why}");
     assert!(
         why.starts_with(&format!("registry {registry} is unreachable: ")),
         "{why}"
