@@ -3,7 +3,7 @@
 //! verified, the reinvoked call and `/validate` find nothing left to do and call no registry
 //! again, an unsigned image is denied by every endpoint with the registry's reason, a
 //! workload's template is verified and left as it is. `scripts/test.sh` starts the registry
-//! and runs these with `--ignored`.
+//! and runs these with `--ignored`; the last test needs no registry and runs with the others.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -211,4 +211,37 @@ async fn a_workload_template_is_verified_and_not_rewritten() {
     let unsigned = deployment(&s.unsigned);
     let answer = post(&s.state, "/mutate", &admission(&unsigned)).await;
     assert_eq!(answer["response"]["allowed"], false, "{answer}");
+}
+
+/// Needs no registry: nothing listens where the rule points, and the review is still a
+/// denial that names the registry and why, answered 200, never an HTTP error or a hang.
+#[tokio::test]
+async fn a_registry_that_is_down_is_a_denial_naming_it_not_an_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let registry = format!("127.0.0.1:{port}");
+    // A CA of its own, so the test does not depend on the machine's roots.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).unwrap().pem();
+    let yaml = format!(
+        "images:\n  trust:\n    caCertificates: |\n{}    rules: [{{repositories: ['{registry}'], signatures: off}}]\n",
+        indent(&ca, 6)
+    );
+    let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let state = Arc::new(AppState::new(config, None, &mut Registry::default()));
+    let image = format!("{registry}/shop/api:1");
+    let answer = post(&state, "/mutate", &admission(&pod(&image, &image))).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "container 'app' (spec.containers[0]): image '{image}': registry {registry} is unreachable: "
+        )),
+        "{message}"
+    );
 }
