@@ -266,7 +266,10 @@ impl PublicKey {
         } else {
             return Err(PublicKeyError::UnsupportedKey);
         };
-        let pem = pem::encode(&pem::Pem::new("PUBLIC KEY", der.to_vec()));
+        let pem = pem::encode_config(
+            &pem::Pem::new("PUBLIC KEY", der.to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
         Ok(Self {
             algorithm,
             raw: raw.to_vec(),
@@ -443,6 +446,8 @@ LskcBCfySdnZfqEt8GnjtzBclJHpGDaoXzeAxtMelvVvN0r18cq/uoMCAwEAAQ==
         let k: PublicKey = COSIGN_PUB.parse().unwrap();
         let again: PublicKey = k.to_string().parse().unwrap();
         assert_eq!(k, again);
+        // LF only, so `moat config check` prints it as a YAML block.
+        assert_eq!(k.to_string(), COSIGN_PUB);
     }
 
     fn rule(yaml: &str) -> ImageTrust {
