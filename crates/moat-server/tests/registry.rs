@@ -3,7 +3,7 @@
 //! verified, the reinvoked call and `/validate` find nothing left to do and call no registry
 //! again, an unsigned image is denied by every endpoint with the registry's reason, a
 //! workload's template is verified and left as it is. `scripts/test.sh` starts the registry
-//! and runs these with `--ignored`; the last test needs no registry and runs with the others.
+//! and runs these with `--ignored`; the last two need no registry and run with the others.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -213,6 +213,55 @@ async fn a_workload_template_is_verified_and_not_rewritten() {
     assert_eq!(answer["response"]["allowed"], false, "{answer}");
 }
 
+fn own_ca() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}
+
+fn trust_config(ca: &str, rules: &str) -> Config {
+    let yaml = format!(
+        "images:\n  trust:\n    caCertificates: |\n{}    rules: {rules}\n",
+        indent(ca, 6)
+    );
+    Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+/// Rules take effect on reload; the client's TLS roots and credentials file need a restart,
+/// and so does turning image trust on: such a reload is refused, the configuration in force
+/// stays.
+#[test]
+fn a_reload_changes_rules_but_not_the_registry_client() {
+    let ca = own_ca();
+    let state = AppState::new(
+        trust_config(&ca, "[{repositories: [r.example], signatures: off}]"),
+        None,
+        &mut Registry::default(),
+    );
+    state
+        .set_config(trust_config(
+            &ca,
+            "[{repositories: [other.example], signatures: off}]",
+        ))
+        .unwrap();
+    let refused = state
+        .set_config(trust_config(
+            &own_ca(),
+            "[{repositories: [r.example], signatures: off}]",
+        ))
+        .unwrap_err();
+    assert!(refused.contains("needs a restart"), "{refused}");
+    let plain = AppState::new(Config::default(), None, &mut Registry::default());
+    let refused = plain
+        .set_config(trust_config(
+            &ca,
+            "[{repositories: [r.example], signatures: off}]",
+        ))
+        .unwrap_err();
+    assert!(refused.contains("turning images.trust on"), "{refused}");
+}
+
 /// Needs no registry: nothing listens where the rule points, and the review is still a
 /// denial that names the registry and why, answered 200, never an HTTP error or a hang.
 #[tokio::test]
@@ -224,15 +273,10 @@ async fn a_registry_that_is_down_is_a_denial_naming_it_not_an_error() {
         .port();
     let registry = format!("127.0.0.1:{port}");
     // A CA of its own, so the test does not depend on the machine's roots.
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = params.self_signed(&key).unwrap().pem();
-    let yaml = format!(
-        "images:\n  trust:\n    caCertificates: |\n{}    rules: [{{repositories: ['{registry}'], signatures: off}}]\n",
-        indent(&ca, 6)
+    let config = trust_config(
+        &own_ca(),
+        &format!("[{{repositories: ['{registry}'], signatures: off}}]"),
     );
-    let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let state = Arc::new(AppState::new(config, None, &mut Registry::default()));
     let image = format!("{registry}/shop/api:1");
     let answer = post(&state, "/mutate", &admission(&pod(&image, &image))).await;
