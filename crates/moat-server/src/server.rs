@@ -144,6 +144,11 @@ impl Server {
             .map(crate::tls::client_verifier)
             .transpose()?;
         let certs = match tls {
+            // With rotation, moat creates the Secret itself on a first install: its volume may
+            // still be empty, and the controller reads the pair through the API meanwhile.
+            TlsSource::Files { cert, key } if rotation.is_some() => {
+                CertStore::awaiting_files(&cert, &key)?
+            }
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
             TlsSource::SelfSigned { ca_out } => {
                 let generated = certs::generate(&[
