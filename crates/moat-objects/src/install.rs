@@ -840,6 +840,24 @@ fn identity_agent_objects(
 
 /// The RuntimeClasses the configuration sends pods to: the fallback runtime and every class's
 /// runtime (reserved runtimes are the node's own and are not moat's to define).
+/// Every RuntimeClass the configuration sends pods to: the fallback runtime and each class's
+/// runtime. Without them the API server refuses those pods.
+pub fn runtime_class_names(config: &Config) -> std::collections::BTreeSet<&str> {
+    config
+        .runtime_class
+        .fallback_runtime
+        .iter()
+        .chain(
+            config
+                .isolation
+                .classes
+                .iter()
+                .filter_map(|c| c.runtime_class_name.as_ref()),
+        )
+        .map(|r| r.as_str())
+        .collect()
+}
+
 fn runtime_classes(config: &Config, handlers: &[String]) -> Result<Vec<Value>, String> {
     let mut mapping: std::collections::BTreeMap<&str, &str> =
         std::collections::BTreeMap::from([("gvisor", "runsc")]);
@@ -859,20 +877,7 @@ fn runtime_classes(config: &Config, handlers: &[String]) -> Result<Vec<Value>, S
         }
         mapping.insert(name, handler);
     }
-    let names: std::collections::BTreeSet<&str> = config
-        .runtime_class
-        .fallback_runtime
-        .iter()
-        .chain(
-            config
-                .isolation
-                .classes
-                .iter()
-                .filter_map(|c| c.runtime_class_name.as_ref()),
-        )
-        .map(|r| r.as_str())
-        .collect();
-    names
+    runtime_class_names(config)
         .into_iter()
         .map(|name| {
             let handler = mapping.get(name).copied().unwrap_or(name);

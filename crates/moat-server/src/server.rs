@@ -103,7 +103,11 @@ pub struct Server {
 }
 
 /// A client from `kubeconfig`, or in-cluster / `KUBECONFIG` / `~/.kube/config` without one.
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, kube::Error> {
+/// A client from `kubeconfig`, or from the environment (in-cluster, then `KUBECONFIG`).
+///
+/// # Errors
+/// [`kube::Error`] when no configuration is found or it does not load.
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, kube::Error> {
     match kubeconfig {
         None => kube::Client::try_default().await,
         Some(path) => {
