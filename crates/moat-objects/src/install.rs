@@ -793,14 +793,16 @@ fn identity_agent_objects(
                                 "limits": {"memory": "64Mi"},
                             },
                             // Root for the root-owned sockets and directories, but no other
-                            // privilege: CHOWN only, to hand each key to its workload's user.
+                            // privilege: CHOWN, to hand each key to its workload's user, and
+                            // KILL, to stop an annotated container that started while the agent
+                            // was not answering (containerd 1.7 ignores NRI evictions).
                             "securityContext": {
                                 "runAsUser": 0,
                                 "runAsNonRoot": false,
                                 "readOnlyRootFilesystem": true,
                                 "allowPrivilegeEscalation": false,
                                 "privileged": false,
-                                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                                "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "KILL"]},
                             },
                             "volumeMounts": [
                                 // Connecting to a socket works on a read-only mount.

@@ -428,7 +428,7 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(
         c["securityContext"]["capabilities"]["add"],
-        serde_json::json!(["CHOWN"])
+        serde_json::json!(["CHOWN", "KILL"])
     );
     let args: Vec<&str> = c["args"]
         .as_array()
