@@ -322,17 +322,7 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[ignore = "needs a containerd with NRI: run by scripts/test.sh"]
 async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
     // Run without its containerd, the test fails: it never passes without having run.
-    let dir = std::env::var_os("MOAT_E2E_CONTAINERD_DIR")
-        .map(PathBuf::from)
-        .expect(
-            "MOAT_E2E_CONTAINERD_DIR names the directory of a running test containerd \
-             (scripts/test.sh starts one and runs this test with --ignored)",
-        );
-    assert!(
-        dir.join("containerd.sock").exists() && dir.join("nri.sock").exists(),
-        "no containerd.sock and nri.sock in MOAT_E2E_CONTAINERD_DIR={}",
-        dir.display()
-    );
+    let dir = containerd_dir();
     let work = dir.join(format!("e2e-{}", std::process::id()));
     std::fs::create_dir_all(work.join("logs")).unwrap();
 
@@ -342,15 +332,7 @@ async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
     let (agent, plugin) = start_agent(&dir, &artifacts, spire.socket()).await;
 
     let sandbox = sandbox_config(&work.join("logs"));
-    let pod_id = client
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut client, &sandbox).await;
 
     // The annotated container: SPIRE will attest its PID by its container id.
     let web = create(&mut client, &pod_id, &sandbox, "web", WEB_SCRIPT)
@@ -478,35 +460,13 @@ async fn annotated_container_starts_with_its_identity_on_a_real_containerd() {
 
     // Removal deletes the host files.
     for id in [&web, &plain, &unattested] {
-        let _ = client
-            .stop_container(StopContainerRequest {
-                container_id: id.clone(),
-                timeout: 1,
-            })
-            .await;
-        client
-            .remove_container(RemoveContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
+        remove(&mut client, id).await;
     }
     assert!(
         !artifacts.join(&web).exists(),
         "files of a removed container are deleted"
     );
-    client
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-        .unwrap();
-    client
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id,
-        })
-        .await
-        .unwrap();
+    end_pod(&mut client, &pod_id).await;
     plugin.abort();
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -81,6 +81,15 @@ fn certified_key(
         .map_err(TlsError::Key)
 }
 
+fn pem_pair(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
+    certified_key(
+        cert_pem.as_bytes(),
+        "certificate",
+        key_pem.as_bytes(),
+        "key",
+    )
+}
+
 fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     certified_key(
         &read(cert)?,
@@ -103,12 +112,7 @@ impl CertStore {
     /// # Errors
     /// [`TlsError`] when the PEM does not parse or the key does not match.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = certified_key(
-            cert_pem.as_bytes(),
-            "certificate",
-            key_pem.as_bytes(),
-            "key",
-        )?;
+        let key = pem_pair(cert_pem, key_pem)?;
         Ok(Self {
             current: RwLock::new(Some(Arc::new(key))),
             files: None,
@@ -162,12 +166,7 @@ impl CertStore {
     /// # Errors
     /// [`TlsError`] when the PEM does not parse or the key does not match.
     pub fn fill_if_empty(&self, cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
-        let key = certified_key(
-            cert_pem.as_bytes(),
-            "certificate",
-            key_pem.as_bytes(),
-            "key",
-        )?;
+        let key = pem_pair(cert_pem, key_pem)?;
         let mut current = self
             .current
             .write()

@@ -422,6 +422,75 @@ fn write_kubeconfig(dir: &Path, url: &str) -> PathBuf {
     kubeconfig
 }
 
+/// A server on TLS files, with its certificate controller when `rotation` is given.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), moat_server::server::ServeError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn serve(
+    cert: PathBuf,
+    key: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    rotation: Option<RotationOptions>,
+) -> Running {
+    let server = Server::bind(ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        config: Config::embedded_default(),
+        config_path: None,
+        tls: TlsSource::Files { cert, key },
+        kubeconfig,
+        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
+        rotation,
+        client_ca: None,
+        drain: Duration::ZERO,
+    })
+    .await
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+/// The controller's options for replica `identity`.
+fn rotation_options(
+    identity: &str,
+    dns_names: Vec<String>,
+    policy: RotationPolicy,
+) -> RotationOptions {
+    RotationOptions {
+        namespace: None,
+        secret: SECRET.to_owned(),
+        lease: moat_server::rotation::lease_name(SECRET),
+        webhook_configuration: "moat".to_owned(),
+        identity: identity.to_owned(),
+        dns_names,
+        policy,
+    }
+}
+
+/// The review every client in these tests sends.
+fn review_body() -> Bytes {
+    Bytes::from(
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
+        )
+        .unwrap(),
+    )
+}
+
 fn policy() -> RotationPolicy {
     RotationPolicy {
         ca_lifetime: 60 * DAY,
@@ -458,15 +527,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     let rotator = |identity: &str, registry: &mut Registry| {
         Rotator::new(
             client.clone(),
-            RotationOptions {
-                namespace: None,
-                secret: SECRET.to_owned(),
-                lease: moat_server::rotation::lease_name(SECRET),
-                webhook_configuration: "moat".to_owned(),
-                identity: identity.to_owned(),
-                dns_names: names.clone(),
-                policy: policy.clone(),
-            },
+            rotation_options(identity, names.clone(), policy.clone()),
             clock.clone(),
             registry,
         )
@@ -479,34 +540,9 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     // The server, serving the "Secret volume".
     certs::write_atomic(&dir.join("tls.crt"), cert.as_bytes(), 0o644).unwrap();
     certs::write_atomic(&dir.join("tls.key"), key.as_bytes(), 0o600).unwrap();
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        },
-        kubeconfig: None,
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: None,
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    let body = Bytes::from(
-        std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
-        )
-        .unwrap(),
-    );
+    let server = serve(dir.join("tls.crt"), dir.join("tls.key"), None, None).await;
+    let addr = server.addr;
+    let body = review_body();
 
     // A client in the background, in real time, reading the published bundle per request.
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -716,8 +752,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     keys.sort_unstable();
     assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -739,35 +774,17 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
     api.put(&secret_path(), secret);
     let url = start_api(api.clone()).await;
     certs::write_dir(&dir, &g).unwrap();
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        },
-        kubeconfig: Some(write_kubeconfig(&dir, &url)),
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: Some(RotationOptions {
-            namespace: None,
-            secret: SECRET.to_owned(),
-            lease: moat_server::rotation::lease_name(SECRET),
-            webhook_configuration: "moat".to_owned(),
-            identity: "moat-7f9c".to_owned(),
-            dns_names: names,
-            policy: RotationPolicy::default(),
-        }),
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let server = serve(
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        Some(write_kubeconfig(&dir, &url)),
+        Some(rotation_options(
+            "moat-7f9c",
+            names,
+            RotationPolicy::default(),
+        )),
+    )
+    .await;
     // The first check runs at start: the Lease is taken and the new CA published beside the old.
     let mut published = false;
     for _ in 0..100 {
@@ -793,8 +810,7 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
         g.cert_pem,
         "no serving certificate from the new CA before the propagation delay"
     );
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -835,15 +851,7 @@ async fn the_old_ca_leaves_the_bundle_only_when_every_replica_serves_the_new_one
         );
         let rotator = Rotator::new(
             client.clone(),
-            RotationOptions {
-                namespace: None,
-                secret: SECRET.to_owned(),
-                lease: moat_server::rotation::lease_name(SECRET),
-                webhook_configuration: "moat".to_owned(),
-                identity: who.to_owned(),
-                dns_names: names.clone(),
-                policy: policy.clone(),
-            },
+            rotation_options(who, names.clone(), policy.clone()),
             clock.clone(),
             &mut Registry::default(),
         )
@@ -1046,36 +1054,18 @@ async fn a_first_install_bootstraps_its_secret_and_serves_before_the_volume_sync
     let url = start_api(api.clone()).await;
     let volume = dir.join("volume");
     std::fs::create_dir_all(&volume).unwrap();
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: volume.join("tls.crt"),
-            key: volume.join("tls.key"),
-        },
-        kubeconfig: Some(write_kubeconfig(&dir, &url)),
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: Some(RotationOptions {
-            namespace: None,
-            secret: SECRET.to_owned(),
-            lease: moat_server::rotation::lease_name(SECRET),
-            webhook_configuration: "moat".to_owned(),
-            identity: "moat-0".to_owned(),
-            dns_names: vec!["localhost".to_owned()],
-            policy: RotationPolicy::default(),
-        }),
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let server = serve(
+        volume.join("tls.crt"),
+        volume.join("tls.key"),
+        Some(write_kubeconfig(&dir, &url)),
+        Some(rotation_options(
+            "moat-0",
+            vec!["localhost".to_owned()],
+            RotationPolicy::default(),
+        )),
+    )
+    .await;
+    let addr = server.addr;
     let published = |kind: &str| {
         api.get(&webhook_path(kind)).unwrap()["webhooks"][0]["clientConfig"]["caBundle"].is_string()
     };
@@ -1106,12 +1096,7 @@ async fn a_first_install_bootstraps_its_secret_and_serves_before_the_volume_sync
     // Served with nothing in the volume yet: the pair came through the API.
     assert!(!volume.join("tls.crt").exists());
     let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
-    let body = Bytes::from(
-        std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
-        )
-        .unwrap(),
-    );
+    let body = review_body();
     review(addr, &bundle, &clock, &body).await.unwrap();
 
     // GitOps: the same output, applied again and again.
@@ -1131,8 +1116,7 @@ async fn a_first_install_bootstraps_its_secret_and_serves_before_the_volume_sync
         "the Secret is moat's alone"
     );
     no_key_in_any_annotation(&api);
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1165,34 +1149,9 @@ async fn an_upgrade_and_a_year_of_weekly_reapplies_fail_no_review() {
     certs::write_dir(&dir, &g).unwrap();
     let url = start_api(api.clone()).await;
     let client = kube_client(&dir, &url).await;
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        },
-        kubeconfig: None,
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: None,
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    let body = Bytes::from(
-        std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
-        )
-        .unwrap(),
-    );
+    let server = serve(dir.join("tls.crt"), dir.join("tls.key"), None, None).await;
+    let addr = server.addr;
+    let body = review_body();
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let reviewed = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -1252,15 +1211,7 @@ async fn an_upgrade_and_a_year_of_weekly_reapplies_fail_no_review() {
     );
     let rotator = Rotator::new(
         client,
-        RotationOptions {
-            namespace: None,
-            secret: SECRET.to_owned(),
-            lease: moat_server::rotation::lease_name(SECRET),
-            webhook_configuration: "moat".to_owned(),
-            identity: "moat-new".to_owned(),
-            dns_names: names.clone(),
-            policy: policy.clone(),
-        },
+        rotation_options("moat-new", names.clone(), policy.clone()),
         clock.clone(),
         &mut Registry::default(),
     )
@@ -1315,8 +1266,7 @@ async fn an_upgrade_and_a_year_of_weekly_reapplies_fail_no_review() {
         cas.len()
     );
     no_key_in_any_annotation(&api);
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1344,15 +1294,7 @@ async fn a_skipped_upgrade_step_costs_at_most_one_check_and_never_recurs() {
         let url = start_api(api.clone()).await;
         let rotator = Rotator::new(
             kube_client(&dir, &url).await,
-            RotationOptions {
-                namespace: None,
-                secret: SECRET.to_owned(),
-                lease: moat_server::rotation::lease_name(SECRET),
-                webhook_configuration: "moat".to_owned(),
-                identity: "moat-0".to_owned(),
-                dns_names: names.clone(),
-                policy: policy(),
-            },
+            rotation_options("moat-0", names.clone(), policy()),
             Arc::new(TestClock(Mutex::new(SystemTime::now()))),
             &mut Registry::default(),
         )
