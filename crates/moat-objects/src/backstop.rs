@@ -20,7 +20,7 @@
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
-use moat_core::config::{ClassPattern, ClassSpec, Config, IsolationMode, SelectorOperator};
+use moat_core::config::{ClassMode, ClassPattern, ClassSpec, Config, SelectorOperator};
 use moat_core::decision::Policy;
 use moat_core::engine::enforcement;
 use serde_json::{Value, json};
@@ -120,7 +120,7 @@ pub fn compile(config: &Config, also_exempt: &[&str]) -> Result<Backstop, serde_
 /// The compiled rules of `config`, one per moat policy that has something to check.
 pub fn rules(config: &Config) -> Vec<Compiled> {
     let mut out = vec![images(config), runtime(config)];
-    if config.isolation.mode != IsolationMode::Off {
+    if config.isolation.is_on() {
         out.push(isolation(config));
     }
     if config.identity.service_account_annotation.is_some() {
@@ -757,39 +757,100 @@ fn isolation(config: &Config) -> Compiled {
             iso.nodes.label_key
         ),
     ));
-    let placed = match iso.mode {
-        IsolationMode::DedicatedNode => {
-            let key = lit(iso.dedicated_node_label.as_str());
-            format!(
-                "{label_key} in {selector} && {key} in {selector} && {selector}[{key}].matches('^' + variables.class + '-[0-9a-f]{{22}}$')"
-            )
-        }
-        _ => {
-            let topology = lit(iso.nodes.topology_key.as_str());
-            let class_key = lit(iso.pod_class_label.as_str());
-            let other = if iso.mode == IsolationMode::Pod {
-                String::new()
-            } else {
-                format!(
-                    " && t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class])"
-                )
-            };
-            format!(
-                "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
+    // Each class's placement follows its mode: with one mode for every class the expression
+    // is that mode's alone; with several, `variables.mode` (the class's mode) chooses.
+    let modes = class_modes(config);
+    let uniform = match modes.as_slice() {
+        [(_, only)] => Some(*only),
+        _ => None,
+    };
+    if uniform.is_none() {
+        c.variables.push(("mode".to_owned(), mode_variable(&modes)));
+    }
+    let is_mode = |mode: ClassMode| match uniform {
+        Some(only) => (if only == mode { "true" } else { "false" }).to_owned(),
+        None => format!("variables.mode == {}", lit(mode.as_str())),
+    };
+    let dedicated = {
+        let key = lit(iso.dedicated_node_label.as_str());
+        format!(
+            "{label_key} in {selector} && {key} in {selector} && {selector}[{key}].matches('^' + variables.class + '-[0-9a-f]{{22}}$')"
+        )
+    };
+    let affinity = {
+        let topology = lit(iso.nodes.topology_key.as_str());
+        let class_key = lit(iso.pod_class_label.as_str());
+        let other = match uniform {
+            Some(ClassMode::Pod) => String::new(),
+            Some(_) => format!(
+                " && t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class])"
+            ),
+            None => format!(
+                " && ({} || t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class]))",
+                is_mode(ClassMode::Pod)
+            ),
+        };
+        format!(
+            "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
                  object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, has(t.matchExpressions) && \
                    t.matchExpressions.exists(e, e.key == {label_key} && e.operator == 'In' && has(e.values) && e.values == [{node_value}]) && \
                    t.matchExpressions.exists(e, e.key == {topology} && e.operator == 'Exists')) && \
                  has(object.spec.affinity.podAntiAffinity) && has(object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
                  object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.exists(t, t.topologyKey == {topology} && has(t.namespaceSelector) && has(t.labelSelector) && has(t.labelSelector.matchExpressions) && \
                    t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'Exists'){other})"
-            )
-        }
+        )
+    };
+    let placed = match uniform {
+        Some(ClassMode::DedicatedNode) => dedicated,
+        Some(_) => affinity,
+        None => format!(
+            "{} ? ({dedicated}) : ({affinity})",
+            is_mode(ClassMode::DedicatedNode)
+        ),
     };
     c.validations.push((
         format!("!({CREATE}) || !variables.placed || ({placed})"),
         format!("'moat\\'s placement on the nodes of class \\'' + variables.class + '\\' is missing from the pod{NOT_MUTATED}'"),
     ));
     c
+}
+
+/// The placement mode of each declaration (`*` as the name of the `*` entry), in order; a
+/// mode shared by every class is one entry.
+fn class_modes(config: &Config) -> Vec<(String, ClassMode)> {
+    let iso = &config.isolation;
+    let all: Vec<(String, ClassMode)> = iso
+        .classes
+        .iter()
+        .filter_map(|s| {
+            let name = match &s.name {
+                ClassPattern::Any => "*".to_owned(),
+                ClassPattern::Name(n) => n.to_string(),
+            };
+            Some((name, iso.mode_of(s)?))
+        })
+        .collect();
+    match all.first() {
+        Some((_, first)) if all.iter().all(|(_, m)| m == first) => vec![("*".to_owned(), *first)],
+        _ => all,
+    }
+}
+
+/// `variables.mode`: the mode of `variables.class`, as moat's `class_spec` finds it (its own
+/// entry, else `*`'s); `''` for a class nothing declares (never placed).
+fn mode_variable(modes: &[(String, ClassMode)]) -> String {
+    let mut expr = modes
+        .iter()
+        .find(|(n, _)| n == "*")
+        .map_or("''".to_owned(), |(_, m)| lit(m.as_str()));
+    for (name, mode) in modes.iter().rev().filter(|(n, _)| n != "*") {
+        expr = format!(
+            "(variables.class == {} ? {} : {expr})",
+            lit(name),
+            lit(mode.as_str())
+        );
+    }
+    expr
 }
 
 fn runtime(config: &Config) -> Compiled {
@@ -829,7 +890,7 @@ fn runtime(config: &Config) -> Compiled {
             Some((name, s.runtime_class_name.as_ref()?.as_str()))
         })
         .collect();
-    if config.isolation.mode != IsolationMode::Off && !tied.is_empty() {
+    if config.isolation.is_on() && !tied.is_empty() {
         c.variables.extend(class_variables(config));
         let any = tied.iter().find(|(n, _)| n == "*").map(|(_, r)| *r);
         let mut expected = any.map_or("''".to_owned(), lit);

@@ -233,8 +233,23 @@ enforcement: {images: audit, runtimeClass: enforce, isolation: enforce}
 "#,
     )
     .unwrap();
+    // Every mode in one cluster: classes of their own modes, the global one for `ci`, and a
+    // `*` entry of its own mode for the names it covers.
+    let mixed = Config::from_yaml(
+        r#"
+isolation:
+  mode: pod
+  classes:
+    - {name: untrusted, mode: class, namespaces: ["*"]}
+    - {name: shop, mode: dedicatedNode, namespaces: [shop, tenant-a]}
+    - {name: ci, namespaces: ["ci-*"]}
+    - {name: "*", mode: dedicatedNode, namespaces: [open]}
+"#,
+    )
+    .unwrap();
     vec![
         ("default", default),
+        ("mixed-modes", mixed),
         ("ipp-compatible", config("examples/ipp-compatible.yaml")),
         ("strict", strict),
         ("pod-mode", pod_mode),

@@ -85,20 +85,42 @@ const LAYOUTS: &[(&str, &str)] = &[
     ("fixed-taint", "nodes: {taintValue: isolated}"),
 ];
 
+/// The modes of the test: each for every class, and `mixed`: gold in pod mode, lead in
+/// dedicatedNode mode, the rest (`*`) in the global class mode.
+const MODES: &[&str] = &["class", "pod", "dedicatedNode", "mixed"];
+
 fn mode_config(mode: &str, nodes: &str, wildcard: bool) -> String {
     let other = if wildcard {
         ", {name: '*', namespaces: [lab]}"
     } else {
         ""
     };
+    let (global, gold, lead) = match mode {
+        "mixed" => ("class", "mode: pod, ", "mode: dedicatedNode, "),
+        _ => (mode, "", ""),
+    };
     format!(
-        "isolation:\n  mode: {mode}\n  {nodes}\n  classes: [{{name: gold, namespaces: [bank], idleAfter: 10m, limits: {{cpu: 32}}}}, {{name: lead, namespaces: [shop]}}{other}]\n"
+        "isolation:\n  mode: {global}\n  {nodes}\n  classes: [{{name: gold, {gold}namespaces: [bank], idleAfter: 10m, limits: {{cpu: 32}}}}, {{name: lead, {lead}namespaces: [shop]}}{other}]\n"
     )
+}
+
+/// The consolidation a pool should have: underused nodes only where every class it serves
+/// shares nodes (class mode).
+fn consolidation_of(mode: &str, pool: &str) -> &'static str {
+    let shares = match (mode, pool) {
+        ("class", _) | ("mixed", "moat-other-classes") => true,
+        _ => false,
+    };
+    if shares {
+        "WhenEmptyOrUnderutilized"
+    } else {
+        "WhenEmpty"
+    }
 }
 
 #[test]
 fn karpenter_pools_launch_nodes_for_their_class_only() {
-    for mode in ["class", "pod", "dedicatedNode"] {
+    for mode in MODES {
         for (layout, nodes) in LAYOUTS {
             // A '*' class needs a fixed taint: only those layouts may declare one.
             let wildcard = !nodes.is_empty();
@@ -121,11 +143,12 @@ fn karpenter_pools_launch_nodes_for_their_class_only() {
                 assert_eq!(pool.api_version, "karpenter.sh/v1");
                 assert_eq!(spec.template.spec.node_class_ref.kind, "ExampleNodeClass");
                 let disruption = spec.disruption.as_ref().unwrap();
+                let name = pool.metadata.name.as_deref().unwrap();
                 assert_eq!(
                     serde_json::to_value(disruption.consolidation_policy).unwrap(),
-                    "WhenEmpty"
+                    consolidation_of(mode, name),
+                    "{mode}/{layout}: {name}"
                 );
-                let name = pool.metadata.name.as_deref().unwrap();
                 if name == "moat-class-gold" {
                     assert_eq!(disruption.consolidate_after, "10m");
                     assert_eq!(spec.limits.as_ref().unwrap()["cpu"], "32");
@@ -168,11 +191,11 @@ fn karpenter_pools_launch_nodes_for_their_class_only() {
                     node.labels["node-restriction.kubernetes.io/moat-class"], want,
                     "{mode}/{layout}"
                 );
-                if mode == "dedicatedNode" {
-                    let id =
-                        pod["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
-                            .as_str()
-                            .unwrap();
+                let dedicated = *mode == "dedicatedNode" || (*mode == "mixed" && *class == "lead");
+                let id = pod["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
+                    .as_str();
+                assert_eq!(id.is_some(), dedicated, "{mode}/{layout}: {class}");
+                if let Some(id) = id {
                     assert_eq!(node.labels["node-restriction.kubernetes.io/moat-node"], id);
                 }
                 // No pool launches a node for a pod of another class with this pod's node.
@@ -411,9 +434,10 @@ fn capacity_buffer_version_is_the_operators_choice() {
 
 #[test]
 fn review_capacity_counts_nodes_per_class_and_mode() {
+    // gold in pod mode of its own, lead in the global class mode.
     let config = config_file(
         "report",
-        "isolation: {mode: class, classes: [{name: gold, namespaces: [bank], warmNodes: 1}, {name: lead, namespaces: [shop]}]}",
+        "isolation: {mode: class, classes: [{name: gold, mode: pod, namespaces: [bank], warmNodes: 1}, {name: lead, namespaces: [shop]}]}",
     );
     let manifests = config_file(
         "report-manifests",
@@ -451,9 +475,13 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         json!({"class": 3, "pod": 3, "dedicatedNode": 3})
     );
     assert_eq!(gold["warmNodes"], 1);
+    assert_eq!(gold["mode"], "pod");
+    assert_eq!(gold["needed"], 3, "a node per pod");
     let lead = &report["classes"][1];
     assert_eq!(lead["pods"], 2);
     assert_eq!(lead["nodes"]["class"], 1, "no requests: at least one node");
+    assert_eq!(lead["mode"], "class");
+    assert_eq!(lead["needed"], 1);
     assert_eq!(report["unisolatedPods"], 1);
     assert_eq!(report["deniedObjects"], 1, "the untagged image");
 
@@ -464,9 +492,20 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("CLASS  PODS"), "{text}");
+    assert!(text.contains("CLASS  MODE   NODES  PODS"), "{text}");
     assert!(
-        text.contains("5 isolated pods: pod and dedicatedNode modes need 5 nodes"),
+        text.contains("classes without a mode of their own: class mode"),
+        "{text}"
+    );
+    let row = |class: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{class} ")))
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>())
+    };
+    assert_eq!(row("gold"), Some(vec!["gold", "pod", "3", "3"]), "{text}");
+    assert_eq!(row("lead"), Some(vec!["lead", "class", "≥1", "2"]), "{text}");
+    assert!(
+        text.contains("5 isolated pods need ≥4 nodes in their classes' modes, and 1 warm"),
         "{text}"
     );
 }

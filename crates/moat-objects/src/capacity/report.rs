@@ -1,5 +1,6 @@
 //! `moat review --capacity`: how many nodes of which class the pods of a set of manifests need
-//! in each isolation mode, so an operator sees the cost of pod mode before turning it on.
+//! in the mode of their class, and in each other mode, so an operator sees the cost of pod mode
+//! before giving it to a class.
 //!
 //! Every object is decided as `moat review` decides it; a workload counts as its replicas
 //! (`replicas`, a Job's `parallelism`), each decided as the pod its template makes. A pod is
@@ -10,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use moat_core::config::{Config, IsolationMode};
+use moat_core::config::{ClassMode, Config, IsolationMode};
 use moat_core::decision::Request;
 use moat_core::engine;
 use moat_core::resources::Quantity;
@@ -44,12 +45,17 @@ pub struct NodeSize {
 #[serde(rename_all = "camelCase")]
 pub struct ClassCapacity {
     pub class: String,
+    /// The class's placement mode (its own, else the global one).
+    pub mode: String,
     pub pods: u64,
     /// Sum of the pods' CPU requests, in millicores.
     pub cpu_millis: u128,
     /// Sum of the pods' memory requests, in bytes.
     pub memory_bytes: u128,
     pub nodes: NodesPerMode,
+    /// Nodes the class needs in its own mode: `nodes` of that mode (`None`: class mode with no
+    /// node size given, at least one).
+    pub needed: Option<u64>,
     /// Idle nodes kept for the class (`warmNodes`) on top.
     pub warm_nodes: u32,
 }
@@ -69,7 +75,7 @@ pub struct NodesPerMode {
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityReport {
-    /// The configuration's own mode.
+    /// The configuration's global mode: `off`, or the mode of classes that declare none.
     pub mode: String,
     pub classes: Vec<ClassCapacity>,
     /// Pods moat admits without isolation (any node).
@@ -160,18 +166,25 @@ pub fn report<'a>(
             }
         }
     }
+    let placing = &deciding.isolation;
     for c in classes.values_mut() {
         c.nodes = NodesPerMode {
             class: class_mode_nodes(c, node),
             pod: c.pods,
             dedicated_node: c.pods,
         };
-        c.warm_nodes = c
-            .class
-            .parse()
-            .ok()
-            .and_then(|n| iso.class_spec(&n))
-            .map_or(0, |s| s.warm_nodes);
+        let spec = c.class.parse().ok().and_then(|n| placing.class_spec(&n));
+        c.warm_nodes = spec.map_or(0, |s| s.warm_nodes);
+        // Counted classes are declared (moat denies the others), so the fallback is not used.
+        let mode = spec
+            .and_then(|s| placing.mode_of(s))
+            .unwrap_or(ClassMode::Class);
+        c.mode = mode.as_str().to_owned();
+        c.needed = match mode {
+            ClassMode::Class => c.nodes.class,
+            ClassMode::Pod => Some(c.nodes.pod),
+            ClassMode::DedicatedNode => Some(c.nodes.dedicated_node),
+        };
     }
     report.classes = classes.into_values().collect();
     (report, errors)
