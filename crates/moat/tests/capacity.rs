@@ -503,7 +503,11 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
             .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>())
     };
     assert_eq!(row("gold"), Some(vec!["gold", "pod", "3", "3"]), "{text}");
-    assert_eq!(row("lead"), Some(vec!["lead", "class", "≥1", "2"]), "{text}");
+    assert_eq!(
+        row("lead"),
+        Some(vec!["lead", "class", "≥1", "2"]),
+        "{text}"
+    );
     assert!(
         text.contains("5 isolated pods need ≥4 nodes in their classes' modes, and 1 warm"),
         "{text}"
