@@ -883,6 +883,51 @@ mod tests {
     }
 
     #[test]
+    fn each_pool_follows_the_modes_of_the_classes_it_serves() {
+        use ConsolidationPolicy::{WhenEmpty, WhenEmptyOrUnderutilized as Repack};
+        let classes = "[{name: shared, namespaces: [a]}, {name: ci, mode: pod, namespaces: [b]}, {name: big, mode: dedicatedNode, namespaces: [c]}, {name: '*', namespaces: [d]}]";
+        // (nodes layout, pool name, id requirement, consolidation)
+        let cases: &[(&str, &str, bool, ConsolidationPolicy)] = &[
+            ("{taintValue: iso}", "moat-class-shared", false, Repack),
+            ("{taintValue: iso}", "moat-class-ci", false, WhenEmpty),
+            ("{taintValue: iso}", "moat-class-big", true, WhenEmpty),
+            ("{taintValue: iso}", "moat-other-classes", false, Repack),
+            // One pool for every class: the id requirement for big, and no repacking for ci's
+            // and big's nodes.
+            (
+                "{labelValue: iso, taintValue: iso}",
+                "moat-shared",
+                true,
+                WhenEmpty,
+            ),
+        ];
+        for (nodes, name, id, policy) in cases {
+            let c = config(&format!(
+                "isolation: {{mode: class, nodes: {nodes}, classes: {classes}}}"
+            ));
+            let all = pools(&c).unwrap();
+            let pool = all
+                .iter()
+                .find(|p| p.name == *name)
+                .unwrap_or_else(|| panic!("{name} in {nodes}"));
+            assert_eq!(
+                pool.requirements
+                    .iter()
+                    .any(|r| r.key == "node-restriction.kubernetes.io/moat-node"
+                        && r.operator == "Exists"),
+                *id,
+                "{name}"
+            );
+            assert_eq!(pool.consolidation, *policy, "{name}");
+        }
+        // With isolation off there is nothing to provision, whatever the classes declare.
+        let off = config(&format!(
+            "isolation: {{mode: off, nodes: {{taintValue: iso}}, classes: {classes}}}"
+        ));
+        assert!(pools(&off).unwrap().is_empty());
+    }
+
+    #[test]
     fn other_classes_pool_leaves_named_classes_to_their_own() {
         let p = pools(&config(
             "isolation: {mode: pod, nodes: {taintValue: iso}, classes: [{name: a, namespaces: [x]}, {name: '*', namespaces: [z]}]}",
