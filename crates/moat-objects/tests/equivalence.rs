@@ -251,6 +251,7 @@ isolation:
         ("default", default),
         ("mixed-modes", mixed),
         ("ipp-compatible", config("examples/ipp-compatible.yaml")),
+        ("mixed-modes-example", config("examples/mixed-modes.yaml")),
         ("strict", strict),
         ("pod-mode", pod_mode),
         ("dedicated", dedicated),

@@ -513,3 +513,136 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         "{text}"
     );
 }
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// The README's mixed-mode walk-through: review, capacity report and Karpenter pools from
+/// `examples/mixed-modes.yaml`.
+#[test]
+fn the_mixed_modes_example_works_end_to_end() {
+    let config = repo("examples/mixed-modes.yaml");
+    let workloads = repo("examples/mixed-modes-workloads.yaml");
+    let moat = || Command::new(env!("CARGO_BIN_EXE_moat"));
+
+    let check = moat()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check.stderr.is_empty(),
+        "no warnings: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Every workload is admitted in its class's mode; the DaemonSet is refused with a reason.
+    let review = moat()
+        .args(["review", "-o", "json", "--config"])
+        .arg(&config)
+        .arg(&workloads)
+        .output()
+        .unwrap();
+    assert_eq!(review.status.code(), Some(1));
+    let text = String::from_utf8(review.stdout).unwrap();
+    for want in [
+        "keep every other isolated pod off this pod's node (class 'ci' is in pod mode)",
+        "keep pods of every class but 'payments' off this pod's node (class mode)",
+        "keep pods of every class but 'search' off this pod's node (class mode)",
+        "(class 'batch' is in dedicatedNode mode)",
+        "namespace 'ci-runners' runs every pod in isolation class 'ci' (pod mode), so this DaemonSet's pods could never run",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
+    let report = moat()
+        .args([
+            "review",
+            "--capacity",
+            "--node-cpu",
+            "4",
+            "--node-memory",
+            "16Gi",
+            "-o",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .arg(&workloads)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let rows: Vec<(String, String, Value, u64)> = report["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["class"].as_str().unwrap().to_owned(),
+                c["mode"].as_str().unwrap().to_owned(),
+                c["needed"].clone(),
+                c["warmNodes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let row = |class: &str, mode: &str, needed: u64, warm: u64| {
+        (class.to_owned(), mode.to_owned(), json!(needed), warm)
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("batch", "dedicatedNode", 2, 0),
+            row("ci", "pod", 4, 2),
+            row("payments", "class", 2, 0),
+            row("search", "class", 1, 0),
+        ]
+    );
+    assert_eq!(report["deniedObjects"], 1, "the DaemonSet");
+
+    let (code, docs, err) = install(
+        &config,
+        &[
+            "--karpenter",
+            "--node-class",
+            NODE_CLASS,
+            "--pause-image",
+            PAUSE,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pools: Vec<(String, Value, bool)> = of_kind(&docs, "NodePool")
+        .into_iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["spec"]["disruption"]["consolidationPolicy"].clone(),
+                p["spec"]["template"]["spec"]["requirements"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["key"] == "node-restriction.kubernetes.io/moat-node"),
+            )
+        })
+        .collect();
+    let pool = |name: &str, policy: &str, id: bool| (name.to_owned(), json!(policy), id);
+    assert_eq!(
+        pools,
+        vec![
+            pool("moat-class-ci", "WhenEmpty", false),
+            pool("moat-class-payments", "WhenEmptyOrUnderutilized", false),
+            pool("moat-class-search", "WhenEmptyOrUnderutilized", false),
+            pool("moat-class-batch", "WhenEmpty", true),
+        ]
+    );
+    let buffers = of_kind(&docs, "CapacityBuffer");
+    assert_eq!(buffers.len(), 1, "warm nodes for ci only");
+    assert_eq!(buffers[0]["spec"]["replicas"], 2);
+}

@@ -129,10 +129,6 @@ pub fn report<'a>(
             let Some(kind) = type_of(&object) else {
                 continue;
             };
-            if kind == Kind::DaemonSet {
-                report.daemon_sets += 1;
-                continue;
-            }
             let namespace = metadata_str(&object, "namespace")
                 .unwrap_or(default_namespace)
                 .to_owned();
@@ -141,6 +137,16 @@ pub fn report<'a>(
                 l.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
                 l
             });
+            // A DaemonSet runs a pod on every node, exempt from isolation, unless moat refuses
+            // it (in a namespace forced into a class its pods could never run).
+            if kind == Kind::DaemonSet {
+                if admitted(&deciding, &object, &namespace, labels.as_ref()) {
+                    report.daemon_sets += 1;
+                } else {
+                    report.denied_objects += 1;
+                }
+                continue;
+            }
             let Some(pod) = pod_of(&object, kind, &namespace) else {
                 report.errors += 1;
                 errors.push(format!("{file}: document {number}: no pod template"));
@@ -247,6 +253,20 @@ fn replicas(object: &Value, kind: Kind) -> u64 {
         _ => "/spec/replicas",
     };
     object.pointer(field).and_then(Value::as_u64).unwrap_or(1)
+}
+
+/// Whether moat admits `object` itself (a workload, as its webhook decides the template).
+fn admitted(
+    config: &Config,
+    object: &Value,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let Ok(Some(template)) = Template::from_value(object) else {
+        return false;
+    };
+    let req = Request::offline_create(Some(&template), namespace, labels, namespace);
+    engine::decide(config, &req).allowed()
 }
 
 enum Placed {
