@@ -1419,8 +1419,11 @@ const MIXED_MODES: &str = "isolation: {mode: class, classes: [\
      {name: ci, mode: pod, namespaces: ['*']},\
      {name: big, mode: dedicatedNode, namespaces: ['*']}]}";
 
-/// The class-label expressions of the pod's anti-affinity terms, as (operator, values).
-fn class_terms(d: &Checked) -> Vec<Vec<(String, Value)>> {
+/// The class-label expressions of one anti-affinity term, as (operator, values).
+type Term = Vec<(String, Value)>;
+
+/// The class-label expressions of the pod's anti-affinity terms.
+fn class_terms(d: &Checked) -> Vec<Term> {
     anti_affinity(d)
         .as_array()
         .into_iter()
@@ -1446,7 +1449,7 @@ fn each_class_is_placed_in_its_own_mode() {
     let c = config(MIXED_MODES);
     let exists = ("Exists".to_owned(), Value::Null);
     // (class, anti-affinity terms, pinned to a dedicated id, the change that names the mode)
-    let cases: &[(&str, Vec<Vec<(String, Value)>>, bool, &str)] = &[
+    let cases: &[(&str, Vec<Term>, bool, &str)] = &[
         (
             "shared",
             vec![vec![
@@ -1587,6 +1590,8 @@ fn dedicated_ids_stay_bound_to_namespace_and_class_among_mixed_modes() {
     }
 }
 
+type Labels = BTreeMap<String, String>;
+
 fn daemonset(ns: &str) -> Value {
     json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": "agent", "namespace": ns},
@@ -1601,7 +1606,7 @@ fn a_daemonset_in_a_namespace_forced_into_a_class_is_refused_with_a_reason() {
             "isolation: {{mode: {mode}, namespaceClassLabel: moat.dev/class, isolateNamespaces: [forced], defaultClass: gold, classes: [{{name: gold, namespaces: [forced, free]}}]}}"
         ));
         // (namespace, its labels, refused)
-        let cases: &[(&str, Option<BTreeMap<String, String>>, bool)] = &[
+        let cases: &[(&str, Option<Labels>, bool)] = &[
             ("bound", labels(&[("moat.dev/class", "gold")]), true),
             ("forced", labels(&[]), true),
             ("free", labels(&[]), false),

@@ -389,7 +389,12 @@ proptest! {
 /// an isolated and an unisolated pod, and any two pods of a pod-mode class. Two pods of one
 /// dedicatedNode class are kept apart by their ids, which differ per pod (the request's uid);
 /// this model names one node per class for every id of it, so it leaves them out.
-fn must_be_apart(mode_of: impl Fn(&str) -> &'static str, label: &str, a: &Value, b: &Value) -> bool {
+fn must_be_apart(
+    mode_of: impl Fn(&str) -> &'static str,
+    label: &str,
+    a: &Value,
+    b: &Value,
+) -> bool {
     let (ca, cb) = (class_of(a, label), class_of(b, label));
     match (&ca, &cb) {
         (Some(x), Some(y)) if x == y => mode_of(x) == "pod",

@@ -107,10 +107,7 @@ fn mode_config(mode: &str, nodes: &str, wildcard: bool) -> String {
 /// The consolidation a pool should have: underused nodes only where every class it serves
 /// shares nodes (class mode).
 fn consolidation_of(mode: &str, pool: &str) -> &'static str {
-    let shares = match (mode, pool) {
-        ("class", _) | ("mixed", "moat-other-classes") => true,
-        _ => false,
-    };
+    let shares = matches!((mode, pool), ("class", _) | ("mixed", "moat-other-classes"));
     if shares {
         "WhenEmptyOrUnderutilized"
     } else {
