@@ -336,7 +336,7 @@ pub struct ClassSpec {
     pub namespace_selector: Option<NamespaceSelector>,
     /// How this class's pods are placed; unset: the global `isolation.mode`. Read it through
     /// [`IsolationPolicy::mode_of`], which also knows whether isolation is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub mode: Option<ClassMode>,
     /// Pods of this class run with this RuntimeClass (set when unset; any other is denied).
     #[serde(default)]
@@ -1026,10 +1026,10 @@ mod tests {
         );
         assert!(!off.isolation.uses(ClassMode::Pod));
         // Printed and read again (`moat config check`), the modes are the same; a class without
-        // one prints none.
+        // one prints `mode: null` (the global mode), as other unset keys print.
         let printed = serde_yaml_ng::to_string(&c).unwrap();
         assert_eq!(Config::from_yaml(&printed).unwrap(), c);
-        assert_eq!(printed.matches("mode:").count(), 3, "{printed}");
+        assert_eq!(printed.matches("mode: null").count(), 1, "{printed}");
     }
 
     #[test]
