@@ -475,12 +475,19 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
         "forced".to_owned(),
         "variables.nsClass != '' || variables.isolateNamespace".to_owned(),
     ));
+    // A pod the DaemonSet controller creates (`userInfo`, which only the API server writes).
+    let daemon_set_pod = if ex.daemon_set_controllers.is_empty() {
+        "false".to_owned()
+    } else {
+        format!(
+            "request.userInfo.username in {} && has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/'))",
+            list(ex.daemon_set_controllers.iter().map(String::as_str))
+        )
+    };
+    v.push(("daemonSetPod".to_owned(), daemon_set_pod));
     let mut exemptions = Vec::new();
     if !ex.daemon_set_controllers.is_empty() {
-        exemptions.push(format!(
-            "(request.userInfo.username in {} && has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/')))",
-            list(ex.daemon_set_controllers.iter().map(String::as_str))
-        ));
+        exemptions.push("variables.daemonSetPod".to_owned());
     }
     if let Some(a) = &ex.ignore_annotation {
         let a = lit(a.as_str());
@@ -720,6 +727,11 @@ fn isolation(config: &Config) -> Compiled {
             bound(config, "variables.podClass")
         ),
         "'namespace \\'' + request.namespace + '\\' may not use isolation class \\'' + variables.podClass + '\\''".to_owned(),
+    ));
+    // A DaemonSet's pod where the operator forces a class could never run: refused.
+    c.validations.push((
+        format!("!({CREATE}) || !variables.forced || !variables.daemonSetPod"),
+        "'namespace \\'' + request.namespace + '\\' runs every pod in isolation class \\'' + variables.class + '\\', so a DaemonSet\\'s pods could never run there: its controller makes one for each node without moat\\'s taint, and moat pins each to nodes of the class; run node agents in an exempt namespace'".to_owned(),
     ));
     // Not isolated: keep off isolated nodes.
     c.validations.push((

@@ -353,10 +353,15 @@ fn tricks() -> Vec<Case> {
                 _ => json!({}),
             };
             n += 1;
+            // Every other pod the DaemonSet controller creates is its DaemonSet's own.
+            let mut object = pod(&format!("p{n}"), spec, labels.clone(), annotations);
+            if n % 18 == 0 {
+                object["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
+            }
             cases.push(Case {
                 name: format!("trick-{n}"),
                 operation: Operation::Create,
-                object: pod(&format!("p{n}"), spec, labels.clone(), annotations),
+                object,
                 old_object: None,
                 namespace: (*ns).to_owned(),
                 namespace_labels: serde_json::from_value(ns_labels.clone()).unwrap(),
@@ -559,6 +564,16 @@ fn faults(config: &Config, creates: &[Case]) -> Vec<Case> {
                 ..case.clone()
             });
         }
+        // The same placed pod, as a DaemonSet's controller would create it: where the operator
+        // forces a class it is refused even with every change moat makes.
+        let mut object = admitted.clone();
+        object["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
+        out.push(Case {
+            name: format!("{}-daemonset-pod", case.name),
+            object,
+            username: "system:serviceaccount:kube-system:daemon-set-controller".to_owned(),
+            ..case.clone()
+        });
     }
     out
 }

@@ -555,7 +555,7 @@ fn the_mixed_modes_example_works_end_to_end() {
         "keep pods of every class but 'payments' off this pod's node (class mode)",
         "keep pods of every class but 'search' off this pod's node (class mode)",
         "(class 'batch' is in dedicatedNode mode)",
-        "namespace 'ci-runners' runs every pod in isolation class 'ci' (pod mode), so this DaemonSet's pods could never run",
+        "namespace 'ci-runners' runs every pod in isolation class 'ci' (pod mode), so a DaemonSet's pods could never run there",
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }

@@ -16,8 +16,9 @@
 //!   dedicatedNode class (which write none) off their nodes where modes mix in one pool;
 //! - dedicatedNode mode pins each pod to a node id bound to its namespace and class, so no pod
 //!   of another class or namespace can ask for its node;
-//! - a DaemonSet in a namespace the operator forces into a class is refused: its controller
-//!   makes a pod for every untainted node, which moat pins to class nodes, so none would run;
+//! - a DaemonSet in a namespace the operator forces into a class is refused, and so are the pods
+//!   its controller creates there: it makes a pod for every untainted node, which moat pins to
+//!   class nodes, so none would run;
 //! - the class comes from an operator-controlled source or is checked against the class's
 //!   namespace binding, and cannot change on UPDATE;
 //! - every change is added to the pod's own tolerations and affinity, never replacing them, and
@@ -191,11 +192,14 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
     let Some(mode) = iso.mode_of(class_spec) else {
         return None; // isolation is off: checked above
     };
-    if forced && ctx.template.kind == Kind::DaemonSet {
+    // A DaemonSet's pods are made for nodes without moat's taint, and here moat pins each to
+    // the class's nodes: refused with the reason rather than left Pending (its pods too, for a
+    // DaemonSet admitted before the namespace was forced or while moat was down).
+    if forced && of_daemonset(ctx) {
         out.deny(
             Policy::Isolation,
             format!(
-                "namespace '{}' runs every pod in isolation class '{class}' ({} mode), so this DaemonSet's pods could never run: its controller makes one for each node without moat's taint, and moat pins each to nodes of the class; run node agents in an exempt namespace",
+                "namespace '{}' runs every pod in isolation class '{class}' ({} mode), so a DaemonSet's pods could never run there: its controller makes one for each node without moat's taint, and moat pins each to nodes of the class; run node agents in an exempt namespace",
                 ctx.req.namespace,
                 mode.as_str()
             ),
@@ -218,21 +222,10 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
 /// tenant can trigger applies.
 fn exemption(ctx: &Context<'_>, forced: bool) -> Option<ExemptionReason> {
     let ex = &ctx.config.exemptions;
-    let daemonset = match ctx.template.kind {
-        Kind::DaemonSet => true,
-        Kind::Pod => {
-            ctx.req.requester.is_some_and(|r| {
-                ex.daemon_set_controllers
-                    .iter()
-                    .any(|c| c.as_str() == r.username)
-            }) && ctx.template.is_daemonset_pod()
-        }
-        _ => false,
-    };
     if forced {
         return None;
     }
-    if daemonset {
+    if of_daemonset(ctx) {
         Some(ExemptionReason::DaemonSet)
     } else if ex
         .ignore_annotation
@@ -246,6 +239,25 @@ fn exemption(ctx: &Context<'_>, forced: bool) -> Option<ExemptionReason> {
         Some(ExemptionReason::DryRun)
     } else {
         None
+    }
+}
+
+/// Whether the object is a DaemonSet's template or a pod its controller creates, decided only
+/// on facts a tenant cannot write: the kind under review, or `userInfo` (written by the API
+/// server) together with the pod's controller reference.
+fn of_daemonset(ctx: &Context<'_>) -> bool {
+    match ctx.template.kind {
+        Kind::DaemonSet => true,
+        Kind::Pod => {
+            ctx.req.requester.is_some_and(|r| {
+                ctx.config
+                    .exemptions
+                    .daemon_set_controllers
+                    .iter()
+                    .any(|c| c.as_str() == r.username)
+            }) && ctx.template.is_daemonset_pod()
+        }
+        _ => false,
     }
 }
 
