@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use moat_core::config::ClassMode;
 use moat_objects::capacity::report::CapacityReport;
 use moat_objects::capacity::{CapacityOptions, WarmForm, buffer};
 
@@ -133,11 +134,12 @@ fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
         .map(|c| {
             [
                 c.class.clone(),
-                c.mode.clone(),
-                if c.mode == "class" {
-                    at_least(c.needed)
-                } else {
-                    c.needed.map_or_else(String::new, |n| n.to_string())
+                c.mode.as_str().to_owned(),
+                match c.mode {
+                    ClassMode::Class => at_least(c.needed),
+                    ClassMode::Pod | ClassMode::DedicatedNode => {
+                        c.needed.map_or_else(String::new, |n| n.to_string())
+                    }
                 },
                 c.pods.to_string(),
                 format!("{}m", c.cpu_millis),
@@ -188,7 +190,7 @@ fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
             w + u64::from(c.warm_nodes),
         )
     });
-    let shared = r.classes.iter().any(|c| c.mode == "class");
+    let shared = r.classes.iter().any(|c| c.mode == ClassMode::Class);
     writeln!(
         out,
         "{pods} isolated pods need {}{needed} nodes in their classes' modes, and {warm} warm{}",

@@ -41,12 +41,12 @@ pub struct NodeSize {
 }
 
 /// The pods of one class and the nodes they need per mode.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClassCapacity {
     pub class: String,
     /// The class's placement mode (its own, else the global one).
-    pub mode: String,
+    pub mode: ClassMode,
     pub pods: u64,
     /// Sum of the pods' CPU requests, in millicores.
     pub cpu_millis: u128,
@@ -58,6 +58,22 @@ pub struct ClassCapacity {
     pub needed: Option<u64>,
     /// Idle nodes kept for the class (`warmNodes`) on top.
     pub warm_nodes: u32,
+}
+
+impl ClassCapacity {
+    /// A class with no pods counted yet.
+    pub fn new(class: String, mode: ClassMode) -> Self {
+        Self {
+            class,
+            mode,
+            pods: 0,
+            cpu_millis: 0,
+            memory_bytes: 0,
+            nodes: NodesPerMode::default(),
+            needed: None,
+            warm_nodes: 0,
+        }
+    }
 }
 
 /// Nodes one class needs in each mode.
@@ -157,12 +173,10 @@ pub fn report<'a>(
                 Placed::Denied => report.denied_objects += 1,
                 Placed::Unisolated => report.unisolated_pods += count,
                 Placed::Class(class, pod) => {
-                    let c = classes
-                        .entry(class.clone())
-                        .or_insert_with(|| ClassCapacity {
-                            class,
-                            ..ClassCapacity::default()
-                        });
+                    let c = classes.entry(class.clone()).or_insert_with(|| {
+                        let mode = class_mode(&deciding, &class);
+                        ClassCapacity::new(class, mode)
+                    });
                     let (cpu, memory) = requests(&pod);
                     c.pods += count;
                     c.cpu_millis += cpu * u128::from(count);
@@ -179,14 +193,13 @@ pub fn report<'a>(
             pod: c.pods,
             dedicated_node: c.pods,
         };
-        let spec = c.class.parse().ok().and_then(|n| placing.class_spec(&n));
-        c.warm_nodes = spec.map_or(0, |s| s.warm_nodes);
-        // Counted classes are declared (moat denies the others), so the fallback is not used.
-        let mode = spec
-            .and_then(|s| placing.mode_of(s))
-            .unwrap_or(ClassMode::Class);
-        c.mode = mode.as_str().to_owned();
-        c.needed = match mode {
+        c.warm_nodes = c
+            .class
+            .parse()
+            .ok()
+            .and_then(|n| placing.class_spec(&n))
+            .map_or(0, |s| s.warm_nodes);
+        c.needed = match c.mode {
             ClassMode::Class => c.nodes.class,
             ClassMode::Pod => Some(c.nodes.pod),
             ClassMode::DedicatedNode => Some(c.nodes.dedicated_node),
@@ -194,6 +207,19 @@ pub fn report<'a>(
     }
     report.classes = classes.into_values().collect();
     (report, errors)
+}
+
+/// The placement mode of a class moat placed pods in (so declared, and isolation on for the
+/// deciding configuration): its own, else the global one.
+fn class_mode(config: &Config, class: &str) -> ClassMode {
+    let iso = &config.isolation;
+    class
+        .parse()
+        .ok()
+        .and_then(|n| iso.class_spec(&n))
+        .and_then(|s| iso.mode_of(s))
+        // Unreachable for a class moat placed a pod in; class mode counts at least one node.
+        .unwrap_or(ClassMode::Class)
 }
 
 fn mode_name(mode: IsolationMode) -> &'static str {
@@ -352,7 +378,7 @@ mod tests {
             pods: 5,
             cpu_millis: 5000,
             memory_bytes: 3 << 30,
-            ..ClassCapacity::default()
+            ..ClassCapacity::new("c".to_owned(), ClassMode::Class)
         };
         let node = |cpu: &str, memory: &str| NodeSize {
             cpu: q(cpu),
@@ -364,7 +390,7 @@ mod tests {
         assert_eq!(class_mode_nodes(&c, &NodeSize::default()), None);
         let no_requests = ClassCapacity {
             pods: 2,
-            ..ClassCapacity::default()
+            ..ClassCapacity::new("c".to_owned(), ClassMode::Class)
         };
         assert_eq!(class_mode_nodes(&no_requests, &node("2", "2Gi")), Some(1));
     }
