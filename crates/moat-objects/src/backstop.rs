@@ -974,3 +974,55 @@ fn identity(config: &Config) -> Compiled {
     ));
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes(yaml: &str) -> Vec<(String, ClassMode)> {
+        class_modes(&Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    #[test]
+    fn one_mode_for_every_class_compiles_to_that_modes_check_alone() {
+        use ClassMode::{Class, DedicatedNode, Pod};
+        let cases: &[(&str, &[(&str, ClassMode)])] = &[
+            (
+                "isolation: {mode: pod, classes: [{name: a, namespaces: [x]}, {name: b, mode: pod, namespaces: [y]}]}",
+                &[("*", Pod)],
+            ),
+            (
+                "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: dedicatedNode, namespaces: [y]}, {name: '*', mode: pod, namespaces: [z]}]}",
+                &[("a", Class), ("b", DedicatedNode), ("*", Pod)],
+            ),
+            (
+                "isolation: {mode: off, classes: [{name: a, mode: pod, namespaces: [x]}]}",
+                &[],
+            ),
+        ];
+        for (yaml, want) in cases {
+            let want: Vec<(String, ClassMode)> =
+                want.iter().map(|(n, m)| ((*n).to_owned(), *m)).collect();
+            assert_eq!(modes(yaml), want, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn the_mode_variable_finds_a_class_as_class_spec_does() {
+        let m = modes(
+            "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: dedicatedNode, namespaces: [y]}, {name: '*', mode: pod, namespaces: [z]}]}",
+        );
+        assert_eq!(
+            mode_variable(&m),
+            "(variables.class == 'a' ? 'class' : (variables.class == 'b' ? 'dedicatedNode' : 'pod'))"
+        );
+        // No `*`: an undeclared class has no mode (moat never places it).
+        let m = modes(
+            "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: pod, namespaces: [y]}]}",
+        );
+        assert_eq!(
+            mode_variable(&m),
+            "(variables.class == 'a' ? 'class' : (variables.class == 'b' ? 'pod' : ''))"
+        );
+    }
+}
