@@ -176,12 +176,6 @@ impl ClassMode {
             Self::DedicatedNode => "dedicatedNode",
         }
     }
-
-    /// Whether pods of this mode keep others off their node by anti-affinity on
-    /// `nodes.topologyKey` (and so require that label on their node).
-    pub fn uses_anti_affinity(self) -> bool {
-        matches!(self, Self::Class | Self::Pod)
-    }
 }
 
 impl IsolationMode {
