@@ -368,10 +368,12 @@ pub fn manifests(config: &Config, options: &InstallOptions, tls: Tls) -> Result<
     });
     // The backstop re-checks every final pod as the validating webhook would (tested for
     // equivalence), so with it the validating webhook reviews only workload templates: one call
-    // per pod fewer on the API server's path. dedicatedNode mode keeps it for pods, since the
+    // per pod fewer on the API server's path. A dedicatedNode class keeps it for pods, since the
     // namespace binding of a dedicated node id is one rule the backstop cannot express.
-    let pods_validated =
-        !backstop || config.isolation.mode == moat_core::config::IsolationMode::DedicatedNode;
+    let pods_validated = !backstop
+        || config
+            .isolation
+            .uses(moat_core::config::ClassMode::DedicatedNode);
     let (mutating, validating) = webhooks(
         config,
         &WebhookOptions {

@@ -67,8 +67,8 @@ struct ReviewArgs {
     /// are read too.
     #[arg(long = "namespace-label", value_name = "NS:KEY=VALUE", value_parser = parse_namespace_label)]
     namespace_labels: Vec<(String, String, String)>,
-    /// Instead of verdicts, report how many nodes of which class the pods need in each
-    /// isolation mode (docs/capacity.md).
+    /// Instead of verdicts, report how many nodes of which class the pods need in the class's
+    /// isolation mode, and in each other mode (docs/capacity.md).
     #[arg(long)]
     capacity: bool,
     /// One node's allocatable CPU, for the class-mode packing estimate of `--capacity`.

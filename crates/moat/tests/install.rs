@@ -817,6 +817,26 @@ fn with_the_backstop_a_pod_costs_one_webhook_call_fewer() {
     let (code, dedicated, err) = install(&["--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(calls_per_pod_create(&dedicated), 2);
+    // So does one dedicatedNode class among others; classes of the affinity modes alone do not.
+    for (classes, calls) in [
+        (
+            "[{name: a, namespaces: [x]}, {name: big, mode: dedicatedNode, namespaces: [y]}]",
+            2,
+        ),
+        (
+            "[{name: a, namespaces: [x]}, {name: ci, mode: pod, namespaces: [y]}]",
+            1,
+        ),
+    ] {
+        std::fs::write(
+            &config,
+            format!("isolation: {{mode: class, classes: {classes}}}\n"),
+        )
+        .unwrap();
+        let (code, docs, err) = install(&["--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(calls_per_pod_create(&docs), calls, "{classes}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
