@@ -158,11 +158,48 @@ pub enum IsolationMode {
     DedicatedNode,
 }
 
+/// How the pods of one class are placed: [`IsolationMode`] without `off`, which switches
+/// isolation off for every class and so is only global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClassMode {
+    /// Pods of the class share nodes of that class only.
+    Class,
+    /// Every pod of the class gets a node of its own (instance per pod).
+    Pod,
+    /// No affinity: each pod is pinned to a dedicated node the provisioner creates.
+    DedicatedNode,
+}
+
+impl ClassMode {
+    /// The configuration's spelling, for messages and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Class => "class",
+            Self::Pod => "pod",
+            Self::DedicatedNode => "dedicatedNode",
+        }
+    }
+}
+
+impl IsolationMode {
+    /// The mode of a class that declares none: `None` when isolation is off.
+    pub fn class_default(self) -> Option<ClassMode> {
+        match self {
+            Self::Off => None,
+            Self::Class => Some(ClassMode::Class),
+            Self::Pod => Some(ClassMode::Pod),
+            Self::DedicatedNode => Some(ClassMode::DedicatedNode),
+        }
+    }
+}
+
 /// `isolation`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IsolationPolicy {
-    /// Placement mode.
+    /// `off` switches isolation off for every class; otherwise the placement mode of the classes
+    /// that declare none of their own (`classes[].mode`).
     #[serde(default)]
     pub mode: IsolationMode,
     /// The pod label that names a pod's class.
@@ -295,6 +332,10 @@ pub struct ClassSpec {
     /// Namespaces whose labels match this selector may also use this class.
     #[serde(default)]
     pub namespace_selector: Option<NamespaceSelector>,
+    /// How this class's pods are placed; unset: the global `isolation.mode`. Read it through
+    /// [`IsolationPolicy::mode_of`], which also knows whether isolation is on.
+    #[serde(default)]
+    pub mode: Option<ClassMode>,
     /// Pods of this class run with this RuntimeClass (set when unset; any other is denied).
     #[serde(default)]
     pub runtime_class_name: Option<RuntimeClassName>,
@@ -545,7 +586,27 @@ impl Config {
                     format!("runtime '{r}' is in runtimeClass.reservedRuntimes"),
                 ));
             }
-            check_capacity(i, &key, class, iso.mode)?;
+            let mode = class.mode.or(iso.mode.class_default());
+            check_capacity(i, &key, class, mode)?;
+            if mode == Some(ClassMode::DedicatedNode)
+                && iso.dedicated_node_label == iso.nodes.label_key
+            {
+                // The class's own setting is what to change when it declares one.
+                let (path, whose) = if class.mode.is_some() {
+                    (
+                        format!("isolation.classes[{i}].mode"),
+                        format!("class '{key}' is in dedicatedNode mode, so "),
+                    )
+                } else {
+                    ("isolation.dedicatedNodeLabel".to_owned(), String::new())
+                };
+                return Err(ConfigError::invalid(
+                    path,
+                    format!(
+                        "{whose}isolation.dedicatedNodeLabel must differ from isolation.nodes.labelKey"
+                    ),
+                ));
+            }
             if class.namespaces.is_empty()
                 && class.namespace_selector.is_none()
                 && iso.namespace_class_label.is_none()
@@ -581,14 +642,6 @@ impl Config {
                 "isolation is on but no class is declared",
             ));
         }
-        if iso.mode == IsolationMode::DedicatedNode
-            && iso.dedicated_node_label == iso.nodes.label_key
-        {
-            return Err(ConfigError::invalid(
-                "isolation.dedicatedNodeLabel",
-                "must differ from isolation.nodes.labelKey",
-            ));
-        }
         Ok(())
     }
 }
@@ -598,7 +651,7 @@ fn check_capacity(
     i: usize,
     name: &str,
     class: &ClassSpec,
-    mode: IsolationMode,
+    mode: Option<ClassMode>,
 ) -> Result<(), ConfigError> {
     let at = |field: &str| format!("isolation.classes[{i}].{field}");
     if class.warm_nodes > MAX_WARM_NODES_PER_CLASS {
@@ -616,7 +669,7 @@ fn check_capacity(
             "'*' covers class names not known in advance, so no warm node can be made for them; set warmNodes on a named class",
         ));
     }
-    if class.warm_nodes > 0 && mode == IsolationMode::DedicatedNode {
+    if class.warm_nodes > 0 && mode == Some(ClassMode::DedicatedNode) {
         return Err(ConfigError::invalid(
             at("warmNodes"),
             format!(
@@ -645,18 +698,27 @@ impl Config {
                 ));
             }
         }
-        // Pod and dedicatedNode modes give each pod a node of its own; only class mode shares.
-        if self.isolation.mode == IsolationMode::Class {
-            for (i, c) in self.isolation.classes.iter().enumerate() {
-                if c.namespaces.iter().any(|p| p.as_str() == "*") {
-                    let name = match &c.name {
-                        ClassPattern::Any => "every class".to_owned(),
-                        ClassPattern::Name(n) => format!("class '{n}'"),
-                    };
-                    out.push(format!(
-                        "isolation.classes[{i}]: {name} is open to every namespace, so pods of different tenants share its nodes; bind classes per namespace (namespaces, namespaceSelector or namespaceClassLabel) to keep tenants apart"
-                    ));
-                }
+        let iso = &self.isolation;
+        for (i, c) in iso.classes.iter().enumerate() {
+            let name = match &c.name {
+                ClassPattern::Any => "every class".to_owned(),
+                ClassPattern::Name(n) => format!("class '{n}'"),
+            };
+            if iso.mode == IsolationMode::Off
+                && let Some(mode) = c.mode
+            {
+                out.push(format!(
+                    "isolation.classes[{i}].mode: {name} declares {} mode, but isolation.mode is off (the default), which switches isolation off for every class; set isolation.mode to class, pod or dedicatedNode (the mode of classes that declare none)",
+                    mode.as_str()
+                ));
+            }
+            // Pod and dedicatedNode modes give each pod a node of its own; only class mode shares.
+            if iso.mode_of(c) == Some(ClassMode::Class)
+                && c.namespaces.iter().any(|p| p.as_str() == "*")
+            {
+                out.push(format!(
+                    "isolation.classes[{i}]: {name} is open to every namespace, so pods of different tenants share its nodes in class mode; bind classes per namespace (namespaces, namespaceSelector or namespaceClassLabel) or give the class pod mode to keep tenants apart"
+                ));
             }
         }
         out
@@ -682,6 +744,23 @@ fn yaml_message(e: &serde_yaml_ng::Error) -> String {
 }
 
 impl IsolationPolicy {
+    /// Whether isolation is on (`mode` is not `off`).
+    pub fn is_on(&self) -> bool {
+        self.mode != IsolationMode::Off
+    }
+
+    /// The placement mode of a declared class: its own `mode`, else the global one; `None` when
+    /// isolation is off.
+    pub fn mode_of(&self, spec: &ClassSpec) -> Option<ClassMode> {
+        let default = self.mode.class_default()?;
+        Some(spec.mode.unwrap_or(default))
+    }
+
+    /// Whether some declared class is placed in `mode` (never, when isolation is off).
+    pub fn uses(&self, mode: ClassMode) -> bool {
+        self.classes.iter().any(|c| self.mode_of(c) == Some(mode))
+    }
+
     /// The declaration that covers `class`: its own entry, else the `*` entry.
     pub fn class_spec(&self, class: &ClassName) -> Option<&ClassSpec> {
         self.classes
@@ -916,6 +995,111 @@ mod tests {
         )
         .unwrap();
         assert!(bound.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_class_declares_its_mode_or_takes_the_global_one() {
+        let c = Config::from_yaml(
+            "isolation: {mode: class, classes: [{name: shared, namespaces: [a]}, {name: ci, mode: pod, namespaces: [b]}, {name: big, mode: dedicatedNode, namespaces: [c]}]}",
+        )
+        .unwrap();
+        let modes: Vec<Option<ClassMode>> = c
+            .isolation
+            .classes
+            .iter()
+            .map(|s| c.isolation.mode_of(s))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                Some(ClassMode::Class),
+                Some(ClassMode::Pod),
+                Some(ClassMode::DedicatedNode)
+            ]
+        );
+        assert!(c.isolation.uses(ClassMode::Pod) && c.isolation.uses(ClassMode::DedicatedNode));
+        // `off` is global: no class is placed, whatever it declares.
+        let mut off = c.clone();
+        off.isolation.mode = IsolationMode::Off;
+        assert!(
+            off.isolation
+                .classes
+                .iter()
+                .all(|s| off.isolation.mode_of(s).is_none())
+        );
+        assert!(!off.isolation.uses(ClassMode::Pod));
+        // Printed and read again (`moat config check`), the modes are the same; a class without
+        // one prints `mode: null` (the global mode), as other unset keys print.
+        let printed = serde_yaml_ng::to_string(&c).unwrap();
+        assert_eq!(Config::from_yaml(&printed).unwrap(), c);
+        assert_eq!(printed.matches("mode: null").count(), 1, "{printed}");
+    }
+
+    #[test]
+    fn checks_per_class_mode_rules_naming_the_class() {
+        let cases: &[(&str, &str)] = &[
+            // `off` switches isolation off for every class; a class cannot.
+            (
+                "isolation: {mode: class, classes: [{name: a, mode: off, namespaces: [x]}]}",
+                "at 'isolation.classes[0].mode': unknown variant `off`",
+            ),
+            (
+                "isolation: {mode: class, classes: [{name: a, mode: perPod, namespaces: [x]}]}",
+                "at 'isolation.classes[0].mode'",
+            ),
+            (
+                "isolation: {mode: pod, classes: [{name: a, namespaces: [x]}, {name: b, mode: dedicatedNode, namespaces: [y], warmNodes: 1}]}",
+                "at 'isolation.classes[1].warmNodes': class 'b': dedicatedNode mode pins",
+            ),
+            (
+                "isolation: {mode: class, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: x, namespaces: [x]}, {name: big, mode: dedicatedNode, namespaces: [y]}]}",
+                "at 'isolation.classes[1].mode': class 'big' is in dedicatedNode mode, so isolation.dedicatedNodeLabel must differ",
+            ),
+            (
+                "isolation: {mode: dedicatedNode, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: x, mode: pod, namespaces: [x]}, {name: y, namespaces: [y]}]}",
+                "at 'isolation.dedicatedNodeLabel': isolation.dedicatedNodeLabel must differ",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = parse_err(yaml);
+            assert!(got.starts_with(want), "{yaml}: got {got}");
+        }
+        // What another mode refuses is fine in a class of a mode that allows it.
+        for ok in [
+            "isolation: {mode: dedicatedNode, classes: [{name: a, mode: pod, namespaces: [x], warmNodes: 1}]}",
+            "isolation: {mode: pod, dedicatedNodeLabel: a, nodes: {labelKey: a}, classes: [{name: x, mode: class, namespaces: [x]}]}",
+        ] {
+            Config::from_yaml(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn warns_per_class_mode() {
+        let cases: &[(&str, &[&str])] = &[
+            // Only a class that shares nodes (class mode) and is open to every namespace.
+            (
+                "isolation: {mode: pod, classes: [{name: a, namespaces: ['*']}, {name: b, mode: class, namespaces: ['*']}]}",
+                &["isolation.classes[1]: class 'b' is open to every namespace"],
+            ),
+            (
+                "isolation: {mode: class, classes: [{name: a, mode: pod, namespaces: ['*']}, {name: b, mode: dedicatedNode, namespaces: ['*']}]}",
+                &[],
+            ),
+            // A mode on a class while isolation is off (the default) is a likely mistake.
+            (
+                "isolation: {classes: [{name: a, mode: pod, namespaces: [x]}, {name: b, namespaces: [y]}]}",
+                &[
+                    "isolation.classes[0].mode: class 'a' declares pod mode, but isolation.mode is off",
+                ],
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = Config::from_yaml(yaml).unwrap().warnings();
+            assert_eq!(got.len(), want.len(), "{yaml}: {got:?}");
+            for (g, w) in got.iter().zip(*want) {
+                assert!(g.starts_with(w), "{yaml}: {g}");
+            }
+        }
     }
 
     #[test]

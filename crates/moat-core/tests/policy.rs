@@ -1143,8 +1143,13 @@ fn no_tenant_triggered_exemption_in_a_namespace_whose_class_the_operator_forces(
                     ..Call::default()
                 },
             );
-            assert_allowed(&d);
             assert!(d.exemptions.is_empty(), "{ns} {user:?}: {:?}", d.exemptions);
+            if user == Some("system:serviceaccount:kube-system:daemon-set-controller") {
+                // A DaemonSet's own pod is refused there, not exempted: it could never run.
+                assert_denied(&d, "so a DaemonSet's pods could never run there");
+                continue;
+            }
+            assert_allowed(&d);
             assert_eq!(
                 d.object["metadata"]["labels"]["moat.dev/class"], "gold",
                 "{ns} {user:?}"
@@ -1407,5 +1412,265 @@ fn the_service_account_stamp_is_moats_own() {
     assert_eq!(
         create(&c, &bare).object["metadata"]["annotations"][KEY],
         "default"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Isolation modes per class (issue 20).
+
+/// Three classes, one per mode: `shared` takes the global mode, the others their own.
+const MIXED_MODES: &str = "isolation: {mode: class, classes: [\
+     {name: shared, namespaces: ['*']},\
+     {name: ci, mode: pod, namespaces: ['*']},\
+     {name: big, mode: dedicatedNode, namespaces: ['*']}]}";
+
+/// The class-label expressions of one anti-affinity term, as (operator, values).
+type Term = Vec<(String, Value)>;
+
+/// The class-label expressions of the pod's anti-affinity terms.
+fn class_terms(d: &Checked) -> Vec<Term> {
+    anti_affinity(d)
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            t["labelSelector"]["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["operator"].as_str().unwrap().to_owned(),
+                        e["values"].clone(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn each_class_is_placed_in_its_own_mode() {
+    let c = config(MIXED_MODES);
+    let exists = ("Exists".to_owned(), Value::Null);
+    // (class, anti-affinity terms, pinned to a dedicated id, the change that names the mode)
+    let cases: &[(&str, Vec<Term>, bool, &str)] = &[
+        (
+            "shared",
+            vec![vec![
+                exists.clone(),
+                ("NotIn".to_owned(), json!(["shared"])),
+            ]],
+            false,
+            "keep pods of every class but 'shared' off this pod's node (class mode)",
+        ),
+        (
+            "ci",
+            vec![vec![exists.clone()]],
+            false,
+            "keep every other isolated pod off this pod's node (class 'ci' is in pod mode)",
+        ),
+        (
+            "big",
+            vec![],
+            true,
+            "(class 'big' is in dedicatedNode mode)",
+        ),
+    ];
+    for (class, terms, pinned, change) in cases {
+        let d = create(&c, &labelled(class, app("x:1")));
+        assert_allowed(&d);
+        assert_eq!(&class_terms(&d), terms, "{class}");
+        let id =
+            d.object["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"].as_str();
+        assert_eq!(id.is_some(), *pinned, "{class}: {id:?}");
+        if let Some(id) = id {
+            assert!(id.starts_with(&format!("{class}-")), "{id}");
+            assert!(
+                d.object["spec"]["affinity"].is_null(),
+                "{class}: no affinity"
+            );
+        }
+        assert!(
+            d.changes.iter().any(|ch| ch.description.contains(change)),
+            "{class}: {:?}",
+            d.changes
+        );
+        // Reinvocation adds nothing; the validating webhook accepts the result.
+        assert!(create(&c, &d.object).patch.0.is_empty(), "{class}");
+        assert_allowed(&run(
+            &c,
+            &d.object,
+            Call {
+                stage: Stage::Validate,
+                ..Call::default()
+            },
+        ));
+    }
+}
+
+#[test]
+fn a_class_without_a_mode_takes_the_global_one() {
+    for (global, want_pinned, want_terms) in [
+        ("class", false, 2),
+        ("pod", false, 1),
+        ("dedicatedNode", true, 0),
+    ] {
+        let c = config(&format!(
+            "isolation: {{mode: {global}, classes: [{{name: '*', namespaces: ['*']}}, {{name: ci, mode: pod, namespaces: ['*']}}]}}"
+        ));
+        let d = create(&c, &labelled("gold", app("x:1")));
+        assert_allowed(&d);
+        let terms = class_terms(&d);
+        assert_eq!(terms.first().map_or(0, Vec::len), want_terms, "{global}");
+        assert_eq!(
+            d.object["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
+                .is_string(),
+            want_pinned,
+            "{global}"
+        );
+        // `ci` is in pod mode whatever the global mode.
+        let ci = create(&c, &labelled("ci", app("x:1")));
+        assert_eq!(
+            class_terms(&ci),
+            vec![vec![("Exists".to_owned(), Value::Null)]],
+            "{global}"
+        );
+    }
+    // `off` is global: a class's own mode does not switch isolation on.
+    let off = config("isolation: {mode: off, classes: [{name: ci, mode: pod, namespaces: ['*']}]}");
+    let d = create(&off, &labelled("ci", app("x:1")));
+    assert_allowed(&d);
+    assert!(d.patch.0.is_empty(), "{:?}", d.patch);
+}
+
+#[test]
+fn dedicated_ids_stay_bound_to_namespace_and_class_among_mixed_modes() {
+    let c = config(&format!(
+        "{}, {{name: huge, mode: dedicatedNode, namespaces: ['*']}}]}}",
+        MIXED_MODES.strip_suffix("]}").unwrap()
+    ));
+    let big = create(&c, &labelled("big", app("x:1")));
+    let id = big.object["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let naming = |class: &str, ns: &str| {
+        let mut p = labelled(class, app("x:1"));
+        p["spec"]["nodeSelector"] = json!({"node-restriction.kubernetes.io/moat-node": id});
+        run(
+            &c,
+            &p,
+            Call {
+                ns,
+                ..Call::default()
+            },
+        )
+    };
+    assert_allowed(&naming("big", "t"));
+    assert_denied(
+        &naming("big", "other"),
+        "is a dedicated node of another namespace",
+    );
+    assert_denied(
+        &naming("huge", "t"),
+        "is not a dedicated node of class 'huge'",
+    );
+    // Pods of the affinity modes keep their own class's node requirement (and anti-affinity), so
+    // naming the id cannot bring them next to `big`'s pod.
+    for class in ["shared", "ci"] {
+        let d = naming(class, "t");
+        assert_allowed(&d);
+        let term = &d.object["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0];
+        assert!(
+            term["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["key"] == "node-restriction.kubernetes.io/moat-class"
+                    && e["values"] == json!([class])),
+            "{class}: {term}"
+        );
+    }
+}
+
+type Labels = BTreeMap<String, String>;
+
+fn daemonset(ns: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "agent", "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {"labels": {"app": "agent"}}, "spec": app("agent:1.0")}}})
+}
+
+#[test]
+fn a_daemonset_in_a_namespace_forced_into_a_class_is_refused_with_a_reason() {
+    for mode in ["class", "pod", "dedicatedNode"] {
+        let c = config(&format!(
+            "isolation: {{mode: {mode}, namespaceClassLabel: moat.dev/class, isolateNamespaces: [forced], defaultClass: gold, classes: [{{name: gold, namespaces: [forced, free]}}]}}"
+        ));
+        // (namespace, its labels, refused)
+        let cases: &[(&str, Option<Labels>, bool)] = &[
+            ("bound", labels(&[("moat.dev/class", "gold")]), true),
+            ("forced", labels(&[]), true),
+            ("free", labels(&[]), false),
+        ];
+        for (ns, ns_labels, refused) in cases {
+            let d = run(
+                &c,
+                &daemonset(ns),
+                Call {
+                    ns,
+                    labels: ns_labels.clone(),
+                    ..Call::default()
+                },
+            );
+            if *refused {
+                assert_denied(
+                    &d,
+                    &format!(
+                        "namespace '{ns}' runs every pod in isolation class 'gold' ({mode} mode), so a DaemonSet's pods could never run there"
+                    ),
+                );
+            } else {
+                assert_allowed(&d);
+                assert_eq!(d.exemptions[0].reason, ExemptionReason::DaemonSet, "{mode}");
+            }
+        }
+        // A Deployment in the same namespace is fine: its pods go to nodes of the class.
+        let mut deployment = daemonset("bound");
+        deployment["kind"] = json!("Deployment");
+        let d = run(
+            &c,
+            &deployment,
+            Call {
+                ns: "bound",
+                labels: labels(&[("moat.dev/class", "gold")]),
+                ..Call::default()
+            },
+        );
+        assert_allowed(&d);
+    }
+    // In audit mode the refusal is a warning.
+    let audit = config(
+        "isolation: {mode: pod, isolateNamespaces: [forced], defaultClass: gold, classes: [{name: gold, namespaces: [forced]}]}\n\
+         enforcement: {isolation: audit}",
+    );
+    let d = run(
+        &audit,
+        &daemonset("forced"),
+        Call {
+            ns: "forced",
+            ..Call::default()
+        },
+    );
+    assert_allowed(&d);
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("a DaemonSet's pods could never run there")),
+        "{:?}",
+        d.warnings
     );
 }

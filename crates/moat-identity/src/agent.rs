@@ -39,6 +39,16 @@ use crate::spire::{Bundles, SpireAgent, Svid, select_svid};
 /// Kept free between the SVID wait and the runtime's request timeout, to write files and answer:
 /// a plugin that misses the timeout is disconnected and the container starts without it.
 pub const ANSWER_MARGIN: Duration = Duration::from_millis(300);
+/// The wait for a first SVID in a namespace where one recently went unissued. containerd calls
+/// NRI plugins one request at a time, so every container start on the node queues behind a
+/// StartContainer that waits: a tenant annotating pods for an identity nobody registered would
+/// otherwise hold the whole node for the full wait per pod. An SVID the SPIRE agent has cached
+/// (every registered one, minted ahead) arrives in about a millisecond.
+pub const SUSPECT_WAIT: Duration = Duration::from_millis(25);
+/// How long a namespace keeps the short wait after its last unissued identity.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(60);
+/// Namespaces remembered at once; the oldest are forgotten first.
+const SUSPECTS_MAX: usize = 4096;
 /// First and longest pause before re-subscribing after a broken SVID stream.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -103,6 +113,16 @@ pub enum AgentError {
     /// A host directory for the container's files could not be made.
     #[error("moat identity: cannot prepare the identity directory: {0}")]
     Directory(#[source] FilesError),
+    /// The container was created while no agent answered: its spec has no identity mount, so
+    /// files written now would never reach it. Refused; the kubelet creates it again, through
+    /// the agent.
+    #[error(
+        "moat identity: container {container} was created while the identity agent was not answering, so it has no identity mount; it is refused and will be created again with one"
+    )]
+    NotMounted {
+        /// `namespace/pod/container`.
+        container: String,
+    },
     /// Entries that do not fail open got no SVID within the wait.
     #[error("moat identity: container {container}: {}", join(missing))]
     NoSvid {
@@ -192,6 +212,8 @@ struct Inner {
     bundle_dir: PathBuf,
     spire: Mutex<HashMap<PathBuf, Arc<SpireAgent>>>,
     containers: Mutex<HashMap<String, Tracked>>,
+    /// Namespaces where an identity recently went unissued, with when it last did.
+    suspects: Mutex<HashMap<String, Instant>>,
 }
 
 /// A container with identity entries.
@@ -201,6 +223,8 @@ struct Tracked {
     label: String,
     entries: Vec<(IdentityEntry, PathBuf)>,
     streams: Vec<JoinHandle<()>>,
+    /// Whether its CreateContainer went through this agent (so its spec has the mounts).
+    mounted: bool,
 }
 
 impl Drop for Tracked {
@@ -256,6 +280,7 @@ impl Agent {
                 bundle_dir,
                 spire: Mutex::default(),
                 containers: Mutex::default(),
+                suspects: Mutex::default(),
             }),
         })
     }
@@ -349,10 +374,16 @@ impl Agent {
             if lock(&self.inner.containers).contains_key(&container.id) {
                 continue;
             }
-            match self.track(pod, container, entries) {
-                Ok(tracked) => {
+            if container.running && self.started_without_identity(container, &entries) {
+                // Never followed: an SVID written now would reach nobody.
+                self.evict(pod, container);
+                continue;
+            }
+            // A container not running yet may have been created while no agent answered: its
+            // start is checked against its spec's mounts.
+            match self.track(pod, container, entries, container.running) {
+                Ok(_) => {
                     if container.running {
-                        self.check_started_with_identity(pod, container, &tracked);
                         // No one waits: the container already runs with the files it has.
                         drop(self.subscribe(pod, container));
                     }
@@ -400,7 +431,7 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        match self.track(pod, container, entries) {
+        match self.track(pod, container, entries, true) {
             Ok(tracked) => {
                 self.update_gauge();
                 let mounts: Vec<IdentityMount> = tracked
@@ -432,10 +463,16 @@ impl Agent {
         container: &ContainerInfo,
     ) -> Result<(), AgentError> {
         let started = Instant::now();
+        self.check_mounted(pod, container)?;
         let Some(firsts) = self.subscribe(pod, container) else {
             return Ok(());
         };
-        let wait = self.effective_wait();
+        let held = self.suspect(&pod.namespace);
+        let wait = if held {
+            self.effective_wait().min(SUSPECT_WAIT)
+        } else {
+            self.effective_wait()
+        };
         let (deadline_of_runtime, source) = self.request_timeout();
         let deadline = tokio::time::Instant::now() + wait;
         let metrics = &self.inner.metrics;
@@ -453,13 +490,25 @@ impl Agent {
                     } else {
                         last
                     };
-                    Err((
-                        Failure::timeout,
-                        format!(
-                            "none within {wait:?}, which ends {ANSWER_MARGIN:?} before the runtime's NRI \
-                             request deadline of {deadline_of_runtime:?} ({source}) ({reason})"
-                        ),
-                    ))
+                    if held {
+                        Err((
+                            Failure::held_short,
+                            format!(
+                                "none within {wait:?}: an identity in namespace {} went unissued in the last {SUSPECT_FOR:?}, \
+                                 so starts there wait {wait:?}, not to hold every container start on the node; \
+                                 the kubelet retries ({reason})",
+                                pod.namespace
+                            ),
+                        ))
+                    } else {
+                        Err((
+                            Failure::timeout,
+                            format!(
+                                "none within {wait:?}, which ends {ANSWER_MARGIN:?} before the runtime's NRI \
+                                 request deadline of {deadline_of_runtime:?} ({source}) ({reason})"
+                            ),
+                        ))
+                    }
                 }
             };
             let Err((reason, message)) = outcome else {
@@ -468,6 +517,9 @@ impl Agent {
                 continue;
             };
             metrics.fail(reason);
+            if matches!(reason, Failure::timeout | Failure::held_short) {
+                self.unissued(&pod.namespace);
+            }
             let entry_missing = MissingSvid {
                 cert_dir: entry.cert_dir,
                 spire_agent_address: entry.spire_agent_address,
@@ -494,6 +546,30 @@ impl Agent {
         };
         tracing::warn!(error = %error, "container start refused");
         Err(error)
+    }
+
+    /// Whether `namespace` had an identity go unissued within [`SUSPECT_FOR`].
+    fn suspect(&self, namespace: &str) -> bool {
+        lock(&self.inner.suspects)
+            .get(namespace)
+            .is_some_and(|at| at.elapsed() < SUSPECT_FOR)
+    }
+
+    /// Records that an identity in `namespace` went unissued now; bounded in namespaces.
+    fn unissued(&self, namespace: &str) {
+        let mut suspects = lock(&self.inner.suspects);
+        if suspects.len() >= SUSPECTS_MAX && !suspects.contains_key(namespace) {
+            suspects.retain(|_, at| at.elapsed() < SUSPECT_FOR);
+            if suspects.len() >= SUSPECTS_MAX
+                && let Some(oldest) = suspects
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(ns, _)| ns.clone())
+            {
+                suspects.remove(&oldest);
+            }
+        }
+        suspects.insert(namespace.to_owned(), Instant::now());
     }
 
     /// Stops following every container (the agent is exiting); files stay for the next agent.
@@ -549,6 +625,7 @@ impl Agent {
         pod: &Pod,
         container: &ContainerInfo,
         entries: Vec<IdentityEntry>,
+        mounted: bool,
     ) -> Result<Vec<(IdentityEntry, PathBuf)>, FilesError> {
         let mut with_dirs = Vec::with_capacity(entries.len());
         for (index, entry) in entries.into_iter().enumerate() {
@@ -562,6 +639,7 @@ impl Agent {
                 label: label(pod, container),
                 entries: with_dirs.clone(),
                 streams: Vec::new(),
+                mounted,
             },
         );
         Ok(with_dirs)
@@ -594,28 +672,81 @@ impl Agent {
         }
     }
 
-    /// A running container found at Synchronize whose entries have no files yet started while
-    /// the agent was not answering (a missed runtime deadline, or no agent at all): said
-    /// loudly and counted, since nothing can stop it now.
-    fn check_started_with_identity(
+    /// Whether a running container found at Synchronize started without the files of an entry
+    /// that does not fail open: it started while no agent answered (a restart, a rollout, a node
+    /// boot, a missed runtime deadline), or with a directory nobody mounted.
+    fn started_without_identity(
         &self,
-        pod: &Pod,
         container: &ContainerInfo,
-        tracked: &[(IdentityEntry, PathBuf)],
-    ) {
-        for (entry, dir) in tracked {
-            if entry.fail_open || crate::files::is_published(dir) {
-                continue;
+        entries: &[IdentityEntry],
+    ) -> bool {
+        entries.iter().enumerate().any(|(index, entry)| {
+            !entry.fail_open
+                && !self
+                    .inner
+                    .root
+                    .entry_dir(&container.id, index)
+                    .is_ok_and(|dir| crate::files::is_published(&dir))
+        })
+    }
+
+    /// Stops a container that runs without its identity, so the kubelet starts it again (or its
+    /// controller replaces the pod) through this agent; counted and logged either way.
+    fn evict(&self, pod: &Pod, container: &ContainerInfo) {
+        let metrics = &self.inner.metrics;
+        metrics.fail(Failure::started_without_svid);
+        // A sandboxed container's process is the sandbox's: stopping it stops the pod.
+        let owners = [container.id.as_str(), pod.id.as_str()];
+        let owners = if self.inner.sandbox.sandboxed(pod, container).is_some() {
+            &owners[..]
+        } else {
+            &owners[..1]
+        };
+        match crate::evict::kill(container.pid, owners) {
+            Ok(()) => {
+                metrics.evictions.inc();
+                tracing::warn!(
+                    container = %label(pod, container),
+                    container_id = %container.id,
+                    pid = container.pid,
+                    "stopped an annotated container that started WITHOUT its SVID while the agent was not answering; the kubelet starts it again with its identity"
+                );
             }
-            self.inner.metrics.fail(Failure::started_without_svid);
-            tracing::error!(
+            Err(e) => tracing::error!(
                 container = %label(pod, container),
-                cert_dir = %entry.cert_dir.display(),
-                "an annotated container is running WITHOUT its SVID: it started while the agent \
-                 did not answer (was the runtime's NRI request deadline missed? see \
-                 --runtime-request-timeout); its files arrive now, but its first instruction ran without them"
-            );
+                container_id = %container.id,
+                error = %e,
+                "an annotated container runs WITHOUT its SVID (it started while the agent was not answering) and could not be stopped: stop it by hand"
+            ),
         }
+    }
+
+    /// Refuses the start of a container whose spec lacks its identity mounts (created while no
+    /// agent answered), before anything is minted for it.
+    fn check_mounted(&self, pod: &Pod, container: &ContainerInfo) -> Result<(), AgentError> {
+        let entries = {
+            let containers = lock(&self.inner.containers);
+            match containers.get(&container.id) {
+                Some(tracked) if !tracked.mounted => tracked.entries.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let all_mounted = entries.iter().all(|(entry, dir)| {
+            owner::mounts(&self.inner.bundle_dir, &container.id, dir, &entry.cert_dir)
+                .unwrap_or(false)
+        });
+        if all_mounted {
+            if let Some(tracked) = lock(&self.inner.containers).get_mut(&container.id) {
+                tracked.mounted = true;
+            }
+            return Ok(());
+        }
+        self.inner.metrics.fail(Failure::not_mounted);
+        let error = AgentError::NotMounted {
+            container: label(pod, container),
+        };
+        tracing::warn!(error = %error, "container start refused");
+        Err(error)
     }
 
     /// Starts following every entry of a tracked container, replacing streams it had. Returns,

@@ -16,6 +16,7 @@ mod backoff;
 pub mod defaults;
 #[cfg(feature = "doubles")]
 pub mod doubles;
+pub mod evict;
 pub mod files;
 pub mod metrics;
 pub mod metrics_server;

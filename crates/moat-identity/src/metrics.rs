@@ -35,8 +35,14 @@ pub enum Failure {
     /// deadline passed).
     runtime_deadline,
     /// Synchronize found an annotated container running without its files: it started while
-    /// the agent was not answering.
+    /// the agent was not answering (it is then stopped: `evictions`).
     started_without_svid,
+    /// A container created while the agent was not answering (no identity mount) was refused
+    /// at its start.
+    not_mounted,
+    /// No SVID within the short wait given to a namespace where an identity recently went
+    /// unissued (the full wait would hold every container start on the node).
+    held_short,
 }
 
 /// An NRI call the agent answers.
@@ -73,7 +79,7 @@ pub struct CallOnlyLabels {
 }
 
 /// Every [`Failure`], in the order the persisted file lists them.
-pub const FAILURES: [Failure; 10] = [
+pub const FAILURES: [Failure; 12] = [
     Failure::annotation,
     Failure::timeout,
     Failure::permission_denied,
@@ -84,6 +90,8 @@ pub const FAILURES: [Failure; 10] = [
     Failure::owner_unknown,
     Failure::runtime_deadline,
     Failure::started_without_svid,
+    Failure::not_mounted,
+    Failure::held_short,
 ];
 
 impl Failure {
@@ -100,6 +108,8 @@ impl Failure {
             Self::owner_unknown => "owner_unknown",
             Self::runtime_deadline => "runtime_deadline",
             Self::started_without_svid => "started_without_svid",
+            Self::not_mounted => "not_mounted",
+            Self::held_short => "held_short",
         }
     }
 }
@@ -111,6 +121,8 @@ pub struct Metrics {
     pub rotations: Counter,
     pub failures: Family<FailureLabels, Counter>,
     pub fail_open_starts: Counter,
+    /// Annotated containers stopped because they ran without their SVID.
+    pub evictions: Counter,
     pub svid_wait: Histogram,
     pub containers_tracked: Gauge,
     pub calls: Family<CallLabels, Counter>,
@@ -127,6 +139,7 @@ impl Metrics {
             rotations: Counter::default(),
             failures: Family::default(),
             fail_open_starts: Counter::default(),
+            evictions: Counter::default(),
             // 1 ms to ~4 s.
             svid_wait: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
             containers_tracked: Gauge::default(),
@@ -157,6 +170,11 @@ impl Metrics {
             "fail_open_starts",
             "Containers started without an SVID because their annotation chose fail_open",
             m.fail_open_starts.clone(),
+        );
+        r.register(
+            "evictions",
+            "Annotated containers stopped because they started without their SVID while the agent was not answering (the kubelet starts them again through the agent)",
+            m.evictions.clone(),
         );
         r.register(
             "svid_wait_seconds",

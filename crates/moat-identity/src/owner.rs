@@ -51,6 +51,46 @@ struct User {
 /// # Errors
 /// [`OwnerError`] when the spec cannot be read or has no user.
 pub fn from_bundle(bundle_dir: &Path, container_id: &str) -> Result<(u32, u32), OwnerError> {
+    let spec: Spec = read_spec(bundle_dir, container_id)?;
+    Ok((spec.process.user.uid, spec.process.user.gid))
+}
+
+#[derive(serde::Deserialize)]
+struct MountsSpec {
+    #[serde(default)]
+    mounts: Vec<SpecMount>,
+}
+
+#[derive(serde::Deserialize)]
+struct SpecMount {
+    destination: PathBuf,
+    #[serde(default)]
+    source: Option<PathBuf>,
+}
+
+/// Whether the spec the runtime runs for `container_id` mounts `source` at `destination`: an
+/// identity directory reaches a container only through the mount its CreateContainer added,
+/// which a container created while no agent answered does not have.
+///
+/// # Errors
+/// [`OwnerError`] when the spec cannot be read (the runtime has not made the bundle yet).
+pub fn mounts(
+    bundle_dir: &Path,
+    container_id: &str,
+    source: &Path,
+    destination: &Path,
+) -> Result<bool, OwnerError> {
+    let spec: MountsSpec = read_spec(bundle_dir, container_id)?;
+    Ok(spec
+        .mounts
+        .iter()
+        .any(|m| m.destination == destination && m.source.as_deref() == Some(source)))
+}
+
+fn read_spec<T: serde::de::DeserializeOwned>(
+    bundle_dir: &Path,
+    container_id: &str,
+) -> Result<T, OwnerError> {
     // Container ids reach here only after `ArtifactRoot` accepted them as directory names.
     let path = bundle_dir.join(container_id).join("config.json");
     let read = |source| OwnerError::Read {
@@ -62,11 +102,10 @@ pub fn from_bundle(bundle_dir: &Path, container_id: &str) -> Result<(u32, u32), 
         return Err(OwnerError::TooLarge(path));
     }
     let text = std::fs::read(&path).map_err(read)?;
-    let spec: Spec = serde_json::from_slice(&text).map_err(|e| OwnerError::NoUser {
+    serde_json::from_slice(&text).map_err(|e| OwnerError::NoUser {
         path: path.clone(),
         reason: e.to_string(),
-    })?;
-    Ok((spec.process.user.uid, spec.process.user.gid))
+    })
 }
 
 /// The effective uid and gid of the host process `pid`, from `/proc/<pid>/status`.
@@ -95,6 +134,20 @@ mod tests {
         std::fs::create_dir_all(dir.join("c1")).unwrap();
         std::fs::write(dir.join("c1/config.json"), spec).unwrap();
         dir
+    }
+
+    #[test]
+    fn tells_whether_the_spec_mounts_an_identity_directory() {
+        let dir = bundle(
+            "mounts",
+            r#"{"process":{"user":{"uid":0,"gid":0}},"mounts":[{"destination":"/proc","type":"proc","source":"proc"},{"destination":"/run/spiffe","type":"bind","source":"/var/lib/moat/c1/0","options":["rbind","ro"]}]}"#,
+        );
+        let (src, dst) = (Path::new("/var/lib/moat/c1/0"), Path::new("/run/spiffe"));
+        assert!(mounts(&dir, "c1", src, dst).unwrap());
+        assert!(!mounts(&dir, "c1", Path::new("/var/lib/moat/c1/1"), dst).unwrap());
+        assert!(!mounts(&dir, "c1", src, Path::new("/run/other")).unwrap());
+        assert!(mounts(&dir, "c2", src, dst).is_err(), "no bundle yet");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -294,7 +294,7 @@ fn status(error: &AgentError) -> RpcStatus {
     let code = match error {
         AgentError::Annotation(_) => Code::InvalidArgument,
         AgentError::Directory(_) => Code::Internal,
-        AgentError::NoSvid { .. } => Code::FailedPrecondition,
+        AgentError::NoSvid { .. } | AgentError::NotMounted { .. } => Code::FailedPrecondition,
     };
     RpcStatus::new(code, error.to_string())
 }

@@ -1000,3 +1000,134 @@ async fn a_missed_runtime_deadline_is_named_and_the_unprotected_start_is_found_a
     h.conn = conn;
     h.plugin = plugin;
 }
+
+/// A tenant annotating pods for an identity nobody registered: after the first full wait in its
+/// namespace, later starts there wait only [`SUSPECT_WAIT`], so the node (whose runtime calls
+/// the agent one request at a time) is not held; other namespaces keep the full wait.
+#[tokio::test]
+async fn an_unissued_identity_shortens_later_waits_in_its_namespace_only() {
+    use moat_identity::agent::SUSPECT_WAIT;
+    let h = harness("suspect").await;
+    let start = |namespace: &'static str, id: &'static str| {
+        let h = &h;
+        async move {
+            let workload = Workload::spawn();
+            let mut pod = pod(&[(WEB, "[{}]")]);
+            pod.namespace = namespace.into();
+            pod.id = format!("pod-{id}");
+            let mut ctr = container(id, "web", workload.pid());
+            ctr.pod_sandbox_id = pod.id.clone();
+            h.conn.create_container(&pod, &ctr).await.unwrap();
+            let err = h
+                .conn
+                .start_container(&pod, &ctr, Style::StateChange)
+                .await
+                .unwrap_err();
+            let CallError::Status(status) = err else {
+                panic!("expected an error status, got {err}")
+            };
+            assert_eq!(status.code, 9, "FAILED_PRECONDITION");
+            status.message
+        }
+    };
+    let first = start("evil", "c1").await;
+    assert!(!first.contains("went unissued"), "{first}");
+    let text = metrics_text(&h.registry);
+    assert!(
+        text.contains("moat_identity_failures_total{reason=\"timeout\"} 1"),
+        "{text}"
+    );
+    for id in ["c2", "c3"] {
+        let later = start("evil", id).await;
+        assert!(
+            later.contains("went unissued") && later.contains(&format!("{SUSPECT_WAIT:?}")),
+            "{later}"
+        );
+    }
+    let text = metrics_text(&h.registry);
+    assert!(
+        text.contains("moat_identity_failures_total{reason=\"held_short\"} 2"),
+        "{text}"
+    );
+    // Another namespace is not held to the short wait.
+    let other = start("bank", "c4").await;
+    assert!(!other.contains("went unissued"), "{other}");
+    assert!(
+        metrics_text(&h.registry).contains("moat_identity_failures_total{reason=\"timeout\"} 2")
+    );
+}
+
+/// While no agent answered, one annotated container started (no files: found running at
+/// Synchronize, it is stopped, never given an SVID nobody would read) and another was created
+/// (no mount: its start is refused until it is created again through the agent).
+#[tokio::test]
+async fn synchronize_stops_what_started_without_identity_and_refuses_what_was_created_without_it() {
+    let h = harness("window").await;
+    let running = Workload::spawn();
+    h.spire
+        .register_pid(running.pid(), "spiffe://example.org/web");
+    let pod = pod(&[(WEB, "[{}]")]);
+    let mut started = container("c1", "web", running.pid());
+    started.state = ContainerState::ContainerRunning as i32;
+    let created_workload = Workload::spawn();
+    h.spire
+        .register_pid(created_workload.pid(), "spiffe://example.org/web");
+    let created = container("c2", "web", created_workload.pid());
+    h.conn
+        .synchronize(vec![pod.clone()], vec![started.clone(), created.clone()])
+        .await
+        .unwrap();
+    let text = metrics_text(&h.registry);
+    assert!(
+        text.contains("moat_identity_failures_total{reason=\"started_without_svid\"} 1"),
+        "{text}"
+    );
+    // The double's process is not in a container's cgroup: the agent refuses to signal it (the
+    // real containerd test shows the stop), and never follows it.
+    assert!(text.contains("moat_identity_evictions_total 0"), "{text}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.spire.open_svid_streams(), 0, "nothing minted for it");
+    assert!(!h.dir.join("artifacts/c1").exists());
+
+    // Created without the agent: no mount in its spec, so its start is refused.
+    let spec = |mounts: &str| {
+        let bundle = h.dir.join("bundles/c2");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            format!(r#"{{"process":{{"user":{{"uid":0,"gid":0}}}},"mounts":[{mounts}]}}"#),
+        )
+        .unwrap();
+    };
+    spec(r#"{"destination":"/proc","type":"proc","source":"proc"}"#);
+    let err = h
+        .conn
+        .start_container(&pod, &created, Style::StateChange)
+        .await
+        .unwrap_err();
+    let CallError::Status(status) = err else {
+        panic!("expected an error status, got {err}")
+    };
+    assert_eq!(status.code, 9, "FAILED_PRECONDITION");
+    assert!(
+        status.message.contains("no identity mount"),
+        "{}",
+        status.message
+    );
+    assert!(
+        metrics_text(&h.registry)
+            .contains("moat_identity_failures_total{reason=\"not_mounted\"} 1")
+    );
+    // A spec that has the mount (an agent created it before restarting) starts.
+    let dir = h.dir.join("artifacts/c2/0");
+    spec(&format!(
+        r#"{{"destination":"{}","type":"bind","source":"{}"}}"#,
+        defaults::CERT_DIR,
+        dir.display()
+    ));
+    h.conn
+        .start_container(&pod, &created, Style::StateChange)
+        .await
+        .unwrap();
+    assert_svid(&dir, "spiffe://example.org/web");
+}

@@ -20,7 +20,7 @@
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
-use moat_core::config::{ClassPattern, ClassSpec, Config, IsolationMode, SelectorOperator};
+use moat_core::config::{ClassMode, ClassPattern, ClassSpec, Config, SelectorOperator};
 use moat_core::decision::Policy;
 use moat_core::engine::enforcement;
 use serde_json::{Value, json};
@@ -120,7 +120,7 @@ pub fn compile(config: &Config, also_exempt: &[&str]) -> Result<Backstop, serde_
 /// The compiled rules of `config`, one per moat policy that has something to check.
 pub fn rules(config: &Config) -> Vec<Compiled> {
     let mut out = vec![images(config), runtime(config)];
-    if config.isolation.mode != IsolationMode::Off {
+    if config.isolation.is_on() {
         out.push(isolation(config));
     }
     if config.identity.service_account_annotation.is_some() {
@@ -475,12 +475,19 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
         "forced".to_owned(),
         "variables.nsClass != '' || variables.isolateNamespace".to_owned(),
     ));
+    // A pod the DaemonSet controller creates (`userInfo`, which only the API server writes).
+    let daemon_set_pod = if ex.daemon_set_controllers.is_empty() {
+        "false".to_owned()
+    } else {
+        format!(
+            "request.userInfo.username in {} && has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/'))",
+            list(ex.daemon_set_controllers.iter().map(String::as_str))
+        )
+    };
+    v.push(("daemonSetPod".to_owned(), daemon_set_pod));
     let mut exemptions = Vec::new();
     if !ex.daemon_set_controllers.is_empty() {
-        exemptions.push(format!(
-            "(request.userInfo.username in {} && has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/')))",
-            list(ex.daemon_set_controllers.iter().map(String::as_str))
-        ));
+        exemptions.push("variables.daemonSetPod".to_owned());
     }
     if let Some(a) = &ex.ignore_annotation {
         let a = lit(a.as_str());
@@ -721,6 +728,11 @@ fn isolation(config: &Config) -> Compiled {
         ),
         "'namespace \\'' + request.namespace + '\\' may not use isolation class \\'' + variables.podClass + '\\''".to_owned(),
     ));
+    // A DaemonSet's pod where the operator forces a class could never run: refused.
+    c.validations.push((
+        format!("!({CREATE}) || !variables.forced || !variables.daemonSetPod"),
+        "'namespace \\'' + request.namespace + '\\' runs every pod in isolation class \\'' + variables.class + '\\', so a DaemonSet\\'s pods could never run there: its controller makes one for each node without moat\\'s taint, and moat pins each to nodes of the class; run node agents in an exempt namespace'".to_owned(),
+    ));
     // Not isolated: keep off isolated nodes.
     c.validations.push((
         format!("!({CREATE}) || variables.isolated || variables.tolerations.all(t, !{guard})"),
@@ -757,39 +769,100 @@ fn isolation(config: &Config) -> Compiled {
             iso.nodes.label_key
         ),
     ));
-    let placed = match iso.mode {
-        IsolationMode::DedicatedNode => {
-            let key = lit(iso.dedicated_node_label.as_str());
-            format!(
-                "{label_key} in {selector} && {key} in {selector} && {selector}[{key}].matches('^' + variables.class + '-[0-9a-f]{{22}}$')"
-            )
-        }
-        _ => {
-            let topology = lit(iso.nodes.topology_key.as_str());
-            let class_key = lit(iso.pod_class_label.as_str());
-            let other = if iso.mode == IsolationMode::Pod {
-                String::new()
-            } else {
-                format!(
-                    " && t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class])"
-                )
-            };
-            format!(
-                "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
+    // Each class's placement follows its mode: with one mode for every class the expression
+    // is that mode's alone; with several, `variables.mode` (the class's mode) chooses.
+    let modes = class_modes(config);
+    let uniform = match modes.as_slice() {
+        [(_, only)] => Some(*only),
+        _ => None,
+    };
+    if uniform.is_none() {
+        c.variables.push(("mode".to_owned(), mode_variable(&modes)));
+    }
+    let is_mode = |mode: ClassMode| match uniform {
+        Some(only) => (if only == mode { "true" } else { "false" }).to_owned(),
+        None => format!("variables.mode == {}", lit(mode.as_str())),
+    };
+    let dedicated = {
+        let key = lit(iso.dedicated_node_label.as_str());
+        format!(
+            "{label_key} in {selector} && {key} in {selector} && {selector}[{key}].matches('^' + variables.class + '-[0-9a-f]{{22}}$')"
+        )
+    };
+    let affinity = {
+        let topology = lit(iso.nodes.topology_key.as_str());
+        let class_key = lit(iso.pod_class_label.as_str());
+        let other = match uniform {
+            Some(ClassMode::Pod) => String::new(),
+            Some(_) => format!(
+                " && t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class])"
+            ),
+            None => format!(
+                " && ({} || t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'NotIn' && has(e.values) && e.values == [variables.class]))",
+                is_mode(ClassMode::Pod)
+            ),
+        };
+        format!(
+            "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
                  object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, has(t.matchExpressions) && \
                    t.matchExpressions.exists(e, e.key == {label_key} && e.operator == 'In' && has(e.values) && e.values == [{node_value}]) && \
                    t.matchExpressions.exists(e, e.key == {topology} && e.operator == 'Exists')) && \
                  has(object.spec.affinity.podAntiAffinity) && has(object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
                  object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.exists(t, t.topologyKey == {topology} && has(t.namespaceSelector) && has(t.labelSelector) && has(t.labelSelector.matchExpressions) && \
                    t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'Exists'){other})"
-            )
-        }
+        )
+    };
+    let placed = match uniform {
+        Some(ClassMode::DedicatedNode) => dedicated,
+        Some(_) => affinity,
+        None => format!(
+            "{} ? ({dedicated}) : ({affinity})",
+            is_mode(ClassMode::DedicatedNode)
+        ),
     };
     c.validations.push((
         format!("!({CREATE}) || !variables.placed || ({placed})"),
         format!("'moat\\'s placement on the nodes of class \\'' + variables.class + '\\' is missing from the pod{NOT_MUTATED}'"),
     ));
     c
+}
+
+/// The placement mode of each declaration (`*` as the name of the `*` entry), in order; a
+/// mode shared by every class is one entry.
+fn class_modes(config: &Config) -> Vec<(String, ClassMode)> {
+    let iso = &config.isolation;
+    let all: Vec<(String, ClassMode)> = iso
+        .classes
+        .iter()
+        .filter_map(|s| {
+            let name = match &s.name {
+                ClassPattern::Any => "*".to_owned(),
+                ClassPattern::Name(n) => n.to_string(),
+            };
+            Some((name, iso.mode_of(s)?))
+        })
+        .collect();
+    match all.first() {
+        Some((_, first)) if all.iter().all(|(_, m)| m == first) => vec![("*".to_owned(), *first)],
+        _ => all,
+    }
+}
+
+/// `variables.mode`: the mode of `variables.class`, as moat's `class_spec` finds it (its own
+/// entry, else `*`'s); `''` for a class nothing declares (never placed).
+fn mode_variable(modes: &[(String, ClassMode)]) -> String {
+    let mut expr = modes
+        .iter()
+        .find(|(n, _)| n == "*")
+        .map_or("''".to_owned(), |(_, m)| lit(m.as_str()));
+    for (name, mode) in modes.iter().rev().filter(|(n, _)| n != "*") {
+        expr = format!(
+            "(variables.class == {} ? {} : {expr})",
+            lit(name),
+            lit(mode.as_str())
+        );
+    }
+    expr
 }
 
 fn runtime(config: &Config) -> Compiled {
@@ -829,7 +902,7 @@ fn runtime(config: &Config) -> Compiled {
             Some((name, s.runtime_class_name.as_ref()?.as_str()))
         })
         .collect();
-    if config.isolation.mode != IsolationMode::Off && !tied.is_empty() {
+    if config.isolation.is_on() && !tied.is_empty() {
         c.variables.extend(class_variables(config));
         let any = tied.iter().find(|(n, _)| n == "*").map(|(_, r)| *r);
         let mut expected = any.map_or("''".to_owned(), lit);
@@ -900,4 +973,56 @@ fn identity(config: &Config) -> Compiled {
         format!("'metadata.annotations[\\'{key}\\']: set by moat from the pod\\'s service account; it cannot change on a running pod'"),
     ));
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes(yaml: &str) -> Vec<(String, ClassMode)> {
+        class_modes(&Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    #[test]
+    fn one_mode_for_every_class_compiles_to_that_modes_check_alone() {
+        use ClassMode::{Class, DedicatedNode, Pod};
+        let cases: &[(&str, &[(&str, ClassMode)])] = &[
+            (
+                "isolation: {mode: pod, classes: [{name: a, namespaces: [x]}, {name: b, mode: pod, namespaces: [y]}]}",
+                &[("*", Pod)],
+            ),
+            (
+                "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: dedicatedNode, namespaces: [y]}, {name: '*', mode: pod, namespaces: [z]}]}",
+                &[("a", Class), ("b", DedicatedNode), ("*", Pod)],
+            ),
+            (
+                "isolation: {mode: off, classes: [{name: a, mode: pod, namespaces: [x]}]}",
+                &[],
+            ),
+        ];
+        for (yaml, want) in cases {
+            let want: Vec<(String, ClassMode)> =
+                want.iter().map(|(n, m)| ((*n).to_owned(), *m)).collect();
+            assert_eq!(modes(yaml), want, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn the_mode_variable_finds_a_class_as_class_spec_does() {
+        let m = modes(
+            "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: dedicatedNode, namespaces: [y]}, {name: '*', mode: pod, namespaces: [z]}]}",
+        );
+        assert_eq!(
+            mode_variable(&m),
+            "(variables.class == 'a' ? 'class' : (variables.class == 'b' ? 'dedicatedNode' : 'pod'))"
+        );
+        // No `*`: an undeclared class has no mode (moat never places it).
+        let m = modes(
+            "isolation: {mode: class, classes: [{name: a, namespaces: [x]}, {name: b, mode: pod, namespaces: [y]}]}",
+        );
+        assert_eq!(
+            mode_variable(&m),
+            "(variables.class == 'a' ? 'class' : (variables.class == 'b' ? 'pod' : ''))"
+        );
+    }
 }

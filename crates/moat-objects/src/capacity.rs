@@ -14,6 +14,11 @@
 //! - dedicatedNode mode pins each pod to `dedicatedNodeLabel` = its id: the pool lets each pod
 //!   choose the value (`Exists`), so each id gets a node of its own.
 //!
+//! The mode is each class's own (`classes[].mode`), so each pool follows the modes of the
+//! classes it serves: the id requirement where one is in dedicatedNode mode, and consolidation
+//! of underused nodes only where every class shares nodes (class mode): moving a pod of a node
+//! of its own (pod, dedicatedNode) to a cheaper node saves nothing and restarts it.
+//!
 //! See `docs/capacity.md`.
 
 pub mod buffer;
@@ -26,7 +31,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PodTemplate, Taint};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use moat_core::config::{ClassPattern, ClassSpec, Config, IsolationMode};
+use moat_core::config::{ClassMode, ClassPattern, ClassSpec, Config};
 use moat_core::decision::{Operation, Request, Stage};
 use moat_core::engine;
 use moat_core::image::ImageRef;
@@ -197,6 +202,20 @@ pub struct Pool {
     pub taint: Taint,
     pub idle_after: IdleAfter,
     pub limits: BTreeMap<String, String>,
+    /// Which nodes the autoscaler may remove: empty ones only, or also underused ones whose
+    /// pods fit elsewhere (only where every class of the pool is in class mode).
+    pub consolidation: ConsolidationPolicy,
+}
+
+/// The consolidation right for pools serving classes of `modes`: class mode packs a class's
+/// pods, so an underused node's pods may move to its other nodes; a node per pod (pod and
+/// dedicatedNode modes) is never underused in a way moving its one pod would fix.
+fn consolidation(modes: &[ClassMode]) -> ConsolidationPolicy {
+    if modes.iter().all(|m| *m == ClassMode::Class) {
+        ConsolidationPolicy::WhenEmptyOrUnderutilized
+    } else {
+        ConsolidationPolicy::WhenEmpty
+    }
 }
 
 /// The pools the configuration's placement needs, one per class where label or taint names
@@ -208,7 +227,7 @@ pub struct Pool {
 /// [`CapacityError::SharedPoolDisagrees`]).
 pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
     let iso = &config.isolation;
-    if iso.mode == IsolationMode::Off {
+    if !iso.is_on() {
         return Ok(Vec::new());
     }
     let nodes = &iso.nodes;
@@ -222,14 +241,19 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
         })
         .collect();
     let any = iso.classes.iter().find(|c| c.name == ClassPattern::Any);
-    let mut chosen = Vec::new();
-    if iso.mode == IsolationMode::DedicatedNode {
-        chosen.push(requirement(
-            iso.dedicated_node_label.as_str(),
-            "Exists",
-            None,
-        ));
-    }
+    let mode = |spec: &ClassSpec| iso.mode_of(spec).unwrap_or(ClassMode::Class);
+    // Requirements whose value each pod chooses, for pools serving classes of these modes.
+    let chosen = |modes: &[ClassMode]| {
+        if modes.contains(&ClassMode::DedicatedNode) {
+            vec![requirement(
+                iso.dedicated_node_label.as_str(),
+                "Exists",
+                None,
+            )]
+        } else {
+            Vec::new()
+        }
+    };
     let taint = |value: &str| Taint {
         key: nodes.taint_key.to_string(),
         value: Some(value.to_owned()),
@@ -247,7 +271,7 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
                 .as_ref()
                 .map_or_else(|| class.to_string(), ToString::to_string),
         )]),
-        requirements: chosen.clone(),
+        requirements: chosen(&[mode(spec)]),
         taint: taint(
             nodes
                 .taint_value
@@ -256,12 +280,14 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
         ),
         idle_after: spec.idle_after(),
         limits: limits(spec),
+        consolidation: consolidation(&[mode(spec)]),
     };
     let mut out: Vec<Pool> = Vec::new();
     match (&nodes.label_value, &nodes.taint_value) {
         (Some(label), Some(taint_value)) => {
             let specs: Vec<&ClassSpec> = iso.classes.iter().collect();
             let (idle_after, limits) = agreed(SHARED_POOL, &specs)?;
+            let modes: Vec<ClassMode> = specs.iter().map(|s| mode(s)).collect();
             let classes = if any.is_some() {
                 PoolClasses::AllBut(Vec::new())
             } else {
@@ -272,10 +298,11 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
                 classes,
                 own_class: None,
                 labels: BTreeMap::from([(label_key.clone(), label.to_string())]),
-                requirements: chosen.clone(),
+                requirements: chosen(&modes),
                 taint: taint(taint_value.as_str()),
                 idle_after,
                 limits,
+                consolidation: consolidation(&modes),
             });
         }
         (None, Some(taint_value)) => {
@@ -294,7 +321,7 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
                     )
                 };
                 let mut requirements = vec![class_requirement];
-                requirements.extend(chosen.iter().cloned());
+                requirements.extend(chosen(&[mode(spec)]));
                 out.push(Pool {
                     name: OTHER_CLASSES_POOL.to_owned(),
                     classes: PoolClasses::AllBut(taken),
@@ -304,6 +331,7 @@ pub fn pools(config: &Config) -> Result<Vec<Pool>, CapacityError> {
                     taint: taint(taint_value.as_str()),
                     idle_after: spec.idle_after(),
                     limits: limits(spec),
+                    consolidation: consolidation(&[mode(spec)]),
                 });
             }
         }
@@ -417,7 +445,7 @@ pub fn node_pools(
             });
         }
     }
-    if matches!(iso.mode, IsolationMode::Class | IsolationMode::Pod)
+    if (iso.uses(ClassMode::Class) || iso.uses(ClassMode::Pod))
         && iso.nodes.topology_key.as_str() != HOSTNAME_LABEL
     {
         return Err(CapacityError::TopologyKey(
@@ -466,6 +494,7 @@ fn node_pool(pool: Pool, node_class_ref: NodeClassReference) -> NodePool {
         taint,
         idle_after,
         limits,
+        consolidation,
         ..
     } = pool;
     NodePool {
@@ -492,7 +521,7 @@ fn node_pool(pool: Pool, node_class_ref: NodeClassReference) -> NodePool {
                 },
             },
             disruption: Some(Disruption {
-                consolidation_policy: Some(ConsolidationPolicy::WhenEmpty),
+                consolidation_policy: Some(consolidation),
                 consolidate_after: idle_after.to_string(),
                 budgets: None,
             }),
@@ -851,6 +880,51 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn each_pool_follows_the_modes_of_the_classes_it_serves() {
+        use ConsolidationPolicy::{WhenEmpty, WhenEmptyOrUnderutilized as Repack};
+        let classes = "[{name: shared, namespaces: [a]}, {name: ci, mode: pod, namespaces: [b]}, {name: big, mode: dedicatedNode, namespaces: [c]}, {name: '*', namespaces: [d]}]";
+        // (nodes layout, pool name, id requirement, consolidation)
+        let cases: &[(&str, &str, bool, ConsolidationPolicy)] = &[
+            ("{taintValue: iso}", "moat-class-shared", false, Repack),
+            ("{taintValue: iso}", "moat-class-ci", false, WhenEmpty),
+            ("{taintValue: iso}", "moat-class-big", true, WhenEmpty),
+            ("{taintValue: iso}", "moat-other-classes", false, Repack),
+            // One pool for every class: the id requirement for big, and no repacking for ci's
+            // and big's nodes.
+            (
+                "{labelValue: iso, taintValue: iso}",
+                "moat-shared",
+                true,
+                WhenEmpty,
+            ),
+        ];
+        for (nodes, name, id, policy) in cases {
+            let c = config(&format!(
+                "isolation: {{mode: class, nodes: {nodes}, classes: {classes}}}"
+            ));
+            let all = pools(&c).unwrap();
+            let pool = all
+                .iter()
+                .find(|p| p.name == *name)
+                .unwrap_or_else(|| panic!("{name} in {nodes}"));
+            assert_eq!(
+                pool.requirements
+                    .iter()
+                    .any(|r| r.key == "node-restriction.kubernetes.io/moat-node"
+                        && r.operator == "Exists"),
+                *id,
+                "{name}"
+            );
+            assert_eq!(pool.consolidation, *policy, "{name}");
+        }
+        // With isolation off there is nothing to provision, whatever the classes declare.
+        let off = config(&format!(
+            "isolation: {{mode: off, nodes: {{taintValue: iso}}, classes: {classes}}}"
+        ));
+        assert!(pools(&off).unwrap().is_empty());
     }
 
     #[test]

@@ -233,9 +233,25 @@ enforcement: {images: audit, runtimeClass: enforce, isolation: enforce}
 "#,
     )
     .unwrap();
+    // Every mode in one cluster: classes of their own modes, the global one for `ci`, and a
+    // `*` entry of its own mode for the names it covers.
+    let mixed = Config::from_yaml(
+        r#"
+isolation:
+  mode: pod
+  classes:
+    - {name: untrusted, mode: class, namespaces: ["*"]}
+    - {name: shop, mode: dedicatedNode, namespaces: [shop, tenant-a]}
+    - {name: ci, namespaces: ["ci-*"]}
+    - {name: "*", mode: dedicatedNode, namespaces: [open]}
+"#,
+    )
+    .unwrap();
     vec![
         ("default", default),
+        ("mixed-modes", mixed),
         ("ipp-compatible", config("examples/ipp-compatible.yaml")),
+        ("mixed-modes-example", config("examples/mixed-modes.yaml")),
         ("strict", strict),
         ("pod-mode", pod_mode),
         ("dedicated", dedicated),
@@ -337,10 +353,15 @@ fn tricks() -> Vec<Case> {
                 _ => json!({}),
             };
             n += 1;
+            // Every other pod the DaemonSet controller creates is its DaemonSet's own.
+            let mut object = pod(&format!("p{n}"), spec, labels.clone(), annotations);
+            if n % 18 == 0 {
+                object["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
+            }
             cases.push(Case {
                 name: format!("trick-{n}"),
                 operation: Operation::Create,
-                object: pod(&format!("p{n}"), spec, labels.clone(), annotations),
+                object,
                 old_object: None,
                 namespace: (*ns).to_owned(),
                 namespace_labels: serde_json::from_value(ns_labels.clone()).unwrap(),
@@ -543,6 +564,16 @@ fn faults(config: &Config, creates: &[Case]) -> Vec<Case> {
                 ..case.clone()
             });
         }
+        // The same placed pod, as a DaemonSet's controller would create it: where the operator
+        // forces a class it is refused even with every change moat makes.
+        let mut object = admitted.clone();
+        object["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]);
+        out.push(Case {
+            name: format!("{}-daemonset-pod", case.name),
+            object,
+            username: "system:serviceaccount:kube-system:daemon-set-controller".to_owned(),
+            ..case.clone()
+        });
     }
     out
 }

@@ -214,8 +214,6 @@ pub enum RotationError {
     Policy(String),
     #[error("the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("Secret {0} not found")]
-    NoSecret(String),
     #[error("{kind} {name} not found")]
     NoWebhookConfiguration { kind: String, name: String },
     #[error("certificates: {0}")]
@@ -228,6 +226,13 @@ pub enum RotationError {
 pub enum Action {
     /// Another replica holds the Lease: nothing was read or written.
     Follower,
+    /// A first CA and serving certificate, in a Secret moat created (or found empty): nothing
+    /// was trusted or served before, so there is no delay to wait.
+    Bootstrapped,
+    /// A copy of the Secret (and its keys) in kubectl's last-applied annotation, or a
+    /// `caBundle` in that of a webhook configuration, was removed: a later `kubectl apply` of
+    /// the install's output can then neither leave a key behind nor take the bundle away.
+    ApplyRecordCleaned,
     /// A new CA is in the Secret, not yet trusted.
     CaStaged,
     /// A webhook configuration's `caBundle` now holds every CA in the Secret.
@@ -247,6 +252,8 @@ impl Action {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Follower => "follower",
+            Self::Bootstrapped => "bootstrapped",
+            Self::ApplyRecordCleaned => "apply_record_cleaned",
             Self::CaStaged => "ca_staged",
             Self::BundlePatched => "bundle_patched",
             Self::CaTrusted => "ca_trusted",
@@ -288,6 +295,39 @@ pub struct Rotator {
 pub const SERVING_REPORT_LABEL: &str = "moat.dev/serving-report";
 /// The annotation of a serving report that holds the certificate the replica serves (PEM).
 pub const SERVING_CERTIFICATE_ANNOTATION: &str = "moat.dev/serving-certificate";
+
+/// Where `kubectl apply` (client-side) records what it applied, to compute deletions next time.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The Secret moat creates when none exists: `kubernetes.io/tls`, labelled as moat's.
+fn blank_secret(name: &str) -> Secret {
+    let mut secret = Secret {
+        type_: Some("kubernetes.io/tls".to_owned()),
+        ..Secret::default()
+    };
+    secret.metadata.name = Some(name.to_owned());
+    secret.metadata.labels = Some(BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "moat".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), "moat".to_owned()),
+    ]));
+    secret
+}
+
+/// `record` (a last-applied annotation) without any webhook's `caBundle`; `None` when it has
+/// none (or is not JSON, which kubectl would not have written).
+fn without_ca_bundles(record: &str) -> Option<String> {
+    let mut applied: serde_json::Value = serde_json::from_str(record).ok()?;
+    let mut removed = false;
+    for webhook in applied["webhooks"].as_array_mut()? {
+        if let Some(client) = webhook
+            .get_mut("clientConfig")
+            .and_then(|c| c.as_object_mut())
+        {
+            removed |= client.remove("caBundle").is_some();
+        }
+    }
+    removed.then(|| applied.to_string())
+}
 
 /// The Lease in which replica `identity` reports what it serves, for rotation Lease `lease`.
 pub fn serving_report_name(lease: &str, identity: &str) -> String {
@@ -372,6 +412,8 @@ impl Material {
             .metadata
             .annotations
             .get_or_insert_with(BTreeMap::new);
+        // An apply of an older install's Secret left its keys in kubectl's record of it.
+        notes.remove(LAST_APPLIED);
         let mut note = |key: &str, value: Option<SystemTime>| match value.and_then(stamp) {
             Some(t) => {
                 notes.insert(key.to_owned(), t.to_string());
@@ -386,6 +428,14 @@ impl Material {
         );
         note(annotations::CA_PROMOTED_AT, self.promoted_at);
         secret
+    }
+
+    /// No CA in any role and no serving certificate: a Secret moat just created.
+    fn is_blank(&self) -> bool {
+        self.ca_cert.is_none()
+            && self.next.is_none()
+            && self.previous.is_none()
+            && self.tls_cert.is_none()
     }
 
     fn current_ca(&self) -> Option<Authority> {
@@ -437,6 +487,17 @@ impl Material {
     ) -> Result<Vec<Action>, CertError> {
         let policy = &options.policy;
         let mut done = Vec::new();
+        if self.is_blank() {
+            // Nothing is trusted or served yet, so nothing can be broken by serving at once.
+            let ca = certs::new_ca(now, policy.ca_lifetime)?;
+            let (cert, key) = certs::issue(&ca, &options.dns_names, now, policy.serving_lifetime)?;
+            self.ca_cert = Some(ca.cert_pem);
+            self.ca_key = Some(ca.key_pem);
+            self.tls_cert = Some(cert);
+            self.tls_key = Some(key);
+            done.push(Action::Bootstrapped);
+            return Ok(done);
+        }
         if self.next.is_none() && self.ca_due(now) {
             self.next = Some(certs::new_ca(now, policy.ca_lifetime)?);
             self.next_trusted_since = None;
@@ -599,6 +660,24 @@ impl Rotator {
         }
     }
 
+    /// Serves the Secret's pair while this replica's volume has not caught up with a Secret
+    /// moat created (a first install): the kubelet syncs it within a minute or two, the API now.
+    fn fill(&self, material: &Material) {
+        let (Some(store), Some(cert), Some(key)) =
+            (&self.served, &material.tls_cert, &material.tls_key)
+        else {
+            return;
+        };
+        match store.fill_if_empty(cert, key) {
+            Ok(true) => tracing::info!(
+                secret = %self.options.secret,
+                "serving the certificate read from the Secret until its volume is synced"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "the Secret's serving pair does not load"),
+        }
+    }
+
     /// Whether a live replica still serves a certificate from `ca` (by its serving report).
     async fn still_served(&self, ca: &str, now: SystemTime) -> Result<bool, RotationError> {
         let params = kube::api::ListParams::default()
@@ -634,14 +713,22 @@ impl Rotator {
             tracing::warn!(error = %e, "could not report the serving certificate");
         }
         if !self.lead(now).await? {
+            if self.served.as_ref().is_some_and(|s| s.is_empty())
+                && let Some(secret) = self.secrets.get_opt(&self.options.secret).await?
+            {
+                self.fill(&Material::read(&secret));
+            }
             return Ok(vec![Action::Follower]);
         }
         let name = &self.options.secret;
-        let mut secret = self
-            .secrets
-            .get_opt(name)
-            .await?
-            .ok_or_else(|| RotationError::NoSecret(name.clone()))?;
+        let found = self.secrets.get_opt(name).await?;
+        let created = found.is_none();
+        let mut secret = found.unwrap_or_else(|| blank_secret(name));
+        let recorded = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(LAST_APPLIED));
         let read = Material::read(&secret);
         let mut material = read.clone();
         let moved = match &material.previous {
@@ -649,12 +736,22 @@ impl Rotator {
             None => true,
         };
         let mut done = material.advance(now, &self.options, moved)?;
-        if material != read {
+        if recorded {
+            done.push(Action::ApplyRecordCleaned);
+        }
+        if created {
+            // Two leaders at once (a paused process) cannot both create it: the second fails.
+            secret = self
+                .secrets
+                .create(&PostParams::default(), &material.write(secret))
+                .await?;
+        } else if material != read || recorded {
             secret = self
                 .secrets
                 .replace(name, &PostParams::default(), &material.write(secret))
                 .await?;
         }
+        self.fill(&material);
         // Published from the Secret just written: a bundle never trusts less than the Secret's
         // serving certificate needs.
         let bundle = material.bundle();
@@ -720,6 +817,14 @@ impl Rotator {
             if webhook["clientConfig"]["caBundle"].as_str() != Some(wanted.as_str()) {
                 ops.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": wanted}));
             }
+        }
+        // An older install's output carried the bundle; kubectl recorded it, and would delete
+        // it from the live object when a newer output (without it) is applied. moat owns it.
+        if let Some(cleaned) = value["metadata"]["annotations"][LAST_APPLIED]
+            .as_str()
+            .and_then(without_ca_bundles)
+        {
+            ops.push(json!({"op": "replace", "path": "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration", "value": cleaned}));
         }
         if ops.len() == 1 {
             return Ok(false);
@@ -914,10 +1019,18 @@ mod tests {
         let delay = o.policy.propagation_delay;
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let mut m = Material::default();
-        // From nothing: a CA is staged, nothing can sign yet.
+        // From nothing (a Secret moat just created): a CA and a serving certificate at once,
+        // since nothing was trusted or served before.
+        assert_eq!(m.advance(t0, &o, true).unwrap(), [Action::Bootstrapped]);
+        assert!(certs::signed_by(
+            m.tls_cert.as_deref().unwrap(),
+            m.ca_cert.as_deref().unwrap()
+        ));
+        assert!(m.advance(t0 + delay, &o, true).unwrap().is_empty());
+        // A CA without its key (a --static-certs install): a new CA is staged, and nothing
+        // signs with it until it is trusted, however long that takes.
+        m.ca_key = None;
         assert_eq!(m.advance(t0, &o, true).unwrap(), [Action::CaStaged]);
-        assert!(m.tls_cert.is_none());
-        // Not trusted yet: waits however long.
         assert!(m.advance(t0 + delay * 10, &o, true).unwrap().is_empty());
         m.next_trusted_since = Some(t0 + delay * 10);
         assert!(m.advance(t0 + delay * 10, &o, true).unwrap().is_empty());
@@ -927,7 +1040,12 @@ mod tests {
             m.tls_cert.as_deref().unwrap(),
             m.ca_cert.as_deref().unwrap()
         ));
-        assert!(m.next.is_none() && m.previous.is_none());
+        assert!(m.next.is_none() && m.previous.is_some());
+        // Retired a delay later, every replica having moved.
+        assert_eq!(
+            m.advance(t1 + delay, &o, true).unwrap(),
+            [Action::PreviousCaRemoved]
+        );
         let first_ca = m.ca_cert.clone();
 
         // Two thirds into the CA's life: staged again; the old CA stays current meanwhile.
@@ -984,11 +1102,22 @@ mod tests {
         let mut m = Material::default();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         m.advance(now, &o, true).unwrap();
+        m.ca_key = None;
+        m.advance(now, &o, true).unwrap();
         m.next_trusted_since = Some(now);
+        assert!(m.next.is_some());
         let mut secret = Secret::default();
-        secret.metadata.annotations = Some(BTreeMap::from([("keep".to_owned(), "me".to_owned())]));
+        secret.metadata.annotations = Some(BTreeMap::from([
+            ("keep".to_owned(), "me".to_owned()),
+            (LAST_APPLIED.to_owned(), "{\"stringData\":{}}".to_owned()),
+        ]));
         let secret = m.write(secret);
         assert_eq!(Material::read(&secret), m);
-        assert_eq!(secret.metadata.annotations.unwrap()["keep"], "me");
+        let notes = secret.metadata.annotations.unwrap();
+        assert_eq!(notes["keep"], "me");
+        assert!(
+            !notes.contains_key(LAST_APPLIED),
+            "kubectl's copy of the keys goes"
+        );
     }
 }

@@ -105,7 +105,11 @@ pub struct Server {
 }
 
 /// A client from `kubeconfig`, or in-cluster / `KUBECONFIG` / `~/.kube/config` without one.
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, kube::Error> {
+/// A client from `kubeconfig`, or from the environment (in-cluster, then `KUBECONFIG`).
+///
+/// # Errors
+/// [`kube::Error`] when no configuration is found or it does not load.
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, kube::Error> {
     match kubeconfig {
         None => kube::Client::try_default().await,
         Some(path) => {
@@ -146,6 +150,11 @@ impl Server {
             .map(crate::tls::client_verifier)
             .transpose()?;
         let certs = match tls {
+            // With rotation, moat creates the Secret itself on a first install: its volume may
+            // still be empty, and the controller reads the pair through the API meanwhile.
+            TlsSource::Files { cert, key } if rotation.is_some() => {
+                CertStore::awaiting_files(&cert, &key)?
+            }
             TlsSource::Files { cert, key } => CertStore::from_files(&cert, &key)?,
             TlsSource::SelfSigned { ca_out } => {
                 let generated = certs::generate(&[

@@ -50,7 +50,8 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
 /// The current certificate and key, and where they come from.
 #[derive(Debug)]
 pub struct CertStore {
-    current: RwLock<Arc<CertifiedKey>>,
+    /// `None` until a first pair arrives ([`CertStore::awaiting_files`]): handshakes fail.
+    current: RwLock<Option<Arc<CertifiedKey>>>,
     files: Option<(PathBuf, PathBuf)>,
     stamp: Mutex<Option<Stamp>>,
 }
@@ -80,6 +81,15 @@ fn certified_key(
         .map_err(TlsError::Key)
 }
 
+fn pem_pair(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
+    certified_key(
+        cert_pem.as_bytes(),
+        "certificate",
+        key_pem.as_bytes(),
+        "key",
+    )
+}
+
 fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     certified_key(
         &read(cert)?,
@@ -102,14 +112,9 @@ impl CertStore {
     /// # Errors
     /// [`TlsError`] when the PEM does not parse or the key does not match.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = certified_key(
-            cert_pem.as_bytes(),
-            "certificate",
-            key_pem.as_bytes(),
-            "key",
-        )?;
+        let key = pem_pair(cert_pem, key_pem)?;
         Ok(Self {
-            current: RwLock::new(Arc::new(key)),
+            current: RwLock::new(Some(Arc::new(key))),
             files: None,
             stamp: Mutex::new(None),
         })
@@ -123,10 +128,54 @@ impl CertStore {
         let before = stamp(cert, key);
         let loaded = load_files(cert, key)?;
         Ok(Self {
-            current: RwLock::new(Arc::new(loaded)),
+            current: RwLock::new(Some(Arc::new(loaded))),
             files: Some((cert.to_owned(), key.to_owned())),
             stamp: Mutex::new(Some(before)),
         })
+    }
+
+    /// A store for files that may not exist yet: the Secret volume of a first install, before
+    /// moat created the Secret (the volume is optional) and the kubelet synced it. Until the
+    /// files or [`CertStore::fill_if_empty`] bring a pair, handshakes fail.
+    ///
+    /// # Errors
+    /// [`TlsError`] when both files exist and do not load.
+    pub fn awaiting_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        if cert.exists() && key.exists() {
+            return Self::from_files(cert, key);
+        }
+        Ok(Self {
+            current: RwLock::new(None),
+            files: Some((cert.to_owned(), key.to_owned())),
+            stamp: Mutex::new(Some(stamp(cert, key))),
+        })
+    }
+
+    /// Whether a pair is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// Serves `cert_pem`/`key_pem` if nothing is loaded yet (read from the Secret through the
+    /// API while the kubelet has not synced the volume); the files take over when they change.
+    /// `Ok(true)` when the pair was taken.
+    ///
+    /// # Errors
+    /// [`TlsError`] when the PEM does not parse or the key does not match.
+    pub fn fill_if_empty(&self, cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
+        let key = pem_pair(cert_pem, key_pem)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.is_some() {
+            return Ok(false);
+        }
+        *current = Some(Arc::new(key));
+        Ok(true)
     }
 
     /// The certificate served now (the chain's leaf), as PEM.
@@ -136,7 +185,7 @@ impl CertStore {
             .current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+            .clone()?;
         let der = current.cert.first()?;
         let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
         let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -173,7 +222,7 @@ impl CertStore {
         *self
             .current
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(loaded));
         Ok(true)
     }
 
@@ -254,12 +303,10 @@ fn unreachable_versions() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls:
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
-        )
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -277,7 +324,8 @@ mod tests {
         write_atomic(&cert, first.cert_pem.as_bytes(), 0o644).unwrap();
         write_atomic(&key, first.key_pem.as_bytes(), 0o600).unwrap();
         let store = CertStore::from_files(&cert, &key).unwrap();
-        let fingerprint = |s: &CertStore| s.current.read().unwrap().cert[0].to_vec();
+        let fingerprint =
+            |s: &CertStore| s.current.read().unwrap().as_ref().unwrap().cert[0].to_vec();
         let original = fingerprint(&store);
         assert!(
             !store.reload_if_changed().unwrap(),
@@ -299,6 +347,35 @@ mod tests {
             store.reload_if_changed(),
             Err(TlsError::NoCertificate { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_awaiting_its_files_serves_nothing_until_a_pair_arrives() {
+        let dir = std::env::temp_dir().join(format!("moat-tls-await-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let store = CertStore::awaiting_files(&cert, &key).unwrap();
+        assert!(store.is_empty() && store.leaf_pem().is_none());
+        assert!(!store.reload_if_changed().unwrap(), "still no files");
+
+        // The pair read through the API fills the gap once; a second pair does not replace it.
+        let api = generate(&["localhost".to_owned()]).unwrap();
+        assert!(store.fill_if_empty(&api.cert_pem, &api.key_pem).unwrap());
+        let other = generate(&["localhost".to_owned()]).unwrap();
+        assert!(
+            !store
+                .fill_if_empty(&other.cert_pem, &other.key_pem)
+                .unwrap()
+        );
+        assert!(store.fill_if_empty(&api.cert_pem, &other.key_pem).is_err());
+        let served = store.leaf_pem().unwrap();
+
+        // Then the kubelet writes the volume: the files take over.
+        write_atomic(&cert, other.cert_pem.as_bytes(), 0o644).unwrap();
+        write_atomic(&key, other.key_pem.as_bytes(), 0o600).unwrap();
+        assert!(store.reload_if_changed().unwrap());
+        assert_ne!(store.leaf_pem().unwrap(), served);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

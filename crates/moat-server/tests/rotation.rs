@@ -422,6 +422,75 @@ fn write_kubeconfig(dir: &Path, url: &str) -> PathBuf {
     kubeconfig
 }
 
+/// A server on TLS files, with its certificate controller when `rotation` is given.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), moat_server::server::ServeError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn serve(
+    cert: PathBuf,
+    key: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    rotation: Option<RotationOptions>,
+) -> Running {
+    let server = Server::bind(ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        config: Config::embedded_default(),
+        config_path: None,
+        tls: TlsSource::Files { cert, key },
+        kubeconfig,
+        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
+        rotation,
+        client_ca: None,
+        drain: Duration::ZERO,
+    })
+    .await
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+/// The controller's options for replica `identity`.
+fn rotation_options(
+    identity: &str,
+    dns_names: Vec<String>,
+    policy: RotationPolicy,
+) -> RotationOptions {
+    RotationOptions {
+        namespace: None,
+        secret: SECRET.to_owned(),
+        lease: moat_server::rotation::lease_name(SECRET),
+        webhook_configuration: "moat".to_owned(),
+        identity: identity.to_owned(),
+        dns_names,
+        policy,
+    }
+}
+
+/// The review every client in these tests sends.
+fn review_body() -> Bytes {
+    Bytes::from(
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
+        )
+        .unwrap(),
+    )
+}
+
 fn policy() -> RotationPolicy {
     RotationPolicy {
         ca_lifetime: 60 * DAY,
@@ -458,15 +527,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     let rotator = |identity: &str, registry: &mut Registry| {
         Rotator::new(
             client.clone(),
-            RotationOptions {
-                namespace: None,
-                secret: SECRET.to_owned(),
-                lease: moat_server::rotation::lease_name(SECRET),
-                webhook_configuration: "moat".to_owned(),
-                identity: identity.to_owned(),
-                dns_names: names.clone(),
-                policy: policy.clone(),
-            },
+            rotation_options(identity, names.clone(), policy.clone()),
             clock.clone(),
             registry,
         )
@@ -479,34 +540,9 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     // The server, serving the "Secret volume".
     certs::write_atomic(&dir.join("tls.crt"), cert.as_bytes(), 0o644).unwrap();
     certs::write_atomic(&dir.join("tls.key"), key.as_bytes(), 0o600).unwrap();
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        },
-        kubeconfig: None,
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: None,
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    let body = Bytes::from(
-        std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pod-create-isolated.json"),
-        )
-        .unwrap(),
-    );
+    let server = serve(dir.join("tls.crt"), dir.join("tls.key"), None, None).await;
+    let addr = server.addr;
+    let body = review_body();
 
     // A client in the background, in real time, reading the published bundle per request.
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -716,8 +752,7 @@ async fn a_client_trusting_only_the_published_bundle_never_fails_through_ca_rota
     keys.sort_unstable();
     assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -739,35 +774,17 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
     api.put(&secret_path(), secret);
     let url = start_api(api.clone()).await;
     certs::write_dir(&dir, &g).unwrap();
-    let server = Server::bind(ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        config: Config::embedded_default(),
-        config_path: None,
-        tls: TlsSource::Files {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        },
-        kubeconfig: Some(write_kubeconfig(&dir, &url)),
-        idle_timeout: moat_server::limits::CONNECTION_IDLE_TIMEOUT,
-        rotation: Some(RotationOptions {
-            namespace: None,
-            secret: SECRET.to_owned(),
-            lease: moat_server::rotation::lease_name(SECRET),
-            webhook_configuration: "moat".to_owned(),
-            identity: "moat-7f9c".to_owned(),
-            dns_names: names,
-            policy: RotationPolicy::default(),
-        }),
-        client_ca: None,
-        drain: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let server = serve(
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        Some(write_kubeconfig(&dir, &url)),
+        Some(rotation_options(
+            "moat-7f9c",
+            names,
+            RotationPolicy::default(),
+        )),
+    )
+    .await;
     // The first check runs at start: the Lease is taken and the new CA published beside the old.
     let mut published = false;
     for _ in 0..100 {
@@ -793,8 +810,7 @@ async fn the_server_runs_the_controller_when_rotation_is_on() {
         g.cert_pem,
         "no serving certificate from the new CA before the propagation delay"
     );
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -835,15 +851,7 @@ async fn the_old_ca_leaves_the_bundle_only_when_every_replica_serves_the_new_one
         );
         let rotator = Rotator::new(
             client.clone(),
-            RotationOptions {
-                namespace: None,
-                secret: SECRET.to_owned(),
-                lease: moat_server::rotation::lease_name(SECRET),
-                webhook_configuration: "moat".to_owned(),
-                identity: who.to_owned(),
-                dns_names: names.clone(),
-                policy: policy.clone(),
-            },
+            rotation_options(who, names.clone(), policy.clone()),
             clock.clone(),
             &mut Registry::default(),
         )
@@ -911,4 +919,421 @@ async fn the_old_ca_leaves_the_bundle_only_when_every_replica_serves_the_new_one
         "one report per replica"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+const LAST_APPLIED: &str = moat_server::rotation::LAST_APPLIED;
+
+/// `kubectl apply` (client-side) as it reaches the API: a three-way merge of the configuration
+/// the last apply recorded (its annotation), the manifest and the live object. Webhooks merge by
+/// name (their `patchMergeKey`); a field the last apply set and this manifest omits is deleted;
+/// a Secret's `stringData` is stored as `data`, as the API server does.
+fn kubectl_apply(api: &FakeApi, path: &str, manifest: &Value) {
+    let mut live = api.get(path).unwrap_or_else(|| json!({}));
+    let original: Option<Value> = live["metadata"]["annotations"][LAST_APPLIED]
+        .as_str()
+        .map(|s| serde_json::from_str(s).unwrap());
+    three_way(&mut live, original.as_ref(), manifest);
+    if let Some(Value::Object(text)) = live.as_object_mut().and_then(|o| o.remove("stringData")) {
+        for (k, v) in text {
+            live["data"][k] = json!(b64(v.as_str().unwrap()));
+        }
+    }
+    live["metadata"]["annotations"][LAST_APPLIED] = json!(manifest.to_string());
+    api.put(path, live);
+}
+
+fn three_way(live: &mut Value, original: Option<&Value>, manifest: &Value) {
+    let Value::Object(wanted) = manifest else {
+        *live = manifest.clone();
+        return;
+    };
+    if !live.is_object() {
+        *live = json!({});
+    }
+    if let (Some(Value::Object(before)), Some(object)) = (original, live.as_object_mut()) {
+        for key in before.keys().filter(|k| !wanted.contains_key(*k)) {
+            object.remove(key);
+        }
+    }
+    for (key, value) in wanted {
+        let before = original.and_then(|o| o.get(key));
+        match value {
+            Value::Object(_) => three_way(&mut live[key], before, value),
+            Value::Array(items) if key == "webhooks" => {
+                let current = live[key].as_array().cloned().unwrap_or_default();
+                let named = |list: Option<&Value>, name: &Value| {
+                    list.and_then(Value::as_array)
+                        .and_then(|l| l.iter().find(|w| w["name"] == *name).cloned())
+                };
+                let mut merged = Vec::new();
+                for item in items {
+                    let mut entry = named(live.get(key), &item["name"]).unwrap_or(json!({}));
+                    three_way(&mut entry, named(before, &item["name"]).as_ref(), item);
+                    merged.push(entry);
+                }
+                // Items nobody applied stay; items the last apply set and this omits go.
+                merged.extend(current.into_iter().filter(|w| {
+                    !items.iter().any(|i| i["name"] == w["name"])
+                        && named(before, &w["name"]).is_none()
+                }));
+                live[key] = Value::Array(merged);
+            }
+            _ => live[key] = value.clone(),
+        }
+    }
+}
+
+/// The webhook configurations as an install's output writes them, with `caBundle` when the
+/// output carries one (the previous release's did; this one's does not).
+fn webhook_manifests(ca_bundle: Option<&str>) -> Vec<(String, Value)> {
+    [
+        ("mutating", "MutatingWebhookConfiguration", vec!["mutate.moat.dev"]),
+        (
+            "validating",
+            "ValidatingWebhookConfiguration",
+            vec!["validate.moat.dev", "validate-more.moat.dev"],
+        ),
+    ]
+    .into_iter()
+    .map(|(kind, kind_name, hooks)| {
+        let webhooks: Vec<Value> = hooks
+            .iter()
+            .map(|name| {
+                let mut client = json!({"service": {"name": "moat", "namespace": NS, "path": "/validate", "port": 443}});
+                if let Some(ca) = ca_bundle {
+                    client["caBundle"] = json!(b64(ca));
+                }
+                json!({"name": name, "clientConfig": client, "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail"})
+            })
+            .collect();
+        (
+            webhook_path(kind),
+            json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind_name,
+                   "metadata": {"name": "moat", "labels": {"app.kubernetes.io/name": "moat"}}, "webhooks": webhooks}),
+        )
+    })
+    .collect()
+}
+
+async fn kube_client(dir: &Path, url: &str) -> kube::Client {
+    kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(write_kubeconfig(dir, url)).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+fn no_key_in_any_annotation(api: &FakeApi) {
+    for (path, object) in api.objects.lock().unwrap().iter() {
+        let notes = object["metadata"]["annotations"].to_string();
+        assert!(
+            !notes.contains("PRIVATE KEY") && !notes.contains("tls.key"),
+            "{path} keeps a key in an annotation: {notes}"
+        );
+        if let Some(record) = object["metadata"]["annotations"][LAST_APPLIED].as_str() {
+            assert!(!record.contains("caBundle"), "{path}: {record}");
+        }
+    }
+}
+
+/// A first install of this release's output: no Secret, no caBundle. The server creates its
+/// Secret, publishes the bundle and serves the pair read through the API before its (optional)
+/// Secret volume has anything in it; applying the output again changes nothing moat keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_install_bootstraps_its_secret_and_serves_before_the_volume_syncs() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("bootstrap");
+    let api = Arc::new(FakeApi::default());
+    for (path, manifest) in webhook_manifests(None) {
+        kubectl_apply(&api, &path, &manifest);
+    }
+    let url = start_api(api.clone()).await;
+    let volume = dir.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let server = serve(
+        volume.join("tls.crt"),
+        volume.join("tls.key"),
+        Some(write_kubeconfig(&dir, &url)),
+        Some(rotation_options(
+            "moat-0",
+            vec!["localhost".to_owned()],
+            RotationPolicy::default(),
+        )),
+    )
+    .await;
+    let addr = server.addr;
+    let published = |kind: &str| {
+        api.get(&webhook_path(kind)).unwrap()["webhooks"][0]["clientConfig"]["caBundle"].is_string()
+    };
+    for _ in 0..200 {
+        if published("mutating") && published("validating") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let bundle = bundle_of(&api, "validating");
+    assert_eq!(bundle, bundle_of(&api, "mutating"));
+    assert_eq!(pems(&bundle).len(), 1);
+
+    let secret = api.get(&secret_path()).expect("moat created its Secret");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "moat"
+    );
+    let mut keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
+    assert!(
+        certs::signed_by(&unb64(&secret["data"]["tls.crt"]), &bundle),
+        "the bundle trusts the serving certificate at once: nothing was trusted before"
+    );
+
+    // Served with nothing in the volume yet: the pair came through the API.
+    assert!(!volume.join("tls.crt").exists());
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+    let body = review_body();
+    review(addr, &bundle, &clock, &body).await.unwrap();
+
+    // GitOps: the same output, applied again and again.
+    for _ in 0..3 {
+        for (path, manifest) in webhook_manifests(None) {
+            kubectl_apply(&api, &path, &manifest);
+        }
+        assert_eq!(bundle_of(&api, "validating"), bundle);
+        assert_eq!(bundle_of(&api, "mutating"), bundle);
+        review(addr, &bundle_of(&api, "mutating"), &clock, &body)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        api.get(&secret_path()).unwrap()["data"],
+        secret["data"],
+        "the Secret is moat's alone"
+    );
+    no_key_in_any_annotation(&api);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The previous release's output carried the Secret (with its keys) and the caBundle, and
+/// kubectl recorded both. After the documented one-time step (dropping kubectl's record from
+/// the two webhook configurations), this release's output is applied, moat's controller takes
+/// over the Secret, and the output is re-applied every week through a year of rotations: a
+/// client that trusts only the published bundle never fails a review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_and_a_year_of_weekly_reapplies_fail_no_review() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = temp_dir("upgrade");
+    let policy = policy();
+    let names = vec!["localhost".to_owned()];
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+    let api = Arc::new(FakeApi::default());
+
+    // The previous release, applied with kubectl.
+    let g = certs::generate(&names).unwrap();
+    kubectl_apply(
+        &api,
+        &secret_path(),
+        &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": SECRET, "namespace": NS},
+                "stringData": {"tls.crt": g.cert_pem, "tls.key": g.key_pem, "ca.crt": g.ca_cert_pem}}),
+    );
+    for (path, manifest) in webhook_manifests(Some(&g.ca_cert_pem)) {
+        kubectl_apply(&api, &path, &manifest);
+    }
+    certs::write_dir(&dir, &g).unwrap();
+    let url = start_api(api.clone()).await;
+    let client = kube_client(&dir, &url).await;
+    let server = serve(dir.join("tls.crt"), dir.join("tls.key"), None, None).await;
+    let addr = server.addr;
+    let body = review_body();
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reviewed = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (api, clock, body, failures, reviewed, done) = (
+            api.clone(),
+            clock.clone(),
+            body.clone(),
+            failures.clone(),
+            reviewed.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                for kind in ["mutating", "validating"] {
+                    let config = api.get(&webhook_path(kind)).unwrap();
+                    let Some(bundle) = config["webhooks"][0]["clientConfig"]["caBundle"].as_str()
+                    else {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{kind}: no caBundle"));
+                        continue;
+                    };
+                    match review(addr, &unb64(&json!(bundle)), &clock, &body).await {
+                        Ok(()) => {
+                            reviewed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("{kind}: {e}")),
+                    }
+                }
+            }
+        })
+    };
+
+    // The one-time step (README, "Upgrading"): kubectl's record of the bundle goes, so the new
+    // output (without it) does not delete it.
+    for kind in ["mutating", "validating"] {
+        let mut config = api.get(&webhook_path(kind)).unwrap();
+        config["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(LAST_APPLIED);
+        api.put(&webhook_path(kind), config);
+    }
+    let before = bundle_of(&api, "mutating");
+    for (path, manifest) in webhook_manifests(None) {
+        kubectl_apply(&api, &path, &manifest);
+    }
+    assert_eq!(bundle_of(&api, "mutating"), before);
+    assert_eq!(bundle_of(&api, "validating"), before);
+
+    // The new release's replica takes the Secret over: kubectl's copy of its keys goes first.
+    let store = Arc::new(
+        moat_server::tls::CertStore::from_files(&dir.join("tls.crt"), &dir.join("tls.key"))
+            .unwrap(),
+    );
+    let rotator = Rotator::new(
+        client,
+        rotation_options("moat-new", names.clone(), policy.clone()),
+        clock.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap()
+    .with_served(store);
+    let first = rotator.check().await.unwrap();
+    assert!(first.contains(&Action::ApplyRecordCleaned), "{first:?}");
+    no_key_in_any_annotation(&api);
+
+    // A year in 12-hour steps; the kubelet projects the Secret one step late; the output is
+    // applied again every week.
+    let start = clock.now();
+    let mut projected = api.get(&secret_path()).unwrap()["data"].clone();
+    let mut cas = std::collections::BTreeSet::new();
+    let mut step = 0u32;
+    while clock.now() < start + 365 * DAY {
+        clock.advance(12 * HOUR);
+        step += 1;
+        rotator.check().await.unwrap();
+        if step.is_multiple_of(14) {
+            let bundle = bundle_of(&api, "validating");
+            for (path, manifest) in webhook_manifests(None) {
+                kubectl_apply(&api, &path, &manifest);
+            }
+            assert_eq!(
+                bundle_of(&api, "validating"),
+                bundle,
+                "an apply moved the bundle"
+            );
+            assert_eq!(
+                bundle_of(&api, "mutating"),
+                bundle,
+                "an apply moved the bundle"
+            );
+        }
+        let secret = api.get(&secret_path()).unwrap();
+        cas.insert(unb64(&secret["data"]["ca.crt"]));
+        project(&dir, &projected, addr).await;
+        projected = secret["data"].clone();
+    }
+    done.store(true, Ordering::SeqCst);
+    background.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "failed reviews: {failures:#?}");
+    assert!(
+        reviewed.load(Ordering::SeqCst) > 100,
+        "the client kept reviewing"
+    );
+    assert!(
+        cas.len() >= 8,
+        "a CA rotation about every 40 days: {}",
+        cas.len()
+    );
+    no_key_in_any_annotation(&api);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The one-time step skipped: when the new release's moat runs before its output is applied
+/// (the image upgraded first, or a GitOps tool that rolls the Deployment before the webhook
+/// configurations), it drops the bundle from kubectl's record and the apply keeps it. When the
+/// output comes first, kubectl deletes the bundle it recorded; moat restores it at its next
+/// check, and later applies (recorded without a bundle) never delete it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_upgrade_step_costs_at_most_one_check_and_never_recurs() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let names = vec!["localhost".to_owned()];
+    for moat_first in [true, false] {
+        let dir = temp_dir(&format!("skipped-{moat_first}"));
+        let api = Arc::new(FakeApi::default());
+        let g = certs::generate(&names).unwrap();
+        let ca = certs::Authority {
+            cert_pem: g.ca_cert_pem.clone(),
+            key_pem: g.ca_key_pem.clone(),
+        };
+        seed(&api, &ca, &g.cert_pem, &g.key_pem);
+        for (path, manifest) in webhook_manifests(Some(&g.ca_cert_pem)) {
+            kubectl_apply(&api, &path, &manifest);
+        }
+        let url = start_api(api.clone()).await;
+        let rotator = Rotator::new(
+            kube_client(&dir, &url).await,
+            rotation_options("moat-0", names.clone(), policy()),
+            Arc::new(TestClock(Mutex::new(SystemTime::now()))),
+            &mut Registry::default(),
+        )
+        .unwrap();
+        let apply_new = || {
+            for (path, manifest) in webhook_manifests(None) {
+                kubectl_apply(&api, &path, &manifest);
+            }
+        };
+        let trusted = |kind: &str| {
+            api.get(&webhook_path(kind)).unwrap()["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| {
+                    w["clientConfig"]["caBundle"].is_string()
+                        && certs::signed_by(&g.cert_pem, &unb64(&w["clientConfig"]["caBundle"]))
+                })
+        };
+        if moat_first {
+            let actions = rotator.check().await.unwrap();
+            assert!(actions.contains(&Action::BundlePatched), "{actions:?}");
+            no_key_in_any_annotation(&api);
+            apply_new();
+            assert!(trusted("mutating") && trusted("validating"), "moat_first");
+        } else {
+            apply_new();
+            assert!(
+                !trusted("mutating"),
+                "kubectl deleted what its record held (the model, and the reason for the step)"
+            );
+            let actions = rotator.check().await.unwrap();
+            assert!(actions.contains(&Action::BundlePatched), "{actions:?}");
+            assert!(trusted("mutating") && trusted("validating"));
+        }
+        for _ in 0..2 {
+            apply_new();
+            assert!(trusted("mutating") && trusted("validating"), "{moat_first}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use moat_core::config::ClassMode;
 use moat_objects::capacity::report::CapacityReport;
 use moat_objects::capacity::{CapacityOptions, WarmForm, buffer};
 
@@ -116,23 +117,34 @@ pub(crate) fn render(
 }
 
 fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
+    let default = if r.mode == "off" {
+        "isolation is off; counted with classes without a mode of their own in class mode"
+            .to_owned()
+    } else {
+        format!("classes without a mode of their own: {} mode", r.mode)
+    };
     writeln!(
         out,
-        "nodes for isolated pods per mode (this configuration: {} mode)",
-        r.mode
+        "nodes for isolated pods in each class's mode, and in every mode ({default})"
     )?;
-    let rows: Vec<[String; 8]> = r
+    let at_least = |n: Option<u64>| n.map_or_else(|| "≥1".to_owned(), |n| format!("≥{n}"));
+    let rows: Vec<[String; 10]> = r
         .classes
         .iter()
         .map(|c| {
             [
                 c.class.clone(),
+                c.mode.as_str().to_owned(),
+                match c.mode {
+                    ClassMode::Class => at_least(c.needed),
+                    ClassMode::Pod | ClassMode::DedicatedNode => {
+                        c.needed.map_or_else(String::new, |n| n.to_string())
+                    }
+                },
                 c.pods.to_string(),
                 format!("{}m", c.cpu_millis),
                 format!("{}Mi", c.memory_bytes.div_ceil(1 << 20)),
-                c.nodes
-                    .class
-                    .map_or_else(|| "≥1".to_owned(), |n| format!("≥{n}")),
+                at_least(c.nodes.class),
                 c.nodes.pod.to_string(),
                 c.nodes.dedicated_node.to_string(),
                 format!("+{}", c.warm_nodes),
@@ -141,6 +153,8 @@ fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
         .collect();
     let header = [
         "CLASS",
+        "MODE",
+        "NODES",
         "PODS",
         "CPU",
         "MEMORY",
@@ -168,15 +182,21 @@ fn render_text(r: &CapacityReport, out: &mut dyn Write) -> std::io::Result<()> {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         writeln!(out, "{}", line(&cells))?;
     }
-    let (pods, pod_nodes) = r
-        .classes
-        .iter()
-        .fold((0, 0), |(p, n), c| (p + c.pods, n + c.nodes.pod));
+    // A class-mode class with no node size given needs at least one node.
+    let (pods, needed, warm) = r.classes.iter().fold((0, 0, 0), |(p, n, w), c| {
+        (
+            p + c.pods,
+            n + c.needed.unwrap_or(u64::from(c.pods > 0)),
+            w + u64::from(c.warm_nodes),
+        )
+    });
+    let shared = r.classes.iter().any(|c| c.mode == ClassMode::Class);
     writeln!(
         out,
-        "{pods} isolated pods: pod and dedicatedNode modes need {pod_nodes} nodes; class mode shares each class's nodes{}",
+        "{pods} isolated pods need {}{needed} nodes in their classes' modes, and {warm} warm{}",
+        if shared { "≥" } else { "" },
         if r.classes.iter().any(|c| c.nodes.class.is_none()) {
-            " (give --node-cpu and --node-memory for a packing estimate)"
+            " (give --node-cpu and --node-memory for a packing estimate of class mode)"
         } else {
             ""
         }

@@ -64,15 +64,20 @@ pub struct InstallArgs {
     /// sends to a RuntimeClass is refused by the API server.
     #[arg(long)]
     no_runtime_classes: bool,
-    /// Let cert-manager issue the serving certificate and inject the CA, instead of a Secret
-    /// generated now (which puts a private key in the output).
-    #[arg(long)]
+    /// Let cert-manager issue the serving certificate and inject the CA, instead of moat.
+    #[arg(long, conflicts_with = "static_certs")]
     cert_manager: bool,
-    /// Let moat renew its own certificates (no cert-manager): the generated Secret then also
-    /// holds the CA's private key, and moat gets RBAC to update that one Secret, a Lease, and
-    /// the caBundle of its two webhook configurations. See docs/server.md, "Certificate
-    /// lifecycle".
-    #[arg(long, conflicts_with = "cert_manager")]
+    /// Generate the CA and serving certificate now and put them, private key included, in the
+    /// output, with the caBundle; nothing renews them (a year). Needed by --image-policy-dir,
+    /// whose kubeconfig on the API server's host nothing in the cluster can update. Without
+    /// this or --cert-manager, moat creates its CA and serving certificate in the cluster when
+    /// it first runs, renews them, and keeps the webhook configurations' caBundle: the output
+    /// then holds no key and no bundle and can be applied again at will (docs/server.md,
+    /// "Certificate lifecycle").
+    #[arg(long)]
+    static_certs: bool,
+    /// Accepted for compatibility: moat renews its own certificates by default.
+    #[arg(long, hide = true, conflicts_with_all = ["cert_manager", "static_certs"])]
     rotate_certs: bool,
     /// Also write the API server's ImagePolicyWebhook admission configuration and kubeconfig
     /// into this directory.
@@ -184,7 +189,8 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
         runtime_handlers,
         no_runtime_classes,
         cert_manager,
-        rotate_certs,
+        static_certs,
+        rotate_certs: _,
         image_policy_dir,
         image_policy_url,
         image_policy_fail_closed,
@@ -209,7 +215,6 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
         backstop: !no_backstop,
         runtime_handlers,
         runtime_classes: !no_runtime_classes,
-        rotate_certs,
         image_policy_dir,
         image_policy_url,
         image_policy_fail_closed,
@@ -243,10 +248,12 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
     options.validate()?;
     let tls = if cert_manager {
         Tls::CertManager
+    } else if !static_certs {
+        Tls::Managed
     } else {
         let dns_names = moat_objects::install::service_dns_names(&options.namespace);
         let g = moat_server::certs::generate(&dns_names).map_err(|e| e.to_string())?;
-        Tls::Generated(ServingCertificate {
+        Tls::Static(ServingCertificate {
             ca_cert_pem: g.ca_cert_pem,
             ca_key_pem: g.ca_key_pem,
             cert_pem: g.cert_pem,

@@ -67,8 +67,8 @@ struct ReviewArgs {
     /// are read too.
     #[arg(long = "namespace-label", value_name = "NS:KEY=VALUE", value_parser = parse_namespace_label)]
     namespace_labels: Vec<(String, String, String)>,
-    /// Instead of verdicts, report how many nodes of which class the pods need in each
-    /// isolation mode (docs/capacity.md).
+    /// Instead of verdicts, report how many nodes of which class the pods need in the class's
+    /// isolation mode, and in each other mode (docs/capacity.md).
     #[arg(long)]
     capacity: bool,
     /// One node's allocatable CPU, for the class-mode packing estimate of `--capacity`.
@@ -87,9 +87,20 @@ enum ConfigCommand {
     /// Print the embedded default configuration.
     Default,
     /// Check a configuration file and print it with every default filled in.
+    ///
+    /// Exit status: 0 valid (warnings on standard error), 2 invalid, or the cluster could not
+    /// be read with --cluster.
     Check {
         /// Configuration file (YAML or JSON).
         file: PathBuf,
+        /// Also look at the cluster (read-only): warn about each RuntimeClass the
+        /// configuration sends pods to that does not exist there.
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: the kubeconfig. Default: in-cluster, then $KUBECONFIG, then
+        /// ~/.kube/config.
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -134,9 +145,17 @@ impl Args {
                 .write_all(DEFAULT_CONFIG_YAML.as_bytes())
                 .map(|()| 0)
                 .map_err(|e| e.to_string()),
-            Command::Config(ConfigCommand::Check { file }) => {
+            Command::Config(ConfigCommand::Check {
+                file,
+                cluster,
+                kubeconfig,
+            }) => {
                 load_config(Some(&file)).and_then(|c| {
-                    for warning in c.warnings() {
+                    let mut warnings = c.warnings();
+                    if cluster {
+                        warnings.extend(cluster_warnings(&c, kubeconfig.as_ref())?);
+                    }
+                    for warning in warnings {
                         // A failed write to stderr leaves nothing else to report to.
                         let _ = writeln!(stderr, "moat: warning: {warning}");
                     }
@@ -154,6 +173,41 @@ impl Args {
             EXIT_ERROR
         })
     }
+}
+
+/// What the cluster lacks for `config`: each RuntimeClass it sends pods to that does not exist.
+fn cluster_warnings(
+    config: &moat_core::config::Config,
+    kubeconfig: Option<&PathBuf>,
+) -> Result<Vec<String>, String> {
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let existing = runtime.block_on(async {
+        let client = moat_server::server::kube_client(kubeconfig)
+            .await
+            .map_err(|e| format!("--cluster: {e}"))?;
+        kube::Api::<RuntimeClass>::all(client)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| format!("--cluster: listing RuntimeClasses: {e}"))
+    })?;
+    let names: std::collections::BTreeSet<String> = existing
+        .items
+        .into_iter()
+        .filter_map(|r| r.metadata.name)
+        .collect();
+    Ok(moat_objects::install::runtime_class_names(config)
+        .into_iter()
+        .filter(|name| !names.contains(*name))
+        .map(|name| {
+            format!(
+                "RuntimeClass '{name}' does not exist in the cluster: the API server refuses every pod moat sends to it; `moat install` installs it (--runtime-handler {name}=HANDLER), or create it yourself"
+            )
+        })
+        .collect())
 }
 
 fn read_limited(reader: &mut dyn Read, name: &str) -> Result<String, String> {

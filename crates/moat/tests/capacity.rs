@@ -85,20 +85,39 @@ const LAYOUTS: &[(&str, &str)] = &[
     ("fixed-taint", "nodes: {taintValue: isolated}"),
 ];
 
+/// The modes of the test: each for every class, and `mixed`: gold in pod mode, lead in
+/// dedicatedNode mode, the rest (`*`) in the global class mode.
+const MODES: &[&str] = &["class", "pod", "dedicatedNode", "mixed"];
+
 fn mode_config(mode: &str, nodes: &str, wildcard: bool) -> String {
     let other = if wildcard {
         ", {name: '*', namespaces: [lab]}"
     } else {
         ""
     };
+    let (global, gold, lead) = match mode {
+        "mixed" => ("class", "mode: pod, ", "mode: dedicatedNode, "),
+        _ => (mode, "", ""),
+    };
     format!(
-        "isolation:\n  mode: {mode}\n  {nodes}\n  classes: [{{name: gold, namespaces: [bank], idleAfter: 10m, limits: {{cpu: 32}}}}, {{name: lead, namespaces: [shop]}}{other}]\n"
+        "isolation:\n  mode: {global}\n  {nodes}\n  classes: [{{name: gold, {gold}namespaces: [bank], idleAfter: 10m, limits: {{cpu: 32}}}}, {{name: lead, {lead}namespaces: [shop]}}{other}]\n"
     )
+}
+
+/// The consolidation a pool should have: underused nodes only where every class it serves
+/// shares nodes (class mode).
+fn consolidation_of(mode: &str, pool: &str) -> &'static str {
+    let shares = matches!((mode, pool), ("class", _) | ("mixed", "moat-other-classes"));
+    if shares {
+        "WhenEmptyOrUnderutilized"
+    } else {
+        "WhenEmpty"
+    }
 }
 
 #[test]
 fn karpenter_pools_launch_nodes_for_their_class_only() {
-    for mode in ["class", "pod", "dedicatedNode"] {
+    for mode in MODES {
         for (layout, nodes) in LAYOUTS {
             // A '*' class needs a fixed taint: only those layouts may declare one.
             let wildcard = !nodes.is_empty();
@@ -121,11 +140,12 @@ fn karpenter_pools_launch_nodes_for_their_class_only() {
                 assert_eq!(pool.api_version, "karpenter.sh/v1");
                 assert_eq!(spec.template.spec.node_class_ref.kind, "ExampleNodeClass");
                 let disruption = spec.disruption.as_ref().unwrap();
+                let name = pool.metadata.name.as_deref().unwrap();
                 assert_eq!(
                     serde_json::to_value(disruption.consolidation_policy).unwrap(),
-                    "WhenEmpty"
+                    consolidation_of(mode, name),
+                    "{mode}/{layout}: {name}"
                 );
-                let name = pool.metadata.name.as_deref().unwrap();
                 if name == "moat-class-gold" {
                     assert_eq!(disruption.consolidate_after, "10m");
                     assert_eq!(spec.limits.as_ref().unwrap()["cpu"], "32");
@@ -168,11 +188,11 @@ fn karpenter_pools_launch_nodes_for_their_class_only() {
                     node.labels["node-restriction.kubernetes.io/moat-class"], want,
                     "{mode}/{layout}"
                 );
-                if mode == "dedicatedNode" {
-                    let id =
-                        pod["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
-                            .as_str()
-                            .unwrap();
+                let dedicated = *mode == "dedicatedNode" || (*mode == "mixed" && *class == "lead");
+                let id = pod["spec"]["nodeSelector"]["node-restriction.kubernetes.io/moat-node"]
+                    .as_str();
+                assert_eq!(id.is_some(), dedicated, "{mode}/{layout}: {class}");
+                if let Some(id) = id {
                     assert_eq!(node.labels["node-restriction.kubernetes.io/moat-node"], id);
                 }
                 // No pool launches a node for a pod of another class with this pod's node.
@@ -411,9 +431,10 @@ fn capacity_buffer_version_is_the_operators_choice() {
 
 #[test]
 fn review_capacity_counts_nodes_per_class_and_mode() {
+    // gold in pod mode of its own, lead in the global class mode.
     let config = config_file(
         "report",
-        "isolation: {mode: class, classes: [{name: gold, namespaces: [bank], warmNodes: 1}, {name: lead, namespaces: [shop]}]}",
+        "isolation: {mode: class, classes: [{name: gold, mode: pod, namespaces: [bank], warmNodes: 1}, {name: lead, namespaces: [shop]}]}",
     );
     let manifests = config_file(
         "report-manifests",
@@ -451,9 +472,13 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         json!({"class": 3, "pod": 3, "dedicatedNode": 3})
     );
     assert_eq!(gold["warmNodes"], 1);
+    assert_eq!(gold["mode"], "pod");
+    assert_eq!(gold["needed"], 3, "a node per pod");
     let lead = &report["classes"][1];
     assert_eq!(lead["pods"], 2);
     assert_eq!(lead["nodes"]["class"], 1, "no requests: at least one node");
+    assert_eq!(lead["mode"], "class");
+    assert_eq!(lead["needed"], 1);
     assert_eq!(report["unisolatedPods"], 1);
     assert_eq!(report["deniedObjects"], 1, "the untagged image");
 
@@ -464,9 +489,157 @@ fn review_capacity_counts_nodes_per_class_and_mode() {
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("CLASS  PODS"), "{text}");
+    assert!(text.contains("CLASS  MODE   NODES  PODS"), "{text}");
     assert!(
-        text.contains("5 isolated pods: pod and dedicatedNode modes need 5 nodes"),
+        text.contains("classes without a mode of their own: class mode"),
         "{text}"
     );
+    let row = |class: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{class} ")))
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>())
+    };
+    assert_eq!(row("gold"), Some(vec!["gold", "pod", "3", "3"]), "{text}");
+    assert_eq!(
+        row("lead"),
+        Some(vec!["lead", "class", "≥1", "2"]),
+        "{text}"
+    );
+    assert!(
+        text.contains("5 isolated pods need ≥4 nodes in their classes' modes, and 1 warm"),
+        "{text}"
+    );
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// The README's mixed-mode walk-through: review, capacity report and Karpenter pools from
+/// `examples/mixed-modes.yaml`.
+#[test]
+fn the_mixed_modes_example_works_end_to_end() {
+    let config = repo("examples/mixed-modes.yaml");
+    let workloads = repo("examples/mixed-modes-workloads.yaml");
+    let moat = || Command::new(env!("CARGO_BIN_EXE_moat"));
+
+    let check = moat()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check.stderr.is_empty(),
+        "no warnings: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Every workload is admitted in its class's mode; the DaemonSet is refused with a reason.
+    let review = moat()
+        .args(["review", "-o", "json", "--config"])
+        .arg(&config)
+        .arg(&workloads)
+        .output()
+        .unwrap();
+    assert_eq!(review.status.code(), Some(1));
+    let text = String::from_utf8(review.stdout).unwrap();
+    for want in [
+        "keep every other isolated pod off this pod's node (class 'ci' is in pod mode)",
+        "keep pods of every class but 'payments' off this pod's node (class mode)",
+        "keep pods of every class but 'search' off this pod's node (class mode)",
+        "(class 'batch' is in dedicatedNode mode)",
+        "namespace 'ci-runners' runs every pod in isolation class 'ci' (pod mode), so a DaemonSet's pods could never run there",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
+    let report = moat()
+        .args([
+            "review",
+            "--capacity",
+            "--node-cpu",
+            "4",
+            "--node-memory",
+            "16Gi",
+            "-o",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .arg(&workloads)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let rows: Vec<(String, String, Value, u64)> = report["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["class"].as_str().unwrap().to_owned(),
+                c["mode"].as_str().unwrap().to_owned(),
+                c["needed"].clone(),
+                c["warmNodes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let row = |class: &str, mode: &str, needed: u64, warm: u64| {
+        (class.to_owned(), mode.to_owned(), json!(needed), warm)
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("batch", "dedicatedNode", 2, 0),
+            row("ci", "pod", 4, 2),
+            row("payments", "class", 2, 0),
+            row("search", "class", 1, 0),
+        ]
+    );
+    assert_eq!(report["deniedObjects"], 1, "the DaemonSet");
+
+    let (code, docs, err) = install(
+        &config,
+        &[
+            "--karpenter",
+            "--node-class",
+            NODE_CLASS,
+            "--pause-image",
+            PAUSE,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pools: Vec<(String, Value, bool)> = of_kind(&docs, "NodePool")
+        .into_iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["spec"]["disruption"]["consolidationPolicy"].clone(),
+                p["spec"]["template"]["spec"]["requirements"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["key"] == "node-restriction.kubernetes.io/moat-node"),
+            )
+        })
+        .collect();
+    let pool = |name: &str, policy: &str, id: bool| (name.to_owned(), json!(policy), id);
+    assert_eq!(
+        pools,
+        vec![
+            pool("moat-class-ci", "WhenEmpty", false),
+            pool("moat-class-payments", "WhenEmptyOrUnderutilized", false),
+            pool("moat-class-search", "WhenEmptyOrUnderutilized", false),
+            pool("moat-class-batch", "WhenEmpty", true),
+        ]
+    );
+    let buffers = of_kind(&docs, "CapacityBuffer");
+    assert_eq!(buffers.len(), 1, "warm nodes for ci only");
+    assert_eq!(buffers[0]["spec"]["replicas"], 2);
 }

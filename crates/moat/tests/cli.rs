@@ -464,3 +464,84 @@ fn serve_with_a_port_in_use_is_a_runtime_failure_logged_without_colour() {
     );
     assert!(!err.contains("Some("), "{err}");
 }
+
+/// An API server that answers every request with `body` (a RuntimeClass list), over plain HTTP,
+/// and a kubeconfig naming it; `None` for the address of a server that is not there.
+fn fake_cluster(body: Option<&'static str>) -> PathBuf {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    match body {
+        Some(body) => {
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { return };
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match std::io::Read::read(&mut stream, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+        None => drop(listener),
+    }
+    temp_file(
+        &format!("kubeconfig-{}", addr.port()),
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{addr}'}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+}
+
+#[test]
+fn config_check_with_cluster_warns_about_a_missing_runtime_class() {
+    let cfg = temp_file(
+        "two-runtimes.yaml",
+        "runtimeClass: {fallbackRuntime: gvisor}\nisolation: {mode: class, classes: [{name: a, namespaces: [a], runtimeClassName: kata}]}\n",
+    );
+    let kubeconfig = fake_cluster(Some(
+        r#"{"apiVersion":"node.k8s.io/v1","kind":"RuntimeClassList","metadata":{"resourceVersion":"1"},"items":[{"apiVersion":"node.k8s.io/v1","kind":"RuntimeClass","metadata":{"name":"kata"},"handler":"kata"}]}"#,
+    ));
+    let o = run(&[
+        "config",
+        "check",
+        cfg.to_str().unwrap(),
+        "--cluster",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("RuntimeClass 'gvisor' does not exist in the cluster"),
+        "{err}"
+    );
+    assert!(!err.contains("'kata' does not exist"), "{err}");
+    // Without --cluster the cluster is not read.
+    let o = run(&["config", "check", cfg.to_str().unwrap()]);
+    assert!(!stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    // A cluster that cannot be read is an error, not a silent pass.
+    let gone = fake_cluster(None);
+    let o = run(&[
+        "config",
+        "check",
+        cfg.to_str().unwrap(),
+        "--cluster",
+        "--kubeconfig",
+        gone.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("listing RuntimeClasses"),
+        "{}",
+        stderr(&o)
+    );
+}

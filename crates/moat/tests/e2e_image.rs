@@ -59,7 +59,8 @@ fn env_path(name: &str, what: &str) -> PathBuf {
 /// `moat install`'s objects, from the binary under test.
 fn install() -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(["install", "--namespace", NAMESPACE])
+        // Static certificates: no API server here for moat to create its Secret in.
+        .args(["install", "--namespace", NAMESPACE, "--static-certs"])
         .output()
         .unwrap();
     assert!(
@@ -235,7 +236,14 @@ async fn the_image_moat_install_deploys_answers_reviews_from_a_real_containerd()
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let image = container["image"].as_str().unwrap();
     assert_eq!(image, moat::install::DEFAULT_IMAGE);
-    let secret = &find(&docs, "Secret")["stringData"];
+    let secret_data = &find(&docs, "Secret")["data"];
+    let secret = |key: &str| {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(secret_data[key].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(bytes).unwrap()
+    };
     let config = &find(&docs, "ConfigMap")["data"];
     let ca_bundle =
         find(&docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]
@@ -259,8 +267,8 @@ async fn the_image_moat_install_deploys_answers_reviews_from_a_real_containerd()
     let tls = volume(
         &work.join("tls"),
         &[
-            ("tls.crt", secret["tls.crt"].as_str().unwrap()),
-            ("tls.key", secret["tls.key"].as_str().unwrap()),
+            ("tls.crt", secret("tls.crt").as_str()),
+            ("tls.key", secret("tls.key").as_str()),
         ],
     );
     let config_dir = volume(

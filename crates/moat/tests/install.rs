@@ -14,7 +14,6 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -63,8 +62,11 @@ fn prints_every_manifest_as_valid_objects() {
         [
             "Namespace",
             "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ConfigMap",
-            "Secret",
             "Deployment",
             "NetworkPolicy",
             "PodDisruptionBudget",
@@ -107,8 +109,10 @@ fn prints_every_manifest_as_valid_objects() {
         Some(&["ALL".to_owned()][..])
     );
 
-    let secret: Secret = round_trips(find(&docs, "Secret"));
-    let ca = secret.string_data.unwrap()["ca.crt"].clone();
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "Secret"),
+        "moat creates its Secret itself: no key in the output"
+    );
     let mutating: MutatingWebhookConfiguration =
         round_trips(find(&docs, "MutatingWebhookConfiguration"));
     let validating: ValidatingWebhookConfiguration =
@@ -133,10 +137,9 @@ fn prints_every_manifest_as_valid_objects() {
             &v.namespace_selector,
         ),
     ] {
-        assert_eq!(
-            String::from_utf8(client.ca_bundle.as_ref().unwrap().0.clone()).unwrap(),
-            ca,
-            "caBundle is the CA that signed the Secret"
+        assert!(
+            client.ca_bundle.is_none(),
+            "moat keeps the caBundle: an apply must not own it"
         );
         assert_eq!(side_effects, "None");
         assert!(timeout.is_some());
@@ -316,12 +319,16 @@ fn cert_manager_replaces_the_generated_secret() {
 #[test]
 fn namespace_reader_rbac_only_when_the_configuration_needs_it() {
     let (_, docs, _) = install(&[]);
-    assert!(!docs.iter().any(|d| d["kind"] == "ClusterRole"));
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "moat-namespace-reader")
+    );
     let dir = std::env::temp_dir().join(format!("moat-install-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("ns-label.yaml");
     std::fs::write(&cfg, "isolation: {mode: class, namespaceClassLabel: moat.dev/class, classes: [{name: '*', namespaces: ['*']}]}\n").unwrap();
-    let (code, docs, err) = install(&["--config", cfg.to_str().unwrap()]);
+    let (code, docs, err) = install(&["--config", cfg.to_str().unwrap(), "--static-certs"]);
     assert_eq!(code, 0, "{err}");
     let role = find(&docs, "ClusterRole");
     assert_eq!(
@@ -346,8 +353,21 @@ fn image_trust_mounts_the_registry_credentials_and_grants_nothing_more() {
     .unwrap();
     let (code, docs, err) = install(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    // Reading a mounted Secret needs no RBAC: no ClusterRole, as without trust.
-    assert!(!docs.iter().any(|d| d["kind"] == "ClusterRole"));
+    // Reading a mounted Secret needs no RBAC: the same roles as without trust.
+    let rbac = |docs: &[Value]| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| {
+                d["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.ends_with("Role") || k.ends_with("RoleBinding"))
+            })
+            .cloned()
+            .collect()
+    };
+    let without = dir.join("without.yaml");
+    std::fs::write(&without, "images: {}\n").unwrap();
+    let (_, plain, _) = install(&["--config", without.to_str().unwrap()]);
+    assert_eq!(rbac(&docs), rbac(&plain));
     let pod = &find(&docs, "Deployment")["spec"]["template"]["spec"];
     let volume = pod["volumes"]
         .as_array()
@@ -410,7 +430,15 @@ fn image_trust_mounts_the_registry_credentials_and_grants_nothing_more() {
 #[test]
 fn writes_the_image_policy_webhook_files() {
     let dir = std::env::temp_dir().join(format!("moat-imagepolicy-{}", std::process::id()));
-    let (code, docs, err) = install(&["--image-policy-dir", dir.to_str().unwrap()]);
+    // The kubeconfig is a file on the API server's host: a CA that moat rotates cannot be in it.
+    let (code, _, err) = install(&["--image-policy-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--static-certs"), "{err}");
+    let (code, docs, err) = install(&[
+        "--image-policy-dir",
+        dir.to_str().unwrap(),
+        "--static-certs",
+    ]);
     assert_eq!(code, 0, "{err}");
     let admission: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(dir.join("admission-config.yaml")).unwrap(),
@@ -445,9 +473,12 @@ fn writes_the_image_policy_webhook_files() {
         .unwrap();
     assert_eq!(
         String::from_utf8(ca).unwrap(),
-        find(&docs, "Secret")["stringData"]["ca.crt"]
-            .as_str()
-            .unwrap()
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(find(&docs, "Secret")["data"]["ca.crt"].as_str().unwrap())
+                .unwrap()
+        )
+        .unwrap()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -483,7 +514,7 @@ fn identity_agent_is_a_least_privilege_daemonset_on_every_node_skipped_by_the_we
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(
         c["securityContext"]["capabilities"]["add"],
-        serde_json::json!(["CHOWN"])
+        serde_json::json!(["CHOWN", "KILL"])
     );
     let args: Vec<&str> = c["args"]
         .as_array()
@@ -675,8 +706,14 @@ fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
         vec!["--identity-agent"],
         vec!["--cert-manager"],
         vec!["--rotate-certs"],
-        vec!["--image-policy-dir", &dir_arg],
-        vec!["--identity-agent", "--image-policy-dir", &dir_arg],
+        vec!["--static-certs"],
+        vec!["--image-policy-dir", &dir_arg, "--static-certs"],
+        vec![
+            "--identity-agent",
+            "--image-policy-dir",
+            &dir_arg,
+            "--static-certs",
+        ],
     ];
     for args in variants {
         let _ = std::fs::remove_dir_all(&dir);
@@ -702,8 +739,12 @@ fn no_lockout_while_moat_is_down_for_every_installed_configuration() {
     }
     // The explicit fail-closed flag does lock every namespace out, as its help says.
     let _ = std::fs::remove_dir_all(&dir);
-    let (code, docs, err) =
-        install(&["--image-policy-dir", &dir_arg, "--image-policy-fail-closed"]);
+    let (code, docs, err) = install(&[
+        "--image-policy-dir",
+        &dir_arg,
+        "--image-policy-fail-closed",
+        "--static-certs",
+    ]);
     assert_eq!(code, 0, "{err}");
     let policy: Value = serde_yaml_ng::from_str::<Value>(
         &std::fs::read_to_string(dir.join("admission-config.yaml")).unwrap(),
@@ -862,6 +903,26 @@ fn with_the_backstop_a_pod_costs_one_webhook_call_fewer() {
     let (code, dedicated, err) = install(&["--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(calls_per_pod_create(&dedicated), 2);
+    // So does one dedicatedNode class among others; classes of the affinity modes alone do not.
+    for (classes, calls) in [
+        (
+            "[{name: a, namespaces: [x]}, {name: big, mode: dedicatedNode, namespaces: [y]}]",
+            2,
+        ),
+        (
+            "[{name: a, namespaces: [x]}, {name: ci, mode: pod, namespaces: [y]}]",
+            1,
+        ),
+    ] {
+        std::fs::write(
+            &config,
+            format!("isolation: {{mode: class, classes: {classes}}}\n"),
+        )
+        .unwrap();
+        let (code, docs, err) = install(&["--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(calls_per_pod_create(&docs), calls, "{classes}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -986,25 +1047,34 @@ fn the_memory_limit_is_derived_from_the_budgets() {
 }
 
 #[test]
-fn rotate_certs_puts_the_ca_key_in_the_secret_and_grants_only_what_rotation_writes() {
-    let (_, docs, _) = install(&[]);
-    assert!(
-        find(&docs, "Secret")["stringData"].get("ca.key").is_none(),
-        "no CA key without rotation"
-    );
-
-    let (code, docs, err) = install(&["--rotate-certs"]);
+fn managed_certificates_leave_no_key_in_the_output_and_grant_only_what_rotation_writes() {
+    // --static-certs: the old way, a Secret in the output (as `data`, so an unchanged apply is
+    // a no-op), without the CA's key since nothing renews it, and no API access.
+    let (code, docs, err) = install(&["--static-certs"]);
     assert_eq!(code, 0, "{err}");
     let secret = find(&docs, "Secret");
-    for key in ["tls.crt", "tls.key", "ca.crt", "ca.key"] {
-        assert!(secret["stringData"].get(key).is_some(), "{key}");
-    }
+    assert!(secret.get("stringData").is_none());
+    let keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    assert!(!docs.iter().any(|d| d["kind"] == "Role"));
+    assert!(
+        find(&docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]
+            .is_string()
+    );
+
+    // The default, and --rotate-certs (kept for compatibility): moat creates the Secret.
+    let (_, default_docs, _) = install(&[]);
+    let (code, docs, err) = install(&["--rotate-certs"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(docs, default_docs);
+    assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
     let role = find(&docs, "Role");
     assert_eq!(role["metadata"]["namespace"], "moat-system");
     assert_eq!(
         role["rules"],
         serde_json::json!([
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["moat-tls"], "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "create", "update"]},
         ])
     );
@@ -1085,19 +1155,25 @@ fn rotate_certs_puts_the_ca_key_in_the_secret_and_grants_only_what_rotation_writ
         .unwrap()
         .into_iter()
         .find(|v| v.name == "tls")
-        .unwrap();
-    let items: Vec<String> = tls
+        .unwrap()
         .secret
-        .unwrap()
-        .items
-        .unwrap()
-        .into_iter()
-        .map(|i| i.key)
-        .collect();
+        .unwrap();
+    let items: Vec<String> = tls.items.unwrap().into_iter().map(|i| i.key).collect();
     assert_eq!(items, ["tls.crt", "tls.key"]);
+    assert_eq!(
+        tls.optional,
+        Some(true),
+        "the pods start before the Secret they create exists"
+    );
 
-    let (code, _, err) = install(&["--rotate-certs", "--cert-manager"]);
-    assert_eq!(code, 2, "{err}");
+    for clash in [
+        &["--rotate-certs", "--cert-manager"][..],
+        &["--static-certs", "--cert-manager"],
+        &["--static-certs", "--rotate-certs"],
+    ] {
+        let (code, _, err) = install(clash);
+        assert_eq!(code, 2, "{clash:?}: {err}");
+    }
 }
 
 #[test]
@@ -1196,11 +1272,11 @@ fn an_apiserver_client_ca_makes_reviews_need_its_certificate() {
 
 #[test]
 fn an_install_that_nothing_renews_says_so() {
-    let (_, _, err) = install(&[]);
-    assert!(err.contains("nothing renews them"), "{err}");
-    for args in [&["--rotate-certs"][..], &["--cert-manager"]] {
+    let (_, _, err) = install(&["--static-certs"]);
+    assert!(err.contains("nothing to renew them"), "{err}");
+    for args in [&[][..], &["--cert-manager"]] {
         let (code, _, err) = install(args);
         assert_eq!(code, 0, "{err}");
-        assert!(!err.contains("nothing renews them"), "{args:?}: {err}");
+        assert!(!err.contains("nothing to renew them"), "{args:?}: {err}");
     }
 }

@@ -11,10 +11,14 @@
 //! - a node empty for `consolidateAfter` goes (`WhenEmpty`); a Deployment keeps its
 //!   placeholders, recreating displaced ones.
 //!
+//! Each class has a mode of its own or the global one, drawn at random, so clusters mix modes;
+//! beside the launched nodes stand nodes of each class without the topology label (a kubelet
+//! may drop `kubernetes.io/hostname`), where the scheduler ignores anti-affinity.
+//!
 //! After every tick: no node holds pods of two classes, or an isolated and an unisolated pod;
-//! every pod runs on a node of its own class; in pod and dedicatedNode modes no two isolated
-//! pods share a node; no real pod waits while a node would take it but for placeholders. In the
-//! end every pod runs, warm nodes are up, and idle nodes are gone.
+//! every pod runs on a node of its own class; no two pods of a pod or dedicatedNode class share
+//! a node; no real pod waits while a node would take it but for placeholders. In the end every
+//! pod runs, warm nodes are up, and idle nodes are gone.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -31,7 +35,7 @@ use moat_core::decision::Request;
 use moat_core::engine::decide;
 use moat_core::resources::IdleAfter;
 use moat_core::subject::Template;
-use moat_objects::capacity::karpenter::NodePool;
+use moat_objects::capacity::karpenter::{ConsolidationPolicy, NodePool};
 use moat_objects::capacity::{self, CapacityOptions as CapacityArgs, WarmForm};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -62,13 +66,42 @@ struct SimNode {
     ready_at: u64,
     empty_since: Option<u64>,
     consolidate_after: Option<u64>,
+    /// The pool may remove the node while pods run on it (to repack them elsewhere).
+    repacks: bool,
     general: bool,
+    /// A node no pool launched (here: one without the topology label), never removed.
+    standing: bool,
     alive: bool,
+}
+
+/// The mode of each class of [`CLASSES`]: its own, or (None) the global one.
+#[derive(Debug, Clone, Copy)]
+struct Modes {
+    global: &'static str,
+    classes: [Option<&'static str>; 3],
+}
+
+impl Modes {
+    fn all(mode: &'static str) -> Self {
+        Self {
+            global: mode,
+            classes: [None; 3],
+        }
+    }
+
+    /// The mode of class `i`, worked out here rather than by moat's code.
+    fn of(&self, i: usize) -> &'static str {
+        self.classes[i].unwrap_or(self.global)
+    }
+
+    fn of_class(&self, class: &str) -> &'static str {
+        self.of(CLASSES.iter().position(|(c, _)| *c == class).unwrap())
+    }
 }
 
 struct World {
     config: Config,
-    mode: &'static str,
+    modes: Modes,
     pools: Vec<NodePool>,
     nodes: Vec<SimNode>,
     pods: Vec<SimPod>,
@@ -76,9 +109,9 @@ struct World {
     seeds: usize,
 }
 
-fn config(mode: &str, nodes: &str, warm: u32) -> Config {
+fn config(modes: Modes, nodes: &str, warm: u32) -> Config {
     // Class mode: a placeholder is a node's worth, so a real pod displaces it.
-    let warm_requests = if mode == "class" {
+    let warm_requests = if modes.of(0) == "class" {
         format!(", warmRequests: {{cpu: '{}m'}}", NODE_CPU_MILLIS)
     } else {
         String::new()
@@ -88,8 +121,13 @@ fn config(mode: &str, nodes: &str, warm: u32) -> Config {
     } else {
         String::new()
     };
+    let own = |i: usize| modes.classes[i].map_or(String::new(), |m| format!(", mode: {m}"));
     Config::from_yaml(&format!(
-        "isolation:\n  mode: {mode}\n  {nodes}\n  classes: [{{name: gold, namespaces: [bank, moat-warm-gold], idleAfter: 1m{warm}}}, {{name: lead, namespaces: [shop]}}, {{name: zinc, namespaces: [lab]}}]\n"
+        "isolation:\n  mode: {}\n  {nodes}\n  classes: [{{name: gold, namespaces: [bank, moat-warm-gold], idleAfter: 1m{warm}{}}}, {{name: lead, namespaces: [shop]{}}}, {{name: zinc, namespaces: [lab]{}}}]\n",
+        modes.global,
+        own(0),
+        own(1),
+        own(2)
     ))
     .unwrap()
 }
@@ -103,8 +141,8 @@ fn cpu_of(pod: &Value) -> u64 {
 }
 
 impl World {
-    fn new(mode: &'static str, layout: &str, warm: u32) -> Self {
-        let config = config(mode, layout, warm);
+    fn new(modes: Modes, layout: &str, warm: u32) -> Self {
+        let config = config(modes, layout, warm);
         let pools =
             capacity::node_pools(&config, &["example.dev/ExampleNodeClass/x".to_owned()]).unwrap();
         let general = SimNode {
@@ -116,14 +154,51 @@ impl World {
             ready_at: 0,
             empty_since: None,
             consolidate_after: None,
+            repacks: false,
             general: true,
+            standing: false,
             alive: true,
         };
+        // A node of each class (as its pool would label and taint it) that lost its topology
+        // label: isolated pods of class and pod modes require the label, dedicatedNode pods
+        // an id, so none may run there.
+        let iso = &config.isolation;
+        let standing = CLASSES.iter().map(|(class, _)| {
+            let label = iso
+                .nodes
+                .label_value
+                .as_ref()
+                .map_or(*class, |v| v.as_str());
+            let taint = iso
+                .nodes
+                .taint_value
+                .as_ref()
+                .map_or(*class, |v| v.as_str());
+            SimNode {
+                node: Node {
+                    labels: [(LABEL_KEY.to_owned(), label.to_owned())].into(),
+                    taints: vec![(
+                        iso.nodes.taint_key.to_string(),
+                        taint.to_owned(),
+                        iso.nodes.taint_effect.as_str().to_owned(),
+                    )],
+                },
+                cpu: NODE_CPU_MILLIS,
+                ready_at: 0,
+                empty_since: None,
+                consolidate_after: None,
+                repacks: false,
+                general: false,
+                standing: true,
+                alive: true,
+            }
+        });
+        let nodes = std::iter::once(general).chain(standing).collect();
         let mut world = Self {
             config,
-            mode,
+            modes,
             pools,
-            nodes: vec![general],
+            nodes,
             pods: Vec::new(),
             now: 0,
             seeds: 0,
@@ -215,8 +290,10 @@ impl World {
         let node = &self.nodes[n];
         let used: u64 = others.iter().map(|p| p.cpu).sum();
         let values: Vec<&Value> = others.iter().map(|p| &p.pod).collect();
+        // The scheduler ignores anti-affinity on a node without its topology label.
+        let topology = node.node.labels.contains_key(support::HOSTNAME);
         support::node_fits(&pod.pod, &node.node)
-            && support::anti_affinity_allows(&pod.pod, &values)
+            && (!topology || support::anti_affinity_allows(&pod.pod, &values))
             && node.cpu.saturating_sub(used) >= pod.cpu
     }
 
@@ -278,6 +355,8 @@ impl World {
             else {
                 continue;
             };
+            let repacks = pool.spec.disruption.as_ref().unwrap().consolidation_policy
+                == Some(ConsolidationPolicy::WhenEmptyOrUnderutilized);
             let after = match pool
                 .spec
                 .disruption
@@ -296,7 +375,9 @@ impl World {
                 ready_at: self.now + BOOT_TICKS,
                 empty_since: None,
                 consolidate_after: after,
+                repacks,
                 general: false,
+                standing: false,
                 alive: true,
             });
             nominated.push((self.nodes.len() - 1, vec![i]));
@@ -305,7 +386,7 @@ impl World {
 
     fn consolidate(&mut self) {
         for n in 0..self.nodes.len() {
-            if !self.ready(n) || self.nodes[n].general {
+            if !self.ready(n) || self.nodes[n].general || self.nodes[n].standing {
                 continue;
             }
             let empty = self.on(n).next().is_none();
@@ -361,11 +442,22 @@ impl World {
                     }
                 }
             }
-            if self.mode != "class" && !node.general {
+            let own_node = pods
+                .iter()
+                .filter_map(|p| p.class.as_deref())
+                .any(|c| self.modes.of_class(c) != "class");
+            // A node of its own is never underused in a way moving its pod would fix: its pool
+            // removes it only once empty.
+            assert!(
+                !(own_node && node.repacks),
+                "{:?}: node {n} of a class with a node per pod would be repacked",
+                self.modes
+            );
+            if own_node {
                 assert!(
                     pods.len() <= 1,
-                    "{}: {} isolated pods on node {n}",
-                    self.mode,
+                    "{:?}: {} isolated pods on node {n}, one of a class with a node per pod",
+                    self.modes,
                     pods.len()
                 );
             }
@@ -396,7 +488,10 @@ impl World {
     }
 
     fn isolated_nodes(&self) -> usize {
-        self.nodes.iter().filter(|n| n.alive && !n.general).count()
+        self.nodes
+            .iter()
+            .filter(|n| n.alive && !n.general && !n.standing)
+            .count()
     }
 }
 
@@ -416,14 +511,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+const MODES: &[&str] = &["class", "pod", "dedicatedNode"];
+
 const LAYOUTS: [&str; 3] = [
     "",
     "nodes: {labelValue: isolated, taintValue: isolated}",
     "nodes: {taintValue: isolated}",
 ];
 
-fn run(mode: &'static str, layout: usize, warm: u32, ops: &[Op]) {
-    let mut world = World::new(mode, LAYOUTS[layout], warm);
+fn run(modes: Modes, layout: usize, warm: u32, ops: &[Op]) {
+    let mode = format!("{modes:?}");
+    let mut world = World::new(modes, LAYOUTS[layout], warm);
     for op in ops {
         match op {
             Op::Arrive { class, cpu } => world.arrive(*class, *cpu),
@@ -458,14 +556,16 @@ proptest! {
 
     #[test]
     fn every_pod_gets_a_node_of_its_class_and_no_node_mixes_classes(
-        mode in prop::sample::select(vec!["class", "pod", "dedicatedNode"]),
+        global in prop::sample::select(MODES),
+        own in prop::array::uniform3(prop::option::of(prop::sample::select(MODES))),
         layout in 0..LAYOUTS.len(),
         warm in 0..3u32,
         ops in prop::collection::vec(op(), 1..40),
     ) {
+        let modes = Modes { global, classes: own };
         // dedicatedNode mode refuses warm nodes (a node per id, known only once its pod is).
-        let warm = if mode == "dedicatedNode" { 0 } else { warm };
-        run(mode, layout, warm, &ops);
+        let warm = if modes.of(0) == "dedicatedNode" { 0 } else { warm };
+        run(modes, layout, warm, &ops);
     }
 }
 
@@ -473,7 +573,7 @@ proptest! {
 #[test]
 fn a_warm_node_takes_the_next_pod_at_once() {
     for mode in ["class", "pod"] {
-        let mut world = World::new(mode, "", 1);
+        let mut world = World::new(Modes::all(mode), "", 1);
         world.settle();
         assert_eq!(world.isolated_nodes(), 1, "{mode}: one warm node");
         world.arrive(Some(0), 1000);

@@ -1,5 +1,7 @@
 //! Isolation: pods of class X run only on nodes of class X (class mode), each on a node of its
-//! own (pod mode), or on a dedicated node the provisioner creates (dedicatedNode mode).
+//! own (pod mode), or on a dedicated node the provisioner creates (dedicatedNode mode). The mode
+//! is the class's own (`classes[].mode`, else the global `isolation.mode`), so one cluster may
+//! mix them; `off` is global.
 //!
 //! What keeps the invariant ("a node that runs an isolated pod of class X never runs, at the
 //! same time, a pod of another class or an unisolated tenant pod"):
@@ -9,7 +11,14 @@
 //!   may not bind themselves with `spec.nodeName` (which skips the scheduler and its taints);
 //! - class mode adds a required anti-affinity, across all namespaces, against pods that carry
 //!   the class label with another value (`Exists` and `NotIn [X]` in one term: "another class");
-//!   pod mode against every pod that carries the class label;
+//!   pod mode against every pod that carries the class label. The scheduler applies a running
+//!   pod's required anti-affinity to every newcomer too, so these terms also keep pods of a
+//!   dedicatedNode class (which write none) off their nodes where modes mix in one pool;
+//! - dedicatedNode mode pins each pod to a node id bound to its namespace and class, so no pod
+//!   of another class or namespace can ask for its node;
+//! - a DaemonSet in a namespace the operator forces into a class is refused, and so are the pods
+//!   its controller creates there: it makes a pod for every untainted node, which moat pins to
+//!   class nodes, so none would run;
 //! - the class comes from an operator-controlled source or is checked against the class's
 //!   namespace binding, and cannot change on UPDATE;
 //! - every change is added to the pod's own tolerations and affinity, never replacing them, and
@@ -23,7 +32,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use crate::config::{ClassSpec, IsolationMode, IsolationPolicy};
+use crate::config::{ClassMode, ClassSpec, IsolationPolicy};
 use crate::decision::{ExemptionReason, Policy};
 use crate::dedicated::DedicatedNodeId;
 use crate::engine::{Context, Findings};
@@ -50,6 +59,8 @@ enum Source {
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
     class: ClassName,
+    /// The class's placement mode.
+    mode: ClassMode,
     /// The class's RuntimeClass.
     runtime: Option<RuntimeClassName>,
     /// How the pod is placed; `None` when the pod's own placement was refused (nothing to add).
@@ -74,7 +85,7 @@ impl Placement {
 /// The pod's class and placement; denials for everything that keeps it from being placed.
 pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> {
     let iso = &ctx.config.isolation;
-    if iso.mode == IsolationMode::Off {
+    if !iso.is_on() {
         return None;
     }
     let spec = &ctx.template.spec;
@@ -178,10 +189,28 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
     if source != Source::NamespaceLabel && !bound(ctx, &class, class_spec, out) {
         return None;
     }
-    let target = target(ctx, &class, out);
+    let Some(mode) = iso.mode_of(class_spec) else {
+        return None; // isolation is off: checked above
+    };
+    // A DaemonSet's pods are made for nodes without moat's taint, and here moat pins each to
+    // the class's nodes: refused with the reason rather than left Pending (its pods too, for a
+    // DaemonSet admitted before the namespace was forced or while moat was down).
+    if forced && of_daemonset(ctx) {
+        out.deny(
+            Policy::Isolation,
+            format!(
+                "namespace '{}' runs every pod in isolation class '{class}' ({} mode), so a DaemonSet's pods could never run there: its controller makes one for each node without moat's taint, and moat pins each to nodes of the class; run node agents in an exempt namespace",
+                ctx.req.namespace,
+                mode.as_str()
+            ),
+        );
+        return None;
+    }
+    let target = target(ctx, &class, mode, out);
     Some(Placement {
         runtime: class_spec.runtime_class_name.clone(),
         class,
+        mode,
         target,
     })
 }
@@ -193,21 +222,10 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Option<Placement> 
 /// tenant can trigger applies.
 fn exemption(ctx: &Context<'_>, forced: bool) -> Option<ExemptionReason> {
     let ex = &ctx.config.exemptions;
-    let daemonset = match ctx.template.kind {
-        Kind::DaemonSet => true,
-        Kind::Pod => {
-            ctx.req.requester.is_some_and(|r| {
-                ex.daemon_set_controllers
-                    .iter()
-                    .any(|c| c.as_str() == r.username)
-            }) && ctx.template.is_daemonset_pod()
-        }
-        _ => false,
-    };
     if forced {
         return None;
     }
-    if daemonset {
+    if of_daemonset(ctx) {
         Some(ExemptionReason::DaemonSet)
     } else if ex
         .ignore_annotation
@@ -221,6 +239,25 @@ fn exemption(ctx: &Context<'_>, forced: bool) -> Option<ExemptionReason> {
         Some(ExemptionReason::DryRun)
     } else {
         None
+    }
+}
+
+/// Whether the object is a DaemonSet's template or a pod its controller creates, decided only
+/// on facts a tenant cannot write: the kind under review, or `userInfo` (written by the API
+/// server) together with the pod's controller reference.
+fn of_daemonset(ctx: &Context<'_>) -> bool {
+    match ctx.template.kind {
+        Kind::DaemonSet => true,
+        Kind::Pod => {
+            ctx.req.requester.is_some_and(|r| {
+                ctx.config
+                    .exemptions
+                    .daemon_set_controllers
+                    .iter()
+                    .any(|c| c.as_str() == r.username)
+            }) && ctx.template.is_daemonset_pod()
+        }
+        _ => false,
     }
 }
 
@@ -300,7 +337,12 @@ impl<'t> TolerationKey<'t> {
 }
 
 /// Checks the pod's own use of moat's node keys and chooses its target.
-fn target(ctx: &Context<'_>, class_name: &ClassName, out: &mut Findings) -> Option<Target> {
+fn target(
+    ctx: &Context<'_>,
+    class_name: &ClassName,
+    mode: ClassMode,
+    out: &mut Findings,
+) -> Option<Target> {
     let iso = &ctx.config.isolation;
     let class = class_name.as_str();
     let node_value = iso.nodes.label_value.as_ref().map_or(class, |v| v.as_str());
@@ -314,7 +356,7 @@ fn target(ctx: &Context<'_>, class_name: &ClassName, out: &mut Findings) -> Opti
         );
         return None;
     }
-    if iso.mode != IsolationMode::DedicatedNode {
+    if mode != ClassMode::DedicatedNode {
         return Some(Target::Affinity);
     }
     match dedicated_node(ctx, class_name) {
@@ -507,7 +549,10 @@ pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out:
         ] {
             if selector.get(k).map(String::as_str) != Some(v) {
                 selector.insert(k.to_owned(), v.to_owned());
-                out.changed(Policy::Isolation, format!("add nodeSelector {k}={v}"));
+                out.changed(
+                    Policy::Isolation,
+                    format!("add nodeSelector {k}={v} (class '{class}' is in dedicatedNode mode)"),
+                );
             }
         }
         return;
@@ -561,12 +606,15 @@ pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out:
         operator: "Exists".to_owned(),
         values: None,
     };
-    let (selector, description) = match iso.mode {
-        IsolationMode::Pod => (
+    let (selector, description) = match p.mode {
+        ClassMode::Pod => (
             vec![exists],
-            "keep every other isolated pod off this pod's node".to_owned(),
+            format!(
+                "keep every other isolated pod off this pod's node (class '{class}' is in pod mode)"
+            ),
         ),
-        _ => (
+        // dedicatedNode placements returned above.
+        ClassMode::Class | ClassMode::DedicatedNode => (
             vec![
                 exists,
                 LabelSelectorRequirement {
@@ -575,7 +623,7 @@ pub(crate) fn mutate(ctx: &Context<'_>, p: &Placement, pod: &mut PodFields, out:
                     values: Some(vec![class.to_owned()]),
                 },
             ],
-            format!("keep pods of every class but '{class}' off this pod's node"),
+            format!("keep pods of every class but '{class}' off this pod's node (class mode)"),
         ),
     };
     let term = PodAffinityTerm {

@@ -1,5 +1,6 @@
 //! `moat review --capacity`: how many nodes of which class the pods of a set of manifests need
-//! in each isolation mode, so an operator sees the cost of pod mode before turning it on.
+//! in the mode of their class, and in each other mode, so an operator sees the cost of pod mode
+//! before giving it to a class.
 //!
 //! Every object is decided as `moat review` decides it; a workload counts as its replicas
 //! (`replicas`, a Job's `parallelism`), each decided as the pod its template makes. A pod is
@@ -10,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use moat_core::config::{Config, IsolationMode};
+use moat_core::config::{ClassMode, Config, IsolationMode};
 use moat_core::decision::Request;
 use moat_core::engine;
 use moat_core::resources::Quantity;
@@ -40,18 +41,39 @@ pub struct NodeSize {
 }
 
 /// The pods of one class and the nodes they need per mode.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClassCapacity {
     pub class: String,
+    /// The class's placement mode (its own, else the global one).
+    pub mode: ClassMode,
     pub pods: u64,
     /// Sum of the pods' CPU requests, in millicores.
     pub cpu_millis: u128,
     /// Sum of the pods' memory requests, in bytes.
     pub memory_bytes: u128,
     pub nodes: NodesPerMode,
+    /// Nodes the class needs in its own mode: `nodes` of that mode (`None`: class mode with no
+    /// node size given, at least one).
+    pub needed: Option<u64>,
     /// Idle nodes kept for the class (`warmNodes`) on top.
     pub warm_nodes: u32,
+}
+
+impl ClassCapacity {
+    /// A class with no pods counted yet.
+    pub fn new(class: String, mode: ClassMode) -> Self {
+        Self {
+            class,
+            mode,
+            pods: 0,
+            cpu_millis: 0,
+            memory_bytes: 0,
+            nodes: NodesPerMode::default(),
+            needed: None,
+            warm_nodes: 0,
+        }
+    }
 }
 
 /// Nodes one class needs in each mode.
@@ -69,7 +91,7 @@ pub struct NodesPerMode {
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityReport {
-    /// The configuration's own mode.
+    /// The configuration's global mode: `off`, or the mode of classes that declare none.
     pub mode: String,
     pub classes: Vec<ClassCapacity>,
     /// Pods moat admits without isolation (any node).
@@ -123,10 +145,6 @@ pub fn report<'a>(
             let Some(kind) = type_of(&object) else {
                 continue;
             };
-            if kind == Kind::DaemonSet {
-                report.daemon_sets += 1;
-                continue;
-            }
             let namespace = metadata_str(&object, "namespace")
                 .unwrap_or(default_namespace)
                 .to_owned();
@@ -135,6 +153,16 @@ pub fn report<'a>(
                 l.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
                 l
             });
+            // A DaemonSet runs a pod on every node, exempt from isolation, unless moat refuses
+            // it (in a namespace forced into a class its pods could never run).
+            if kind == Kind::DaemonSet {
+                if admitted(&deciding, &object, &namespace, labels.as_ref()) {
+                    report.daemon_sets += 1;
+                } else {
+                    report.denied_objects += 1;
+                }
+                continue;
+            }
             let Some(pod) = pod_of(&object, kind, &namespace) else {
                 report.errors += 1;
                 errors.push(format!("{file}: document {number}: no pod template"));
@@ -145,12 +173,10 @@ pub fn report<'a>(
                 Placed::Denied => report.denied_objects += 1,
                 Placed::Unisolated => report.unisolated_pods += count,
                 Placed::Class(class, pod) => {
-                    let c = classes
-                        .entry(class.clone())
-                        .or_insert_with(|| ClassCapacity {
-                            class,
-                            ..ClassCapacity::default()
-                        });
+                    let c = classes.entry(class.clone()).or_insert_with(|| {
+                        let mode = class_mode(&deciding, &class);
+                        ClassCapacity::new(class, mode)
+                    });
                     let (cpu, memory) = requests(&pod);
                     c.pods += count;
                     c.cpu_millis += cpu * u128::from(count);
@@ -160,6 +186,7 @@ pub fn report<'a>(
             }
         }
     }
+    let placing = &deciding.isolation;
     for c in classes.values_mut() {
         c.nodes = NodesPerMode {
             class: class_mode_nodes(c, node),
@@ -170,11 +197,29 @@ pub fn report<'a>(
             .class
             .parse()
             .ok()
-            .and_then(|n| iso.class_spec(&n))
+            .and_then(|n| placing.class_spec(&n))
             .map_or(0, |s| s.warm_nodes);
+        c.needed = match c.mode {
+            ClassMode::Class => c.nodes.class,
+            ClassMode::Pod => Some(c.nodes.pod),
+            ClassMode::DedicatedNode => Some(c.nodes.dedicated_node),
+        };
     }
     report.classes = classes.into_values().collect();
     (report, errors)
+}
+
+/// The placement mode of a class moat placed pods in (so declared, and isolation on for the
+/// deciding configuration): its own, else the global one.
+fn class_mode(config: &Config, class: &str) -> ClassMode {
+    let iso = &config.isolation;
+    class
+        .parse()
+        .ok()
+        .and_then(|n| iso.class_spec(&n))
+        .and_then(|s| iso.mode_of(s))
+        // Unreachable for a class moat placed a pod in; class mode counts at least one node.
+        .unwrap_or(ClassMode::Class)
 }
 
 fn mode_name(mode: IsolationMode) -> &'static str {
@@ -234,6 +279,20 @@ fn replicas(object: &Value, kind: Kind) -> u64 {
         _ => "/spec/replicas",
     };
     object.pointer(field).and_then(Value::as_u64).unwrap_or(1)
+}
+
+/// Whether moat admits `object` itself (a workload, as its webhook decides the template).
+fn admitted(
+    config: &Config,
+    object: &Value,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let Ok(Some(template)) = Template::from_value(object) else {
+        return false;
+    };
+    let req = Request::offline_create(Some(&template), namespace, labels, namespace);
+    engine::decide(config, &req).allowed()
 }
 
 enum Placed {
@@ -319,7 +378,7 @@ mod tests {
             pods: 5,
             cpu_millis: 5000,
             memory_bytes: 3 << 30,
-            ..ClassCapacity::default()
+            ..ClassCapacity::new("c".to_owned(), ClassMode::Class)
         };
         let node = |cpu: &str, memory: &str| NodeSize {
             cpu: q(cpu),
@@ -331,7 +390,7 @@ mod tests {
         assert_eq!(class_mode_nodes(&c, &NodeSize::default()), None);
         let no_requests = ClassCapacity {
             pods: 2,
-            ..ClassCapacity::default()
+            ..ClassCapacity::new("c".to_owned(), ClassMode::Class)
         };
         assert_eq!(class_mode_nodes(&no_requests, &node("2", "2Gi")), Some(1));
     }
