@@ -6,6 +6,10 @@
 # MANY - FEW, so start-up (key generation, TLS handshake) cancels out. User-space instructions
 # only: the kernel's share of the CPU (sockets) is not counted.
 #
+# TRUST=1 (with the test registry's env file sourced, as for scripts/loadtest.sh) counts moat
+# and moat with images.trust on the review with its images moved to that registry, pushed and
+# signed (scripts/trust-fixture.py): the cost of verified, pinned images from a warm cache.
+#
 #   scripts/instructions-server.sh [FEW] [MANY]      (default 200 1200)
 set -euo pipefail
 few=${1:-200}
@@ -21,6 +25,14 @@ trap cleanup EXIT
 python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2],"w"), separators=(",",":"))' \
   crates/moat-server/tests/data/pod-create-isolated.json "$dir/review.json"
 port=18453
+servers="floor moat"
+if [ -n "${TRUST:-}" ]; then
+  : "${MOAT_TEST_REGISTRY:?TRUST=1 needs the test registry: source the env file scripts/start-test-registry.sh wrote}"
+  mkdir -p "$dir/trust"
+  python3 scripts/trust-fixture.py "$target/release/moat" "$dir/review.json" "$dir/trust"
+  cp "$dir/trust/review.json" "$dir/review.json"
+  servers="moat moat+trust"
+fi
 
 count() { # server reviews
   local server=$1 n=$2
@@ -29,6 +41,9 @@ count() { # server reviews
     moat) valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" "$target/release/moat" serve \
             --self-signed --ca-out "$dir/ca.pem" --addr "127.0.0.1:$port" \
             --metrics-addr 127.0.0.1:19453 --log-level warn >"$dir/log" 2>&1 & ;;
+    moat+trust) valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" "$target/release/moat" serve \
+            --self-signed --ca-out "$dir/ca.pem" --addr "127.0.0.1:$port" \
+            --metrics-addr 127.0.0.1:19453 --log-level warn --config "$dir/trust/trust.yaml" >"$dir/log" 2>&1 & ;;
     floor) valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
              "$target/release/examples/ceiling" "127.0.0.1:$port" "$dir/ca.pem" floor >"$dir/log" 2>&1 & ;;
   esac
@@ -48,7 +63,7 @@ count() { # server reviews
   pid=
   awk '/Collected/ {print $4}' "$dir/log"
 }
-for server in floor moat; do
+for server in $servers; do
   a=$(count "$server" "$few")
   b=$(count "$server" "$many")
   echo "$server: $(( (b - a) / (many - few) )) instructions per review"

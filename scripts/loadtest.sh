@@ -11,6 +11,12 @@
 # Prints, per protocol (HTTP/1.1, HTTP/2) and concurrency: reviews/s, p50/p99/p99.9 latency,
 # server CPU time per review; then peak resident memory and resident memory over a sustained
 # run.
+#
+# TRUST=1 adds a fourth server, `moat` with images.trust (every image resolved and its cosign
+# signature verified, from a warm cache), on the same review with its images moved to the test
+# registry (start scripts/start-test-registry.sh first and source its env file; the review's
+# images are pushed and signed by scripts/trust-fixture.py), and prints its cost against plain
+# moat's on that same body.
 set -euo pipefail
 seconds=${1:-10}
 rounds=${2:-2}
@@ -33,6 +39,12 @@ trap cleanup EXIT
 # A realistic review: a 3-container Pod CREATE as the API server sends it, compact JSON.
 python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2],"w"), separators=(",",":"))' \
   crates/moat-server/tests/data/pod-create-isolated.json "$dir/review.json"
+if [ -n "${TRUST:-}" ]; then
+  : "${MOAT_TEST_REGISTRY:?TRUST=1 needs the test registry: source the env file scripts/start-test-registry.sh wrote}"
+  mkdir -p "$dir/trust"
+  python3 scripts/trust-fixture.py target/release/moat "$dir/review.json" "$dir/trust"
+  cp "$dir/trust/review.json" "$dir/review.json"
+fi
 echo "review body: $(wc -c <"$dir/review.json") bytes"
 
 target/release/moat serve --self-signed --ca-out "$dir/moat-ca.pem" --addr 127.0.0.1:18443 \
@@ -42,8 +54,15 @@ target/release/examples/ceiling 127.0.0.1:18444 "$dir/generic-ca.pem" generic 2>
 pids+=($!); generic_pid=$!
 target/release/examples/ceiling 127.0.0.1:18445 "$dir/floor-ca.pem" floor 2>/dev/null &
 pids+=($!); floor_pid=$!
+trusted_pid=""
+if [ -n "${TRUST:-}" ]; then
+  target/release/moat serve --self-signed --ca-out "$dir/trust-ca.pem" --addr 127.0.0.1:18446 \
+    --metrics-addr 127.0.0.1:19091 --log-level warn --config "$dir/trust/trust.yaml" &
+  pids+=($!); trusted_pid=$!
+fi
 for _ in $(seq 50); do
-  [ -s "$dir/moat-ca.pem" ] && [ -s "$dir/generic-ca.pem" ] && [ -s "$dir/floor-ca.pem" ] && break
+  [ -s "$dir/moat-ca.pem" ] && [ -s "$dir/generic-ca.pem" ] && [ -s "$dir/floor-ca.pem" ] \
+    && { [ -z "$trusted_pid" ] || [ -s "$dir/trust-ca.pem" ]; } && break
   sleep 0.1
 done
 sleep 0.5
@@ -79,6 +98,7 @@ for round in $(seq "$rounds"); do
       run floor "$floor_pid" 18445 "$clients" "$proto"
       run generic "$generic_pid" 18444 "$clients" "$proto"
       run moat "$moat_pid" 18443 "$clients" "$proto"
+      if [ -n "$trusted_pid" ]; then run moat+trust "$trusted_pid" 18446 "$clients" "$proto"; fi
     done
   done
 done
@@ -89,16 +109,19 @@ rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = {}
 for proto, name, c, rps, p50, p99, p999, cpu, ok, total in rows:
     by.setdefault((proto, int(c), name), []).append(tuple(map(float, (rps, p50, p99, p999, cpu, ok, total))))
-print(f"{'proto':5} {'server':8} {'clients':>7} {'reviews/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU µs/review':>14} {'non-200':>8}")
+print(f"{'proto':5} {'server':10} {'clients':>7} {'reviews/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU µs/review':>14} {'non-200':>8}")
 med = {}
 for key, runs in sorted(by.items()):
     m = [statistics.median(x) for x in zip(*runs)]
     med[key] = m
     bad = sum(r[6] - r[5] for r in runs)
     proto, c, name = key
-    print(f"{proto:5} {name:8} {c:7d} {m[0]:10.0f} {m[1]:8.3f} {m[2]:8.3f} {m[3]:9.3f} {m[4]:14.1f} {bad:8.0f}")
+    print(f"{proto:5} {name:10} {c:7d} {m[0]:10.0f} {m[1]:8.3f} {m[2]:8.3f} {m[3]:9.3f} {m[4]:14.1f} {bad:8.0f}")
 print()
 for (proto, c, name), m in sorted(med.items()):
+    if name == "moat+trust" and (proto, c, "moat") in med:
+        k = med[(proto, c, "moat")]
+        print(f"{proto} clients {c:3d}: moat+trust/moat throughput {m[0]/k[0]:.2f}, CPU per review {m[4]/k[4]:.3f}x, p99 {m[2]/k[2]:.2f}x")
     if name != "moat":
         continue
     for ref in ("floor", "generic"):

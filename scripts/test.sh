@@ -4,8 +4,10 @@
 #   scripts/test.sh
 #
 # Installs (Debian packages, needs root): containerd 1.7 with NRI, runc and busybox-static for
-# the end-to-end tests, runsc (gVisor) for the identity agent's sandboxed one, and protoc for
-# the CRI client they use. Then builds the test images and moat's image (scripts/build-image.sh),
+# the end-to-end tests, runsc (gVisor) for the identity agent's sandboxed one, protoc for
+# the CRI client they use, and docker-registry, skopeo and cosign for the image-trust tests
+# (scripts/install-registry-tools.sh), which run against two registries started on loopback
+# (scripts/start-test-registry.sh). Then builds the test images and moat's image (scripts/build-image.sh),
 # starts a containerd of its own under a temporary directory, runs the whole suite, then the
 # end-to-end tests of the identity agent (runc and gVisor) and of the image (ignored in a plain
 # `cargo test`) with MOAT_E2E_CONTAINERD_DIR pointing at that containerd and
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 echo "== prerequisites"
 scripts/install-containerd.sh
+scripts/install-registry-tools.sh
 if ! command -v runsc >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
 fi
@@ -40,8 +43,10 @@ containerd_pid=$(scripts/start-test-containerd.sh "$e2e/containerd" "$e2e/images
   cat "$e2e/start.log" >&2
   exit 1
 }
+registry_pids=""
 cleanup() {
   kill "$containerd_pid" 2>/dev/null || true
+  for pid in $registry_pids; do kill "$pid" 2>/dev/null || true; done
   # Shims and containers a failed test left behind, then their mounts.
   pkill -f -- "$e2e/containerd" 2>/dev/null || true
   sleep 0.5
@@ -49,6 +54,8 @@ cleanup() {
   rm -rf "$e2e" 2>/dev/null || true
 }
 trap cleanup EXIT
+echo "== registries for the image-trust tests"
+registry_pids=$(scripts/start-test-registry.sh "$e2e/registry")
 
 echo "== tests"
 cargo test --workspace --locked
@@ -59,3 +66,9 @@ MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" \
 echo "== moat's image on a real containerd"
 MOAT_E2E_CONTAINERD_DIR="$e2e/containerd" MOAT_E2E_IMAGE_ARCHIVE=$(echo "$e2e"/moat-image/moat-*.oci.tar) \
   cargo test -p moat --locked --test e2e_image -- --ignored
+echo "== image trust against real registries (distribution, skopeo, cosign)"
+(
+  . "$e2e/registry/env"
+  cargo test -p moat-registry --locked --test real_registry -- --ignored
+  cargo test -p moat-server --locked --test registry -- --ignored
+)

@@ -122,6 +122,10 @@ pub struct ImagePolicy {
     /// When true, every image must be pinned by digest.
     #[serde(default)]
     pub require_digest: bool,
+    /// Resolve images to digests at their registry and verify their signatures
+    /// (`crate::trust`). Absent: no registry is called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<crate::trust::ImageTrust>,
 }
 
 /// `runtimeClass`: exactly the three settings of the Kubewarden policy.
@@ -547,6 +551,11 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the field and the rule.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(trust) = &self.images.trust {
+            trust
+                .check("images.trust")
+                .map_err(|(path, message)| ConfigError::invalid(path, message))?;
+        }
         let rc = &self.runtime_class;
         if let Some(fallback) = &rc.fallback_runtime
             && rc.reserved_runtimes.contains(fallback)

@@ -14,6 +14,7 @@ use crate::decision::{
 use crate::fields::PodFields;
 use crate::policy::{identity, images, isolation, runtime};
 use crate::subject::{Kind, Template};
+use crate::trust::ImageVerdicts;
 
 /// Everything a policy reads.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +24,8 @@ pub(crate) struct Context<'a> {
     pub(crate) template: &'a Template,
     /// The pod before an UPDATE.
     pub(crate) old: Option<&'a Template>,
+    /// The registries' verdicts on the images (`images.trust`), when the caller resolved them.
+    pub(crate) images: Option<&'a ImageVerdicts>,
 }
 
 impl Context<'_> {
@@ -82,6 +85,19 @@ pub fn enforcement(modes: &EnforcementModes, policy: Policy) -> Enforcement {
 /// mutations of runtimeClass, isolation and identity. Mutations of a policy in audit mode go to
 /// a copy that is thrown away and are reported as warnings.
 pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
+    decide_with_images(config, req, None)
+}
+
+/// [`decide`] with what the registries said about the images [`images_to_resolve`] named, when
+/// `images.trust` is configured and the caller resolved them (the server does; offline review
+/// does not, and the decision says so in a warning): a refused image is denied with the
+/// registry's reason, one not checked is denied, and a pod's images are pinned to the digests
+/// that were verified.
+pub fn decide_with_images(
+    config: &Config,
+    req: &Request<'_>,
+    images: Option<&ImageVerdicts>,
+) -> Decision {
     let Some(template) = req.object else {
         return Decision::untouched(None, ExemptionReason::UnsupportedKind);
     };
@@ -107,10 +123,16 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
         req,
         template,
         old,
+        images,
     };
 
     let mut found = Findings::default();
-    images::check(&ctx, &mut found);
+    if config.images.trust.is_some() && images.is_none() {
+        found.warnings.push(
+            "images.trust is configured but this review called no registry: digests and signatures were not checked".to_owned(),
+        );
+    }
+    let pins = images::check(&ctx, &mut found);
     let placement = isolation::check(&ctx, &mut found);
     let runtime = runtime::check(
         &ctx,
@@ -123,6 +145,10 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
     let mut pod = template.fields.clone();
     // An audited policy's mutations go to a copy made only when needed (the admission hot path).
     let mut shadow: Option<PodFields> = None;
+    if !pins.is_empty() {
+        let pod = target(modes, Policy::Images, template, &mut pod, &mut shadow);
+        images::mutate(pins, pod, &mut found);
+    }
     if let Some(r) = &runtime {
         let pod = target(modes, Policy::RuntimeClass, template, &mut pod, &mut shadow);
         runtime::mutate(&ctx, r, pod, &mut found);
@@ -155,12 +181,68 @@ pub fn decide(config: &Config, req: &Request<'_>) -> Decision {
     decision
 }
 
+/// The image references a review of `req` must have resolved at their registries before
+/// [`decide`] (when `images.trust` is configured; empty otherwise, and for requests [`decide`]
+/// does not look into: deletions, exempt namespaces, workload updates that leave the template
+/// alone). Each reference once; images an UPDATE leaves alone are not decided again. The caller
+/// asks only about references that parse.
+pub fn images_to_resolve<'a>(config: &Config, req: &Request<'a>) -> Vec<&'a str> {
+    let Some(template) = req.object else {
+        return Vec::new();
+    };
+    if config.images.trust.is_none()
+        || matches!(req.operation, Operation::Delete | Operation::Connect)
+        || namespace_exempt(config, req.namespace)
+    {
+        return Vec::new();
+    }
+    let old = match (template.kind, req.operation) {
+        (Kind::Pod, Operation::Update) => req.old_object,
+        (_, Operation::Update) if req.old_object.is_some_and(|old| old == template) => {
+            return Vec::new();
+        }
+        _ => None,
+    };
+    images::to_resolve(template, old)
+}
+
+/// The image references an ImageReview in `namespace` must have resolved before
+/// [`review_images_verified`]: each once (the caller asks only about those that parse); none in
+/// an exempt namespace or without `images.trust`.
+pub fn image_review_to_resolve<'a>(
+    config: &Config,
+    namespace: &str,
+    images: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    if config.images.trust.is_none() || namespace_exempt(config, namespace) {
+        return Vec::new();
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for raw in images {
+        if !raw.is_empty() && !out.contains(&raw) {
+            out.push(raw);
+        }
+    }
+    out
+}
+
 /// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`), with the same
 /// namespace exemptions and enforcement as admission. Denials name `spec.containers[i]`.
 pub fn review_images<'a>(
     config: &Config,
     namespace: &str,
     images: impl IntoIterator<Item = &'a str>,
+) -> Decision {
+    review_images_verified(config, namespace, images, None)
+}
+
+/// [`review_images`] with the registries' verdicts on the images (`images.trust`): a refused
+/// image is denied, one not checked is denied. ImageReview cannot rewrite, so nothing is pinned.
+pub fn review_images_verified<'a>(
+    config: &Config,
+    namespace: &str,
+    images: impl IntoIterator<Item = &'a str>,
+    verdicts: Option<&ImageVerdicts>,
 ) -> Decision {
     if namespace_exempt(config, namespace) {
         return Decision::untouched(None, ExemptionReason::Namespace);
@@ -174,8 +256,22 @@ pub fn review_images<'a>(
             );
             continue;
         }
-        for problem in images::judge(&config.images, raw) {
+        let (parsed, problems) = images::judge_parsed(&config.images, raw);
+        for problem in problems {
             found.deny(Policy::Images, format!("spec.containers[{i}]: {problem}"));
+        }
+        if let Some(verdicts) = verdicts.filter(|_| parsed) {
+            match verdicts.get(raw) {
+                Some(crate::trust::ImageVerdict::Admitted { .. }) => {}
+                Some(crate::trust::ImageVerdict::Refused(why)) => found.deny(
+                    Policy::Images,
+                    format!("spec.containers[{i}]: image '{raw}': {why}"),
+                ),
+                None => found.deny(
+                    Policy::Images,
+                    format!("spec.containers[{i}]: image '{raw}' was not checked at its registry"),
+                ),
+            }
         }
     }
     enforce(&config.enforcement, None, found)

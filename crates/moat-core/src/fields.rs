@@ -17,9 +17,9 @@ use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use serde::Serialize;
 use serde_json::Value;
 
-/// `metadata.{labels, annotations}` and `spec.{runtimeClassName, tolerations, affinity,
-/// nodeSelector}` of a pod template: everything moat may change. `None` is "absent or null" in
-/// the object.
+/// `metadata.{labels, annotations}`, `spec.{runtimeClassName, tolerations, affinity,
+/// nodeSelector}` and the image references moat pins to a digest, of a pod template: everything
+/// moat may change. `None` is "absent or null" in the object.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodFields {
     pub labels: Option<BTreeMap<String, String>>,
@@ -28,6 +28,37 @@ pub struct PodFields {
     pub tolerations: Option<Vec<Toleration>>,
     pub affinity: Option<Affinity>,
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Images replaced by their pinned reference (`name[:tag]@sha256:…`), by where they are.
+    /// Empty as the object is read: moat only ever adds pins.
+    pub image_pins: BTreeMap<ImageSlot, String>,
+}
+
+/// Where a pod pulls an image from: a container of some kind, or an image volume, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ImageSlot {
+    /// `spec.containers[i].image`.
+    Container(usize),
+    /// `spec.initContainers[i].image`.
+    InitContainer(usize),
+    /// `spec.ephemeralContainers[i].image`.
+    EphemeralContainer(usize),
+    /// `spec.volumes[i].image.reference`.
+    Volume(usize),
+}
+
+impl ImageSlot {
+    /// The JSON Pointer tokens of the image field.
+    fn tokens(self) -> Vec<String> {
+        let (list, i, leaf): (&str, usize, &[&str]) = match self {
+            Self::Container(i) => ("containers", i, &["image"]),
+            Self::InitContainer(i) => ("initContainers", i, &["image"]),
+            Self::EphemeralContainer(i) => ("ephemeralContainers", i, &["image"]),
+            Self::Volume(i) => ("volumes", i, &["image", "reference"]),
+        };
+        let mut t = vec!["spec".to_owned(), list.to_owned(), i.to_string()];
+        t.extend(leaf.iter().map(|s| (*s).to_owned()));
+        t
+    }
 }
 
 impl PodFields {
@@ -128,6 +159,13 @@ impl PodFields {
                 &self.node_selector,
                 &after.node_selector,
             );
+        }
+        for (slot, image) in &after.image_pins {
+            if self.image_pins.get(slot) != Some(image) {
+                let tokens = slot.tokens();
+                let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+                ops.push(replace(&tokens, Value::from(image.as_str())));
+            }
         }
         Patch(ops)
     }

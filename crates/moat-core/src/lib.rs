@@ -42,3 +42,4 @@ pub mod nesting;
 pub(crate) mod policy;
 pub mod resources;
 pub mod subject;
+pub mod trust;

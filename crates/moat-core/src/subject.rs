@@ -6,6 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserialize;
 use serde_json::Value;
 
+use std::collections::BTreeMap;
+
 use crate::fields::PodFields;
 
 /// A kind moat reviews.
@@ -254,6 +256,7 @@ impl Template {
                 tolerations: spec.tolerations,
                 affinity: spec.affinity,
                 node_selector: spec.node_selector,
+                image_pins: BTreeMap::new(),
             },
             has_metadata,
         })

@@ -331,6 +331,14 @@ pub fn manifests(config: &Config, options: &InstallOptions, tls: Tls) -> Result<
         }))?);
         require_client_certificates(&mut moat);
     }
+    if let Some(path) = config
+        .images
+        .trust
+        .as_ref()
+        .and_then(|t| t.credentials_file.as_deref())
+    {
+        mount_registry_credentials(&mut moat, path)?;
+    }
     objects.push(typed::<Deployment>(moat)?);
     let scrapers = scrapers(&options.metrics_namespaces, &options.metrics_cidrs)?;
     objects.push(typed::<NetworkPolicy>(network_policy(
@@ -683,6 +691,44 @@ fn require_client_certificates(deployment: &mut Value) {
     if let Some(v) = pod["volumes"].as_array_mut() {
         v.push(json!({"name": "client-ca", "configMap": {"name": format!("{NAME}-client-ca")}}));
     }
+}
+
+/// The `kubernetes.io/dockerconfigjson` Secret `images.trust.credentialsFile` is read from. The
+/// operator creates it (`kubectl create secret docker-registry`); `moat install` only mounts
+/// it, so an apply never overwrites credentials, and moat needs no RBAC to read Secrets.
+pub const REGISTRY_CREDENTIALS_SECRET: &str = "moat-registry-credentials";
+
+/// Mounts [`REGISTRY_CREDENTIALS_SECRET`]'s `.dockerconfigjson` at `path` (the directory is
+/// the mount, the file name the projected key). Without `subPath`, so the kubelet's updates
+/// reach the file and moat reads them without a restart. The Secret is required: a pod that
+/// cannot get its credentials does not start, rather than run without them.
+fn mount_registry_credentials(deployment: &mut Value, path: &str) -> Result<(), String> {
+    let (dir, file) = path
+        .rsplit_once('/')
+        .filter(|(d, f)| !d.is_empty() && !f.is_empty())
+        .ok_or_else(|| {
+            format!("images.trust.credentialsFile '{path}' must be a file in a directory")
+        })?;
+    let taken = ["/etc/moat/tls", "/etc/moat/config", "/etc/moat/client-ca"];
+    if taken.iter().any(|m| {
+        dir == *m || dir.starts_with(&format!("{m}/")) || m.starts_with(&format!("{dir}/"))
+    }) {
+        return Err(format!(
+            "images.trust.credentialsFile '{path}' is in or above a directory moat mounts ({})",
+            taken.join(", ")
+        ));
+    }
+    let pod = &mut deployment["spec"]["template"]["spec"];
+    if let Some(m) = pod["containers"][0]["volumeMounts"].as_array_mut() {
+        m.push(json!({"name": "registry-credentials", "mountPath": dir, "readOnly": true}));
+    }
+    if let Some(v) = pod["volumes"].as_array_mut() {
+        v.push(json!({"name": "registry-credentials", "secret": {
+            "secretName": REGISTRY_CREDENTIALS_SECRET,
+            "items": [{"key": ".dockerconfigjson", "path": file}],
+        }}));
+    }
+    Ok(())
 }
 
 /// The identity agent's namespace, service account and DaemonSet.

@@ -4,7 +4,9 @@
 //! A policy's "no" is an HTTP 200 with `allowed: false`; only a request moat cannot read is an
 //! HTTP error, with a JSON body of [`codec::ErrorBody`]'s shape.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -140,7 +142,7 @@ pub(crate) async fn mutate(
     body: Body,
 ) -> Response {
     timed(&state, Endpoint::mutate, client, headers, body, |s, b| {
-        review(s, Endpoint::mutate, Stage::Mutate, b)
+        Box::pin(review(s, Endpoint::mutate, Stage::Mutate, b))
     })
     .await
 }
@@ -152,7 +154,7 @@ pub(crate) async fn validate(
     body: Body,
 ) -> Response {
     timed(&state, Endpoint::validate, client, headers, body, |s, b| {
-        review(s, Endpoint::validate, Stage::Validate, b)
+        Box::pin(review(s, Endpoint::validate, Stage::Validate, b))
     })
     .await
 }
@@ -169,22 +171,42 @@ pub(crate) async fn imagereview(
         client,
         headers,
         body,
-        image_review,
+        |s, b| Box::pin(image_review(s, b)),
     )
     .await
 }
 
+/// How an endpoint answers a body once it has a slot.
+type Answer =
+    fn(Arc<AppState>, Bytes) -> Pin<Box<dyn Future<Output = Result<Bytes, RequestError>> + Send>>;
+
+/// Runs `work` inline, or on the blocking pool when the body is large, so a large pod cannot
+/// hold an async worker that other reviews need.
+async fn on_cpu<T: Send + 'static>(
+    state: &AppState,
+    large: bool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RequestError> {
+    if !large {
+        return Ok(work());
+    }
+    let _turn = state.blocking_turn().await;
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "a decision failed");
+        RequestError::BrokenBody
+    })
+}
+
 /// Takes the request's place in the budget, reads the body, takes a decision slot, answers with
-/// `answer` (inline, or on the blocking pool when the body is large), and records the duration
-/// and in-flight gauge however the review ends. A request holds nothing shared but its budget
-/// charge until its body has arrived.
+/// `answer`, and records the duration and in-flight gauge however the review ends. A request
+/// holds nothing shared but its budget charge until its body has arrived.
 async fn timed(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     client: Client,
     headers: HeaderMap,
     body: Body,
-    answer: fn(&AppState, &[u8]) -> Result<Bytes, RequestError>,
+    answer: Answer,
 ) -> Response {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
@@ -201,17 +223,7 @@ async fn timed(
             .await
             .map_err(RequestError::Refused)?;
         let _deciding = client.activity.as_ref().map(Activity::deciding);
-        if body.len() <= INLINE_DECISION_MAX_BODY_BYTES {
-            return answer(state, &body);
-        }
-        let _turn = state.blocking_turn().await;
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || answer(&state, &body))
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "a decision failed");
-                Err(RequestError::BrokenBody)
-            })
+        answer(state.clone(), body).await
     }
     .await;
     let response = match answered {
@@ -232,15 +244,64 @@ async fn timed(
     response
 }
 
-/// One AdmissionReview, decided.
-fn review(
+/// One AdmissionReview: read (on the blocking pool when large), its images resolved at their
+/// registries when `images.trust` is on (all at once, within the registry budget), decided.
+async fn review(
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    stage: Stage,
+    body: Bytes,
+) -> Result<Bytes, RequestError> {
+    let large = body.len() > INLINE_DECISION_MAX_BODY_BYTES;
+    let req = on_cpu(&state, large, move || AdmissionIn::parse(&body)).await??;
+    let config = state.config();
+    let labels = state.namespace_labels(&req.namespace);
+    let verdicts = if config.images.trust.is_some() && req.unusable.is_none() {
+        let request = admission_request(&req, stage, labels.as_ref());
+        let images = engine::images_to_resolve(&config, &request);
+        state.image_verdicts(&config, &req.namespace, &images).await
+    } else {
+        None
+    };
+    let st = state.clone();
+    on_cpu(&state, large, move || {
+        decide_review(&st, endpoint, stage, &req, &config, labels, verdicts)
+    })
+    .await?
+}
+
+/// The engine's view of an AdmissionReview.
+fn admission_request<'a>(
+    req: &'a AdmissionIn,
+    stage: Stage,
+    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+) -> Request<'a> {
+    Request {
+        operation: req.operation,
+        stage,
+        object: req.object.as_ref().or(req.old_object.as_ref()),
+        old_object: req.old_object.as_ref(),
+        namespace: &req.namespace,
+        namespace_labels: labels,
+        dry_run: req.dry_run,
+        requester: Some(Requester {
+            username: &req.user_info.username,
+        }),
+        placement_seed: &req.uid,
+    }
+}
+
+/// One AdmissionReview, decided, with the registries' verdicts on its images.
+fn decide_review(
     state: &AppState,
     endpoint: Endpoint,
     stage: Stage,
-    body: &[u8],
+    req: &AdmissionIn,
+    config: &moat_core::config::Config,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    verdicts: Option<moat_core::trust::ImageVerdicts>,
 ) -> Result<Bytes, RequestError> {
     let started = Instant::now();
-    let req = AdmissionIn::parse(body)?;
     let operation = req.operation_name();
     let span = tracing::info_span!(
         "review",
@@ -259,7 +320,7 @@ fn review(
         // DELETE without an old object, CONNECT: nothing to decide.
         state.metrics.count(endpoint, operation, Outcome::allowed);
         span.record("decision", "allowed");
-        return Ok(codec::admission_allow(&req));
+        return Ok(codec::admission_allow(req));
     }
     if let Some(e) = &req.unusable {
         // Not a pod moat can read: refuse, with the reason, rather than hand the decision to
@@ -267,26 +328,12 @@ fn review(
         state.metrics.count(endpoint, operation, Outcome::denied);
         span.record("decision", "denied");
         tracing::info!(reason = %e, "denied an unreadable object");
-        return Ok(codec::admission_deny(&req, e.to_string()));
+        return Ok(codec::admission_deny(req, e.to_string()));
     }
-    let config = state.config();
-    let labels = state.namespace_labels(&req.namespace);
-    let object = req.object.as_ref().or(req.old_object.as_ref());
-    let decision = engine::decide(
-        &config,
-        &Request {
-            operation: req.operation,
-            stage,
-            object,
-            old_object: req.old_object.as_ref(),
-            namespace: &req.namespace,
-            namespace_labels: labels.as_ref(),
-            dry_run: req.dry_run,
-            requester: Some(Requester {
-                username: &req.user_info.username,
-            }),
-            placement_seed: &req.uid,
-        },
+    let decision = engine::decide_with_images(
+        config,
+        &admission_request(req, stage, labels.as_ref()),
+        verdicts.as_ref(),
     );
     state.metrics.record_policies(endpoint, &decision);
     let outcome = if decision.allowed() {
@@ -300,18 +347,30 @@ fn review(
     state.metrics.count(endpoint, operation, outcome);
     span.record("decision", outcome.as_str());
     span.record("duration_us", started.elapsed().as_micros() as u64);
-    Ok(codec::admission_answer(&req, &decision))
+    Ok(codec::admission_answer(req, &decision))
 }
 
-/// One ImageReview, decided by the image rule with admission's exemptions and enforcement.
-fn image_review(state: &AppState, body: &[u8]) -> Result<Bytes, RequestError> {
+/// One ImageReview, decided by the image rule with admission's exemptions and enforcement, and
+/// the registries' verdicts when `images.trust` is on.
+async fn image_review(state: Arc<AppState>, body: Bytes) -> Result<Bytes, RequestError> {
     let endpoint = Endpoint::imagereview;
-    let review = ImageReviewIn::parse(body)?;
+    let large = body.len() > INLINE_DECISION_MAX_BODY_BYTES;
+    let review = on_cpu(&state, large, move || ImageReviewIn::parse(&body)).await??;
     let config = state.config();
-    let decision = engine::review_images(
+    let images = || review.spec.containers.iter().map(|c| c.image.as_str());
+    let verdicts = if config.images.trust.is_some() {
+        let asked = engine::image_review_to_resolve(&config, &review.spec.namespace, images());
+        state
+            .image_verdicts(&config, &review.spec.namespace, &asked)
+            .await
+    } else {
+        None
+    };
+    let decision = engine::review_images_verified(
         &config,
         &review.spec.namespace,
-        review.spec.containers.iter().map(|c| c.image.as_str()),
+        images(),
+        verdicts.as_ref(),
     );
     state.metrics.record_policies(endpoint, &decision);
     let outcome = if decision.allowed() {

@@ -13,6 +13,7 @@
 //! | CPU on the async workers | [`INLINE_DECISION_MAX_BODY_BYTES`], [`MAX_BLOCKING_DECISIONS`] |
 //! | log lines | [`REFUSAL_SUMMARY_INTERVAL`] |
 //! | the metrics port | [`METRICS_LIMITS`] |
+//! | registry calls (`images.trust`) | [`REGISTRY_BUDGET`]; bodies, cache and calls in flight in `moat_registry::limits` |
 
 use std::time::Duration;
 
@@ -88,6 +89,14 @@ pub const MAX_BLOCKING_DECISIONS: usize = 2;
 /// refusal ([`QUEUE_TIMEOUT`] waiting for a slot plus [`BODY_READ_TIMEOUT`] for a slow body), so
 /// the API server always sees moat's answer, never its own timeout; well below its 30 s maximum.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a review's registry lookups (tag → digest, signatures) may take together, all images
+/// at once: whatever the registries do, the review is answered within
+/// [`BODY_READ_TIMEOUT`] + [`QUEUE_TIMEOUT`] + this + the decision, inside [`WEBHOOK_TIMEOUT`]
+/// (checked below), so a registry that is down or slow is a denial that names it, never the API
+/// server's timeout and its `failurePolicy`. A cold lookup against a healthy registry is a few
+/// round trips (token, manifest, signature manifest, payload): tens of milliseconds.
+pub const REGISTRY_BUDGET: Duration = Duration::from_secs(2);
 
 /// Decisions at once, taken once a body has arrived; more wait for a slot, up to
 /// [`QUEUE_TIMEOUT`].
@@ -198,11 +207,26 @@ pub const fn memory_limit_bytes() -> usize {
     with_slack.div_ceil(MIB) * MIB
 }
 
+/// What `moat install` adds to [`memory_limit_bytes`] when `images.trust` is configured: the
+/// registry client's cache and the bodies of its calls in flight
+/// (`moat_registry::limits::MAX_HELD_BYTES`), plus a quarter for fragmentation, rounded up to a
+/// MiB.
+pub const fn registry_memory_bytes() -> usize {
+    let held = moat_registry::limits::MAX_HELD_BYTES;
+    (held + held / 4).div_ceil(MIB) * MIB
+}
+
 // One source never holds every slot, every connection, or the whole budget in readers'
 // overhead: checked when the crate compiles.
 const _: () = assert!(MAX_REQUESTS_PER_SOURCE < MAX_CONCURRENT_REQUESTS);
 const _: () = assert!(MAX_READERS_PER_SOURCE * REQUEST_OVERHEAD_BYTES < REQUEST_BUDGET_BYTES);
 const _: () = assert!(MAX_CONNECTIONS_PER_SOURCE < MAX_CONNECTIONS);
+// The slowest review with registry calls still answers before the API server gives up, with a
+// second to spare for the decision and the network.
+const _: () = assert!(
+    BODY_READ_TIMEOUT.as_millis() + QUEUE_TIMEOUT.as_millis() + REGISTRY_BUDGET.as_millis() + 1000
+        <= WEBHOOK_TIMEOUT.as_millis()
+);
 
 #[cfg(test)]
 mod tests {
@@ -215,6 +239,12 @@ mod tests {
         assert_eq!(limit % MIB, 0);
         // What the install writes today; a change to a bound shows here and in docs/server.md.
         assert_eq!(limit / MIB, 162);
+    }
+
+    #[test]
+    fn image_trust_adds_its_cache_and_calls_to_the_memory_limit() {
+        // 8 MiB of cache and 64 calls of at most 256 KiB, and a quarter: 30 MiB.
+        assert_eq!(registry_memory_bytes() / MIB, 30);
     }
 
     #[test]

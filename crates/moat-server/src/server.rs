@@ -85,6 +85,8 @@ pub enum ServeError {
     Rotation(#[from] RotationError),
     #[error("accepting connections: {0}")]
     Accept(std::io::Error),
+    #[error("images.trust: {0}")]
+    ImageTrust(String),
 }
 
 /// A bound, not yet running server.
@@ -183,6 +185,9 @@ impl Server {
             _ => None,
         };
         let state = Arc::new(AppState::new(config, namespaces, &mut registry));
+        if let Some(e) = state.image_trust_error() {
+            return Err(ServeError::ImageTrust(e.to_owned()));
+        }
         let bind = |addr| async move {
             TcpListener::bind(addr)
                 .await

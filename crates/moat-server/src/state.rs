@@ -1,17 +1,22 @@
 //! What every request reads: the configuration in force (swapped on reload), the namespace
-//! cache, the metrics, and the request budget and slots.
+//! cache, the metrics, the request budget and slots, and the registry resolver (`images.trust`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use moat_core::config::Config;
+use moat_core::image::ImageRef;
+use moat_core::trust::{ImageTrust, ImageVerdict, ImageVerdicts};
 use moat_listen::budget::RequestBudget;
 use moat_listen::refusals::{ListenerRefusals, Refusals};
 use moat_listen::slots::Slots;
+use moat_registry::{Image, Resolver};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::limits::{BUDGET_LIMITS, MAX_BLOCKING_DECISIONS, REFUSAL_SUMMARY_INTERVAL, SLOT_LIMITS};
+use crate::limits::{
+    BUDGET_LIMITS, MAX_BLOCKING_DECISIONS, REFUSAL_SUMMARY_INTERVAL, REGISTRY_BUDGET, SLOT_LIMITS,
+};
 use crate::metrics::Metrics;
 use crate::namespaces::{self, NamespaceCache};
 
@@ -34,6 +39,9 @@ pub struct AppState {
     blocking: Semaphore,
     /// Set at SIGTERM: readiness fails while the server drains.
     draining: std::sync::atomic::AtomicBool,
+    /// The registry client and its cache, shared by every endpoint, when `images.trust` was
+    /// configured at start; or why it could not start (every image is then refused).
+    resolver: Option<Result<Arc<Resolver>, String>>,
 }
 
 impl AppState {
@@ -44,6 +52,11 @@ impl AppState {
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics::register(registry);
+        let resolver = config.images.trust.as_ref().map(|trust| {
+            Resolver::new(trust, registry)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
         let refusals = Refusals::register(
             registry.sub_registry_with_prefix("moat"),
             REFUSAL_SUMMARY_INTERVAL,
@@ -58,7 +71,66 @@ impl AppState {
             refusals,
             blocking: Semaphore::new(MAX_BLOCKING_DECISIONS),
             draining: std::sync::atomic::AtomicBool::new(false),
+            resolver,
         }
+    }
+
+    /// Why the registry client could not start, if `images.trust` is configured and it could
+    /// not (the server refuses to start then).
+    pub fn image_trust_error(&self) -> Option<&str> {
+        match &self.resolver {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// What the registries say about `images` (valid references) pulled in `namespace`: all
+    /// at once, within [`REGISTRY_BUDGET`]. `None` when `images.trust` is not configured.
+    pub async fn image_verdicts(
+        &self,
+        config: &Config,
+        namespace: &str,
+        images: &[&str],
+    ) -> Option<ImageVerdicts> {
+        let trust: &ImageTrust = config.images.trust.as_ref()?;
+        let resolver = match &self.resolver {
+            Some(Ok(r)) => r,
+            other => {
+                let why = match other {
+                    Some(Err(e)) => format!("moat's registry client did not start: {e}"),
+                    _ => "images.trust was turned on without a restart, so moat has no registry client".to_owned(),
+                };
+                return Some(
+                    images
+                        .iter()
+                        .map(|raw| ((*raw).to_owned(), ImageVerdict::Refused(why.clone())))
+                        .collect(),
+                );
+            }
+        };
+        let parsed: Vec<(&str, ImageRef)> = images
+            .iter()
+            .filter_map(|raw| Some((*raw, raw.parse().ok()?)))
+            .collect();
+        let asked: Vec<Image<'_>> = parsed
+            .iter()
+            .map(|(raw, parsed)| Image { raw, parsed })
+            .collect();
+        let deadline = std::time::Instant::now() + REGISTRY_BUDGET;
+        let answers = resolver.check(trust, namespace, &asked, deadline).await;
+        Some(
+            asked
+                .iter()
+                .zip(answers)
+                .map(|(image, answer)| {
+                    let verdict = match answer {
+                        Ok(a) => ImageVerdict::Admitted { pinned: a.pinned },
+                        Err(why) => ImageVerdict::Refused(why),
+                    };
+                    (image.raw.to_owned(), verdict)
+                })
+                .collect(),
+        )
     }
 
     /// The configuration in force.
@@ -77,6 +149,20 @@ impl AppState {
     pub fn set_config(&self, config: Config) -> Result<(), String> {
         if namespaces::needed(&config) && self.namespaces.is_none() {
             return Err("the new configuration reads namespace labels, which needs a restart to start the namespace cache".to_owned());
+        }
+        if let Some(new) = &config.images.trust {
+            // The registry client's TLS roots and credentials file are fixed at start; rules,
+            // keys and TTLs take effect at once.
+            let current = self.config();
+            let old = current.images.trust.as_ref();
+            if self.resolver.is_none()
+                || old.is_none_or(|old| {
+                    old.ca_certificates != new.ca_certificates
+                        || old.credentials_file != new.credentials_file
+                })
+            {
+                return Err("turning images.trust on, or changing its caCertificates or credentialsFile, needs a restart".to_owned());
+            }
         }
         *self
             .config

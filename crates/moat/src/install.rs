@@ -235,7 +235,12 @@ pub fn run_install(args: InstallArgs, out: &mut dyn std::io::Write) -> Result<u8
         server: ServerFacts {
             webhook_timeout: moat_server::limits::WEBHOOK_TIMEOUT,
             termination_grace: moat_server::limits::TERMINATION_GRACE,
-            memory_limit_bytes: moat_server::limits::memory_limit_bytes(),
+            memory_limit_bytes: moat_server::limits::memory_limit_bytes()
+                + if config.images.trust.is_some() {
+                    moat_server::limits::registry_memory_bytes()
+                } else {
+                    0
+                },
             watches_namespaces: moat_server::namespaces::needed(&config),
         },
     };

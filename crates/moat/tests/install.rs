@@ -342,6 +342,92 @@ fn namespace_reader_rbac_only_when_the_configuration_needs_it() {
 }
 
 #[test]
+fn image_trust_mounts_the_registry_credentials_and_grants_nothing_more() {
+    let dir = std::env::temp_dir().join(format!("moat-install-trust-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("trust.yaml");
+    std::fs::write(
+        &cfg,
+        "images: {trust: {unmatched: pin, credentialsFile: /etc/moat/registry/.dockerconfigjson}}\n",
+    )
+    .unwrap();
+    let (code, docs, err) = install(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // Reading a mounted Secret needs no RBAC: the same roles as without trust.
+    let rbac = |docs: &[Value]| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| {
+                d["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.ends_with("Role") || k.ends_with("RoleBinding"))
+            })
+            .cloned()
+            .collect()
+    };
+    let without = dir.join("without.yaml");
+    std::fs::write(&without, "images: {}\n").unwrap();
+    let (_, plain, _) = install(&["--config", without.to_str().unwrap()]);
+    assert_eq!(rbac(&docs), rbac(&plain));
+    let pod = &find(&docs, "Deployment")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "registry-credentials")
+        .unwrap();
+    assert_eq!(
+        volume["secret"],
+        serde_json::json!({"secretName": "moat-registry-credentials",
+            "items": [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}]})
+    );
+    assert_eq!(
+        mounts_read_only(&pod["containers"][0], "registry-credentials"),
+        Some(true)
+    );
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "registry-credentials")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/etc/moat/registry");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never sees the Secret change"
+    );
+    // The configuration the server reads carries the section.
+    let config = find(&docs, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap();
+    assert!(
+        config.contains("credentialsFile: /etc/moat/registry/.dockerconfigjson"),
+        "{config}"
+    );
+    let limit = &pod["containers"][0]["resources"]["limits"]["memory"];
+    assert_eq!(
+        limit,
+        &serde_json::json!(format!(
+            "{}Mi",
+            (moat_server::limits::memory_limit_bytes()
+                + moat_server::limits::registry_memory_bytes())
+                / (1024 * 1024)
+        ))
+    );
+
+    std::fs::write(
+        &cfg,
+        "images: {trust: {unmatched: pin, credentialsFile: /etc/moat/config/creds.json}}\n",
+    )
+    .unwrap();
+    let (code, _, err) = install(&["--config", cfg.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is in or above a directory moat mounts"),
+        "{err}"
+    );
+}
+
+#[test]
 fn writes_the_image_policy_webhook_files() {
     let dir = std::env::temp_dir().join(format!("moat-imagepolicy-{}", std::process::id()));
     // The kubeconfig is a file on the API server's host: a CA that moat rotates cannot be in it.

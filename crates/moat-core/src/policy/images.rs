@@ -1,8 +1,14 @@
 //! Images: a tag other than `latest`, or a digest, for every container of every kind; optional
-//! registry allow-list and required digests. Never mutates.
+//! registry allow-list and required digests. With `images.trust`, the registry's verdict on
+//! each image (found by the server before the decision): a refusal denies, and a pod's image is
+//! pinned to the digest that was verified (workload templates are verified, not rewritten).
 
 use crate::config::ImagePolicy;
 use std::collections::HashSet;
+
+use crate::fields::{ImageSlot, PodFields};
+use crate::subject::{Kind, Template};
+use crate::trust::ImageVerdict;
 
 use crate::decision::Policy;
 use crate::engine::{Context, Findings};
@@ -12,6 +18,7 @@ use crate::subject::PodSpecView;
 /// One container of any kind, with its field path.
 struct ContainerRef<'a> {
     field: String,
+    slot: ImageSlot,
     name: &'a str,
     image: Option<&'a str>,
 }
@@ -21,6 +28,7 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     for (i, c) in spec.containers.iter().enumerate() {
         out.push(ContainerRef {
             field: format!("spec.containers[{i}]"),
+            slot: ImageSlot::Container(i),
             name: &c.name,
             image: c.image.as_deref(),
         });
@@ -28,6 +36,7 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     for (i, c) in spec.init_containers.iter().flatten().enumerate() {
         out.push(ContainerRef {
             field: format!("spec.initContainers[{i}]"),
+            slot: ImageSlot::InitContainer(i),
             name: &c.name,
             image: c.image.as_deref(),
         });
@@ -35,6 +44,7 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
         out.push(ContainerRef {
             field: format!("spec.ephemeralContainers[{i}]"),
+            slot: ImageSlot::EphemeralContainer(i),
             name: &c.name,
             image: c.image.as_deref(),
         });
@@ -48,6 +58,7 @@ fn all_images(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     for v in &spec.image_volumes {
         out.push(ContainerRef {
             field: format!("spec.volumes[{}].image.reference", v.index),
+            slot: ImageSlot::Volume(v.index),
             name: &v.name,
             image: v.reference.as_deref(),
         });
@@ -55,11 +66,11 @@ fn all_images(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     out
 }
 
-pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) {
-    // An UPDATE that leaves an image alone is not a new decision about it. The old pod's images
-    // are looked up, not scanned: linear in the pod's size.
-    let unchanged: HashSet<(&str, &str)> = ctx
-        .old
+/// The images a review decides on, with where they are: every image of the template but those
+/// an UPDATE leaves alone (an UPDATE that leaves an image alone is not a new decision about it).
+/// The old pod's images are looked up, not scanned: linear in the pod's size.
+fn reviewed<'a>(template: &'a Template, old: Option<&'a Template>) -> Vec<ContainerRef<'a>> {
+    let unchanged: HashSet<(&str, &str)> = old
         .map(|old| {
             all_images(&old.spec)
                 .into_iter()
@@ -67,7 +78,43 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) {
                 .collect()
         })
         .unwrap_or_default();
-    for c in all_images(&ctx.template.spec) {
+    all_images(&template.spec)
+        .into_iter()
+        .filter(|c| {
+            c.image
+                .filter(|i| !i.is_empty())
+                .is_none_or(|raw| !unchanged.contains(&(c.name, raw)))
+        })
+        .collect()
+}
+
+/// The references the registry must be asked about for this review, each once. The caller
+/// parses them (it needs the parts) and asks only about those that parse: the others are
+/// denied as they are.
+pub(crate) fn to_resolve<'a>(template: &'a Template, old: Option<&'a Template>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for raw in reviewed(template, old)
+        .into_iter()
+        .filter_map(|c| c.image.filter(|i| !i.is_empty()))
+    {
+        // A pod names a handful of images: a scan beats a set.
+        if !out.contains(&raw) {
+            out.push(raw);
+        }
+    }
+    out
+}
+
+/// An image to pin: where, to what, and who it is for messages.
+pub(crate) struct Pin {
+    slot: ImageSlot,
+    pinned: String,
+    who: String,
+}
+
+pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
+    let mut pins = Vec::new();
+    for c in reviewed(ctx.template, ctx.old) {
         let what = if c.field.starts_with("spec.volumes") {
             "image volume"
         } else {
@@ -78,24 +125,69 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) {
             out.deny(Policy::Images, format!("{who} has no image"));
             continue;
         };
-        if unchanged.contains(&(c.name, raw)) {
-            continue;
-        }
-        for problem in judge(&ctx.config.images, raw) {
+        let (parsed, problems) = judge_parsed(&ctx.config.images, raw);
+        for problem in problems {
             out.deny(Policy::Images, format!("{who}: {problem}"));
         }
+        // A reference that does not parse was denied above and never sent to a registry.
+        let Some(verdicts) = ctx.images.filter(|_| parsed) else {
+            continue;
+        };
+        match verdicts.get(raw) {
+            Some(ImageVerdict::Admitted { pinned }) => {
+                // Workload templates are verified, not rewritten: their pods are pinned when
+                // they are created (rewriting the template would roll the workload out and
+                // fight whoever applies it).
+                if pinned != raw && ctx.template.kind == Kind::Pod {
+                    pins.push(Pin {
+                        slot: c.slot,
+                        pinned: pinned.clone(),
+                        who,
+                    });
+                }
+            }
+            Some(ImageVerdict::Refused(why)) => {
+                out.deny(Policy::Images, format!("{who}: image '{raw}': {why}"));
+            }
+            None => out.deny(
+                Policy::Images,
+                format!("{who}: image '{raw}' was not checked at its registry"),
+            ),
+        }
+    }
+    pins
+}
+
+/// Pins each image to the digest that was verified.
+pub(crate) fn mutate(pins: Vec<Pin>, pod: &mut PodFields, out: &mut Findings) {
+    for Pin { slot, pinned, who } in pins {
+        out.changed(
+            Policy::Images,
+            format!("pin the image of {who} to '{pinned}'"),
+        );
+        pod.image_pins.insert(slot, pinned);
     }
 }
 
-/// What is wrong with one image reference under `policy` (empty: nothing).
-pub(crate) fn judge(policy: &ImagePolicy, raw: &str) -> Vec<String> {
+/// Whether the reference parsed (only those are sent to a registry), and what is wrong with it
+/// under `policy` (empty: nothing).
+pub(crate) fn judge_parsed(policy: &ImagePolicy, raw: &str) -> (bool, Vec<String>) {
     let image: ImageRef = match raw.parse() {
         Ok(i) => i,
-        Err(e) => return vec![format!("image '{raw}' is not a valid reference: {e}")],
+        Err(e) => {
+            return (
+                false,
+                vec![format!("image '{raw}' is not a valid reference: {e}")],
+            );
+        }
     };
+    (true, judge_image(policy, raw, &image))
+}
+
+fn judge_image(policy: &ImagePolicy, raw: &str, image: &ImageRef) -> Vec<String> {
     let mut problems = Vec::new();
     if !policy.allowed_registries.is_empty()
-        && !policy.allowed_registries.iter().any(|r| r.contains(&image))
+        && !policy.allowed_registries.iter().any(|r| r.contains(image))
     {
         let allowed: Vec<String> = policy
             .allowed_registries

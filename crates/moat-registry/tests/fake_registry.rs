@@ -1,0 +1,326 @@
+//! Registries of the test's own (a TLS server answering from a function of the request head),
+//! for what a real distribution registry will not do: answers that are not what the protocol
+//! says (each a denial naming the registry and what was wrong, never a hang) and the bearer
+//! token dance of Docker Hub and GHCR.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_core::image::ImageRef;
+use moat_core::trust::ImageTrust;
+use moat_registry::{Image, Resolver};
+use prometheus_client::registry::Registry;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A CA's PEM, and a TLS acceptor for 127.0.0.1 signed by it.
+fn tls() -> (String, tokio_rustls::TlsAcceptor) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    (
+        ca_cert.pem(),
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )
+}
+
+/// Serves `response` (status line, headers and body) to every request; the registry's
+/// `host:port` and the CA to trust.
+async fn canned(response: Vec<u8>) -> (String, String) {
+    serve(move |_, _| response.clone()).await
+}
+
+/// Answers each request with `answer(request head, own host:port)`, one request per
+/// connection; the registry's `host:port` and the CA to trust.
+async fn serve<F>(answer: F) -> (String, String)
+where
+    F: Fn(&str, &str) -> Vec<u8> + Send + Sync + 'static,
+{
+    let (ca, acceptor) = tls();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let answer = Arc::new(answer);
+    let own = addr.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, answer, own) = (acceptor.clone(), answer.clone(), own.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = answer(&String::from_utf8_lossy(&head), &own);
+                let _ = tls.write_all(&response).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, ca)
+}
+
+fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+async fn check(registry: &str, ca: &str) -> Result<moat_registry::Admitted, String> {
+    let (trust, resolver) = resolver(ca, "");
+    check_with(&resolver, &trust, &format!("{registry}/app:1")).await
+}
+
+fn resolver(ca: &str, extra: &str) -> (ImageTrust, Resolver) {
+    let yaml = format!(
+        "caCertificates: |\n{}unmatched: pin\n{extra}",
+        ca.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    );
+    let trust: ImageTrust = serde_yaml_ng::from_str(&yaml).unwrap();
+    let resolver = Resolver::new(&trust, &mut Registry::default()).unwrap();
+    (trust, resolver)
+}
+
+async fn check_with(
+    resolver: &Resolver,
+    trust: &ImageTrust,
+    raw: &str,
+) -> Result<moat_registry::Admitted, String> {
+    let raw = raw.to_owned();
+    let parsed: ImageRef = raw.parse().unwrap();
+    let mut out = resolver
+        .check(
+            trust,
+            "tenant",
+            &[Image {
+                raw: &raw,
+                parsed: &parsed,
+            }],
+            Instant::now() + Duration::from_secs(5),
+        )
+        .await;
+    out.remove(0)
+}
+
+#[tokio::test]
+async fn a_manifest_that_is_not_json_is_a_denial() {
+    let (registry, ca) = canned(http("200 OK", &[("content-length", "6".into())], b"<html>")).await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert_eq!(
+        why,
+        format!("registry {registry} sent an unusable answer for the manifest of app:1: not JSON")
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_larger_than_the_bound_is_refused_before_it_is_read() {
+    let (registry, ca) = canned(http(
+        "200 OK",
+        &[("content-length", (64 * 1024 * 1024).to_string())],
+        b"{",
+    ))
+    .await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert_eq!(
+        why,
+        format!(
+            "registry {registry} sent more than {} bytes for the manifest of app:1",
+            moat_registry::limits::MAX_MANIFEST_BYTES
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_digest_header_that_does_not_match_the_bytes_is_a_denial() {
+    let body = br#"{"schemaVersion":2}"#;
+    let lie = moat_registry::Digest::of(b"something else").to_string();
+    let (registry, ca) = canned(http(
+        "200 OK",
+        &[
+            ("content-length", body.len().to_string()),
+            ("docker-content-digest", lie),
+        ],
+        body,
+    ))
+    .await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert!(
+        why.contains("Docker-Content-Digest header does not match"),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_error_is_a_denial_with_its_status() {
+    let (registry, ca) = canned(http(
+        "503 Service Unavailable",
+        &[("content-length", "0".into())],
+        b"",
+    ))
+    .await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert_eq!(
+        why,
+        format!("registry {registry} answered HTTP 503 for the manifest of app:1")
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_untrusted_ca_is_a_denial() {
+    let (registry, _) = canned(http("200 OK", &[], b"")).await;
+    let (other_ca, _) = tls();
+    let why = check(&registry, &other_ca).await.unwrap_err();
+    eprintln!("{why}");
+    assert!(
+        why.starts_with(&format!("registry {registry} is unreachable: ")),
+        "{why}"
+    );
+    assert!(why.contains("certificate"), "{why}");
+}
+
+#[tokio::test]
+async fn an_unknown_authentication_scheme_is_a_denial() {
+    let (registry, ca) = canned(http(
+        "401 Unauthorized",
+        &[
+            ("www-authenticate", "Negotiate".into()),
+            ("content-length", "0".into()),
+        ],
+        b"",
+    ))
+    .await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert!(
+        why.contains("authentication of a kind moat does not speak"),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_service_that_is_not_https_gets_no_credentials() {
+    let (registry, ca) = canned(http(
+        "401 Unauthorized",
+        &[
+            (
+                "www-authenticate",
+                r#"Bearer realm="http://auth.invalid/token",service="reg""#.into(),
+            ),
+            ("content-length", "0".into()),
+        ],
+        b"",
+    ))
+    .await;
+    let why = check(&registry, &ca).await.unwrap_err();
+    assert!(why.contains("is not https"), "{why}");
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_got_with_the_login_and_reused_for_the_repository() {
+    use base64::Engine as _;
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let login = base64::engine::general_purpose::STANDARD.encode("robot:s3cret");
+    let basic = format!("authorization: Basic {login}");
+    let tokens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = tokens.clone();
+    let (registry, ca) = serve(move |head, own| {
+        let head_lower = head.to_ascii_lowercase();
+        if head.starts_with("GET /token?service=fake&scope=repository%3Ashop%2Fapi%3Apull ") {
+            if !head_lower.contains(&basic.to_ascii_lowercase()) {
+                return http("401 Unauthorized", &[("content-length", "0".into())], b"");
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = br#"{"token":"T0K3N","expires_in":300}"#;
+            return http(
+                "200 OK",
+                &[("content-length", body.len().to_string())],
+                body,
+            );
+        }
+        if head_lower.contains("authorization: bearer t0k3n") {
+            return http(
+                "200 OK",
+                &[("content-length", manifest.len().to_string())],
+                manifest,
+            );
+        }
+        let challenge = format!(
+            r#"Bearer realm="https://{own}/token",service="fake",scope="repository:shop/api:pull""#
+        );
+        http(
+            "401 Unauthorized",
+            &[
+                ("www-authenticate", challenge),
+                ("content-length", "0".into()),
+            ],
+            b"",
+        )
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("moat-bearer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let creds = dir.join("config.json");
+    std::fs::write(
+        &creds,
+        format!(r#"{{"auths": {{"{registry}": {{"auth": "{login}"}}}}}}"#),
+    )
+    .unwrap();
+    let (trust, resolver) = resolver(&ca, &format!("credentialsFile: {}\n", creds.display()));
+    for tag in ["1", "2", "3"] {
+        let admitted = check_with(&resolver, &trust, &format!("{registry}/shop/api:{tag}"))
+            .await
+            .unwrap();
+        assert_eq!(admitted.digest, moat_registry::Digest::of(manifest));
+    }
+    assert_eq!(
+        tokens.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one token for the repository"
+    );
+    assert_eq!(
+        // No rule names this registry (`unmatched: pin`): its metrics say `other`.
+        resolver
+            .metrics()
+            .calls("other", moat_registry::metrics::Call::token),
+        1
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
