@@ -45,10 +45,7 @@ pub fn kill(pid: u32, owners: &[&str]) -> Result<(), EvictError> {
     })?;
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map_err(|source| EvictError::Pin { pid, source })?;
-    if !owners
-        .iter()
-        .any(|id| !id.is_empty() && cgroup.contains(id))
-    {
+    if !owners.iter().any(|id| in_cgroup_of(&cgroup, id)) {
         return Err(EvictError::NotTheContainer { pid });
     }
     pidfd_send_signal(&pinned, Signal::KILL).map_err(|e| EvictError::Signal {
@@ -57,9 +54,58 @@ pub fn kill(pid: u32, owners: &[&str]) -> Result<(), EvictError> {
     })
 }
 
+/// Whether `/proc/<pid>/cgroup` text places the process in container `id`'s cgroup: a path
+/// component that is the id (the cgroupfs driver: `/kubepods/burstable/pod<uid>/<id>`) or ends
+/// in `-<id>.scope` (the systemd driver: `cri-containerd-<id>.scope`). Whole components only: a
+/// short id inside another hex name is not a match.
+fn in_cgroup_of(cgroup: &str, id: &str) -> bool {
+    if id.is_empty() {
+        return false;
+    }
+    cgroup
+        .lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .any(|component| {
+            component == id
+                || component
+                    .strip_suffix(".scope")
+                    .and_then(|c| c.strip_suffix(id))
+                    .is_some_and(|prefix| prefix.ends_with('-'))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_names_a_container_by_whole_components_only() {
+        let id = "4f3a9c0d1e2b";
+        let cases = [
+            (format!("0::/kubepods/burstable/pod1234/{id}\n"), true),
+            (
+                format!("0::/kubepods.slice/kubepods-pod12.slice/cri-containerd-{id}.scope\n"),
+                true,
+            ),
+            (format!("4:memory:/k8s.io/{id}\n0::/\n"), true),
+            (format!("0::/kubepods/pod1234/{id}0\n"), false),
+            (format!("0::/kubepods/pod1234/x{id}\n"), false),
+            (format!("0::/cri-containerd-{id}0.scope\n"), false),
+            (format!("0::/cri-containerd{id}.scope\n"), false),
+            ("4:memory:/process_api/fa20e434c1a46ffd\n".to_owned(), false),
+            ("0::/\n".to_owned(), false),
+        ];
+        for (cgroup, expected) in &cases {
+            assert_eq!(in_cgroup_of(cgroup, id), *expected, "{cgroup}");
+        }
+        // The agent's tests name containers `c1`, which is inside many hex names.
+        assert!(!in_cgroup_of(
+            "4:memory:/process_api/fa20e434c1a46ffd\n",
+            "c1"
+        ));
+        assert!(!in_cgroup_of(&cases[0].0, ""));
+    }
 
     #[test]
     fn kills_only_a_process_in_the_named_cgroup() {
@@ -76,8 +122,13 @@ mod tests {
         ));
         assert!(kill(pid, &[""]).is_err(), "an empty id matches nothing");
         assert!(child.try_wait().unwrap().is_none());
-        // Its own cgroup path: killed.
-        let own = cgroup.lines().next().unwrap().rsplit(':').next().unwrap();
+        // A component of its own cgroup path: killed.
+        let own = cgroup
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .flat_map(|p| p.split('/'))
+            .find(|c| !c.is_empty())
+            .expect("this test runs in a cgroup below the root (a named one)");
         kill(pid, &[own]).unwrap();
         let status = child.wait().unwrap();
         assert!(!status.success());

@@ -227,6 +227,29 @@ fn image_keys(o: &str) -> String {
     )
 }
 
+/// The match condition of a pod webhook that must see every request in which moat would ask a
+/// registry about an image (`images.trust`): a new pod, or an update that changes what one of
+/// its containers or image volumes pulls (an added ephemeral container included). Status
+/// reports and label, annotation or finalizer changes leave it false. Sound by construction:
+/// where it is false, every `name/image` key of the pod was already the old pod's, and moat
+/// resolves only images whose key is new (tested against the engine in `tests/equivalence.rs`).
+pub fn images_changed() -> String {
+    format!(
+        "oldObject == null || ({}) != ({})",
+        image_keys("object"),
+        image_keys("oldObject")
+    )
+}
+
+/// The match condition of a webhook that reviews pods beside one matched by [`images_changed`]
+/// (with the same path): every request the other leaves out, so each is reviewed once.
+pub fn not_an_image_change() -> String {
+    format!(
+        "request.resource.resource != 'pods' || request.subResource == 'status' || !({})",
+        images_changed()
+    )
+}
+
 /// Every image a pod pulls, with its key.
 fn image_entries(o: &str) -> String {
     let entry =

@@ -382,6 +382,14 @@ pub fn manifests(config: &Config, options: &InstallOptions, tls: Tls) -> Result<
         || config
             .isolation
             .uses(moat_core::config::ClassMode::DedicatedNode);
+    // With images.trust, a pod may run only what a registry verified, and the backstop cannot
+    // call registries: new pods and image changes go to a webhook of their own that fails
+    // closed (unless the operator chose --failure-policy), so an outage stops exactly them.
+    let images_failure = config
+        .images
+        .trust
+        .is_some()
+        .then(|| options.failure_policy.unwrap_or(FailurePolicy::Fail));
     let (mutating, validating) = webhooks(
         config,
         &WebhookOptions {
@@ -393,6 +401,7 @@ pub fn manifests(config: &Config, options: &InstallOptions, tls: Tls) -> Result<
             timeout: server.webhook_timeout,
             labels: &labels,
             pods_validated,
+            images_failure,
         },
     );
     objects.push(typed::<MutatingWebhookConfiguration>(mutating)?);
@@ -950,6 +959,9 @@ struct WebhookOptions<'a> {
     labels: &'a Value,
     /// Whether the validating webhook reviews pods (not when the backstop does).
     pods_validated: bool,
+    /// With `images.trust`: the failure policy of the webhook that reviews new pods and image
+    /// changes (`images.moat.dev`).
+    images_failure: Option<FailurePolicy>,
     /// The API server's `timeoutSeconds`.
     timeout: Duration,
 }
@@ -963,6 +975,7 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
         cert_manager,
         labels,
         pods_validated,
+        images_failure,
         timeout,
     } = options;
     // Never send moat its own namespace or kube-system, so the cluster cannot lock itself out;
@@ -986,10 +999,11 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
         c
     };
     let timeout_seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
-    let failure = match failure_policy {
+    let policy_name = |p: FailurePolicy| match p {
         FailurePolicy::Fail => "Fail",
         FailurePolicy::Ignore => "Ignore",
     };
+    let failure = policy_name(failure_policy);
     let mut metadata = json!({"name": NAME, "labels": labels});
     if cert_manager {
         metadata["annotations"] =
@@ -1023,24 +1037,53 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
     } else {
         vec!["replicationcontrollers"]
     };
-    let validating = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-        "metadata": metadata,
-        "webhooks": [{
-            "name": "validate.moat.dev",
+    let mut validate = json!({
+        "name": "validate.moat.dev",
+        "clientConfig": client("/validate"),
+        "rules": [
+            {"apiGroups": [""], "apiVersions": ["v1"], "resources": core, "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+            {"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+            {"apiGroups": ["batch"], "apiVersions": ["v1"], "resources": ["jobs", "cronjobs"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+        ],
+        "namespaceSelector": namespace_selector,
+        "failurePolicy": failure,
+        "matchPolicy": "Equivalent",
+        "sideEffects": "None",
+        "timeoutSeconds": timeout_seconds,
+        "admissionReviewVersions": ["v1"],
+    });
+    let mut webhooks = Vec::new();
+    if let Some(images_failure) = images_failure {
+        let changed = crate::backstop::images_changed();
+        if pods_validated {
+            // The two webhooks split pod requests between them: each is reviewed once.
+            validate["matchConditions"] = json!([{
+                "name": "not-an-image-change",
+                "expression": crate::backstop::not_an_image_change(),
+            }]);
+        }
+        webhooks.push(validate);
+        webhooks.push(json!({
+            "name": "images.moat.dev",
             "clientConfig": client("/validate"),
             "rules": [
-                {"apiGroups": [""], "apiVersions": ["v1"], "resources": core, "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
-                {"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
-                {"apiGroups": ["batch"], "apiVersions": ["v1"], "resources": ["jobs", "cronjobs"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
+                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
             ],
             "namespaceSelector": namespace_selector,
-            "failurePolicy": failure,
+            "matchConditions": [{"name": "images-changed", "expression": changed}],
+            "failurePolicy": policy_name(images_failure),
             "matchPolicy": "Equivalent",
             "sideEffects": "None",
             "timeoutSeconds": timeout_seconds,
             "admissionReviewVersions": ["v1"],
-        }],
+        }));
+    } else {
+        webhooks.push(validate);
+    }
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": metadata,
+        "webhooks": webhooks,
     });
     (mutating, validating)
 }
@@ -1205,6 +1248,78 @@ mod tests {
                 .objects
                 .iter()
                 .any(|o| o["kind"] == "ValidatingAdmissionPolicy")
+        );
+    }
+
+    /// The ValidatingWebhookConfiguration's webhooks: name, failure policy, match conditions.
+    fn validating_webhooks(
+        config: &Config,
+        options: &InstallOptions,
+    ) -> Vec<(String, String, Value)> {
+        let install = manifests(config, options, Tls::CertManager).unwrap();
+        let validating = install
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
+            .unwrap();
+        validating["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["name"].as_str().unwrap().to_owned(),
+                    w["failurePolicy"].as_str().unwrap().to_owned(),
+                    w["matchConditions"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_image_trust_new_pods_and_image_changes_fail_closed_and_nothing_else_does() {
+        let trusted = |yaml: &str| {
+            Config::from_yaml(&format!("images: {{trust: {{unmatched: pin}}}}\n{yaml}")).unwrap()
+        };
+        let changed =
+            json!([{"name": "images-changed", "expression": crate::backstop::images_changed()}]);
+        assert_eq!(
+            validating_webhooks(&trusted(""), &options()),
+            [
+                (
+                    "validate.moat.dev".to_owned(),
+                    "Ignore".to_owned(),
+                    Value::Null
+                ),
+                (
+                    "images.moat.dev".to_owned(),
+                    "Fail".to_owned(),
+                    changed.clone()
+                ),
+            ]
+        );
+        // The operator's explicit choice stands, for every webhook.
+        let ignore = InstallOptions {
+            failure_policy: Some(FailurePolicy::Ignore),
+            ..options()
+        };
+        assert_eq!(validating_webhooks(&trusted(""), &ignore)[1].1, "Ignore");
+        // Where validate.moat.dev reviews pods too, the two split them.
+        let dedicated = trusted(
+            "isolation: {mode: dedicatedNode, classes: [{name: untrusted, namespaces: [\"*\"]}]}",
+        );
+        assert_eq!(
+            validating_webhooks(&dedicated, &options())[0].2,
+            json!([{"name": "not-an-image-change", "expression": crate::backstop::not_an_image_change()}])
+        );
+        // Without images.trust, one webhook, as before.
+        assert_eq!(
+            validating_webhooks(&Config::embedded_default(), &options()),
+            [(
+                "validate.moat.dev".to_owned(),
+                "Ignore".to_owned(),
+                Value::Null
+            )]
         );
     }
 

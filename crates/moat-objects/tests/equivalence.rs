@@ -61,35 +61,7 @@ fn cel_value(v: &Value) -> CelValue {
 /// Evaluates one compiled policy: `None` when its match conditions leave the request out, else
 /// the messages of the validations that failed.
 fn evaluate(c: &Compiled, case: &Case) -> Option<Vec<String>> {
-    let mut ctx = Context::default();
-    ctx.add_variable("object", cel_value(&case.object)).unwrap();
-    ctx.add_variable(
-        "oldObject",
-        case.old_object.as_ref().map_or(CelValue::Null, cel_value),
-    )
-    .unwrap();
-    let op = match case.operation {
-        Operation::Create => "CREATE",
-        Operation::Update => "UPDATE",
-        _ => "DELETE",
-    };
-    let request = json!({
-        "operation": op,
-        "namespace": case.namespace,
-        "userInfo": {"username": case.username},
-        "dryRun": case.dry_run,
-    });
-    ctx.add_variable("request", cel_value(&request)).unwrap();
-    let mut labels = case.namespace_labels.clone();
-    labels.insert(
-        "kubernetes.io/metadata.name".to_owned(),
-        case.namespace.clone(),
-    );
-    ctx.add_variable(
-        "namespaceObject",
-        cel_value(&json!({"metadata": {"name": case.namespace, "labels": labels}})),
-    )
-    .unwrap();
+    let mut ctx = context(case);
     let run = |ctx: &Context, expr: &str| -> CelValue {
         compiled(expr)
             .execute(ctx)
@@ -120,6 +92,51 @@ fn evaluate(c: &Compiled, case: &Case) -> Option<Vec<String>> {
         }
     }
     Some(failed)
+}
+
+/// What the API server binds for a pod request's expressions: `object`, `oldObject`,
+/// `request` (a pod, no subresource) and `namespaceObject`.
+fn context(case: &Case) -> Context<'static> {
+    let mut ctx = Context::default();
+    ctx.add_variable("object", cel_value(&case.object)).unwrap();
+    ctx.add_variable(
+        "oldObject",
+        case.old_object.as_ref().map_or(CelValue::Null, cel_value),
+    )
+    .unwrap();
+    let op = match case.operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        _ => "DELETE",
+    };
+    let request = json!({
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "subResource": "",
+        "operation": op,
+        "namespace": case.namespace,
+        "userInfo": {"username": case.username},
+        "dryRun": case.dry_run,
+    });
+    ctx.add_variable("request", cel_value(&request)).unwrap();
+    let mut labels = case.namespace_labels.clone();
+    labels.insert(
+        "kubernetes.io/metadata.name".to_owned(),
+        case.namespace.clone(),
+    );
+    ctx.add_variable(
+        "namespaceObject",
+        cel_value(&json!({"metadata": {"name": case.namespace, "labels": labels}})),
+    )
+    .unwrap();
+    ctx
+}
+
+/// A webhook's match condition on `case`.
+fn matches(expr: &str, case: &Case) -> bool {
+    match compiled(expr).execute(&context(case)) {
+        Ok(CelValue::Bool(b)) => b,
+        other => panic!("{expr} on {}: {other:?}", case.name),
+    }
 }
 
 /// moat's validate stage: the policies that would deny (enforced or audited).
@@ -724,5 +741,123 @@ fn changing_any_validation_breaks_the_equivalence() {
     assert!(
         missed.is_empty(),
         "validations the corpus does not notice when removed: {missed:#?}"
+    );
+}
+
+/// Image changes a tenant can make to a running pod beyond a retag: an added ephemeral
+/// container, an image volume added or repointed, two containers' images swapped, and edits
+/// that change no image (an annotation, a finalizer).
+fn image_edits(running: &Value) -> Vec<(&'static str, Value)> {
+    let mut out = Vec::new();
+    let mut debug = running.clone();
+    debug["spec"]["ephemeralContainers"] = json!([{"name": "debug", "image": "busybox:1.36"}]);
+    out.push(("ephemeral", debug));
+    let mut volume = running.clone();
+    let mut volumes = volume["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    volumes.push(json!({"name": "models", "image": {"reference": "ghcr.io/acme/models:2"}}));
+    volume["spec"]["volumes"] = json!(volumes);
+    out.push(("image-volume", volume.clone()));
+    let mut repointed = volume;
+    let last = repointed["spec"]["volumes"].as_array().unwrap().len() - 1;
+    repointed["spec"]["volumes"][last]["image"]["reference"] = json!("ghcr.io/acme/models:3");
+    out.push(("image-volume-repointed", repointed));
+    if running["spec"]["containers"].as_array().unwrap().len() > 1 {
+        let mut swapped = running.clone();
+        let (a, b) = (
+            swapped["spec"]["containers"][0]["image"].clone(),
+            swapped["spec"]["containers"][1]["image"].clone(),
+        );
+        swapped["spec"]["containers"][0]["image"] = b;
+        swapped["spec"]["containers"][1]["image"] = a;
+        out.push(("swapped", swapped));
+    }
+    let mut annotated = running.clone();
+    annotated["metadata"]["annotations"]["team"] = json!("shop");
+    out.push(("annotated", annotated));
+    let mut finalized = running.clone();
+    finalized["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    out.push(("finalized", finalized));
+    out
+}
+
+/// With `images.trust`, `moat install` sends pod requests that change images to a webhook of
+/// their own (`images.moat.dev`, failing closed) and everything else to `validate.moat.dev`.
+/// The first's match condition must hold wherever moat would ask a registry (or an outage
+/// would admit an unverified image): false only where the engine resolves nothing. It holds
+/// for every new pod, and it is false for status reports and edits that change no image, so
+/// an outage stops only what needs a registry. The second's condition is its complement.
+#[test]
+fn the_images_webhook_sees_every_request_that_needs_a_registry() {
+    let changed = backstop::images_changed();
+    let rest = backstop::not_an_image_change();
+    let (mut needed, mut spared) = (0, 0);
+    for (name, mut config) in configs() {
+        config.images.trust = Some(serde_json::from_value(json!({"unmatched": "pin"})).unwrap());
+        let creates: Vec<Case> = tricks().into_iter().chain(captured()).collect();
+        let mut edits = Vec::new();
+        for case in &creates {
+            let Some(running) = mutated(&config, case) else {
+                continue;
+            };
+            for (what, after) in image_edits(&running) {
+                edits.push(Case {
+                    name: format!("{}-{what}", case.name),
+                    operation: Operation::Update,
+                    object: after,
+                    old_object: Some(running.clone()),
+                    ..case.clone()
+                });
+            }
+        }
+        let updates = updates(&config, &creates);
+        for case in creates.iter().chain(&updates).chain(&edits) {
+            let object = Template::from_value(&case.object).unwrap().unwrap();
+            let old = case
+                .old_object
+                .as_ref()
+                .map(|o| Template::from_value(o).unwrap().unwrap());
+            let request = Request {
+                operation: case.operation,
+                stage: Stage::Validate,
+                object: Some(&object),
+                old_object: old.as_ref(),
+                namespace: &case.namespace,
+                namespace_labels: Some(&case.namespace_labels),
+                dry_run: case.dry_run,
+                requester: Some(Requester {
+                    username: &case.username,
+                }),
+                placement_seed: "uid",
+            };
+            let resolves = !engine::images_to_resolve(&config, &request).is_empty();
+            let sent = matches(&changed, case);
+            assert_ne!(
+                sent,
+                matches(&rest, case),
+                "{name}/{}: one webhook",
+                case.name
+            );
+            if resolves {
+                assert!(
+                    sent,
+                    "{name}/{}: moat asks a registry, but the images webhook is not called\n{}",
+                    case.name, case.object
+                );
+                needed += 1;
+            }
+            if case.operation == Operation::Create {
+                assert!(sent, "{name}/{}: a new pod", case.name);
+            } else if case.object["spec"] == case.old_object.as_ref().unwrap()["spec"] {
+                assert!(!sent, "{name}/{}: no image changed", case.name);
+                spared += 1;
+            }
+        }
+    }
+    assert!(
+        needed > 1000 && spared > 500,
+        "{needed} needed a registry, {spared} spared"
     );
 }

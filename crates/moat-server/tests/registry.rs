@@ -98,6 +98,8 @@ struct Setup {
     registry: Registry,
     signed: (String, String),
     unsigned: String,
+    /// The unsigned image by its digest.
+    unsigned_digest: String,
 }
 
 fn setup(name: &str) -> Setup {
@@ -109,7 +111,7 @@ fn setup(name: &str) -> Setup {
     let digest = push(&env, &scratch, &format!("{name}-app"), &app);
     sign(&env, &scratch, &key, &format!("{repo}/app@{digest}"));
     let unsigned = format!("{repo}/unsigned:1");
-    push(&env, &scratch, &format!("{name}-unsigned"), &unsigned);
+    let unsigned_digest = push(&env, &scratch, &format!("{name}-unsigned"), &unsigned);
     let yaml = format!(
         "images:\n  trust:\n    caCertificates: |\n{}    rules:\n      - repositories: [{}]\n        keys:\n          - name: release\n            publicKey: |\n{}",
         indent(&env.ca, 6),
@@ -126,6 +128,7 @@ fn setup(name: &str) -> Setup {
         state,
         registry,
         signed: (app, digest),
+        unsigned_digest: format!("{unsigned}@{unsigned_digest}"),
         unsigned,
     }
 }
@@ -195,6 +198,76 @@ async fn an_unsigned_image_is_denied_by_every_endpoint_with_the_registrys_reason
     let reason = answer["status"]["reason"].as_str().unwrap();
     assert!(reason.contains("spec.containers[1]"), "{reason}");
     assert!(reason.contains("is not signed"), "{reason}");
+}
+
+/// A pod UPDATE from `old` to `new`, as `images.moat.dev` sends it.
+fn update(old: &Value, new: &Value) -> Value {
+    let mut review = admission(new);
+    review["request"]["operation"] = json!("UPDATE");
+    review["request"]["oldObject"] = old.clone();
+    review
+}
+
+#[tokio::test]
+#[ignore = "needs a registry: scripts/test.sh starts it"]
+async fn an_image_change_on_a_running_pod_is_verified_and_must_be_a_digest() {
+    let s = setup("update");
+    let (app, digest) = &s.signed;
+    let object = pod(app, app);
+    let running = patched(
+        &object,
+        &post(&s.state, "/mutate", &admission(&object)).await,
+    );
+    let calls = manifest_calls(&s.registry, &s.env.registry);
+    let with_app_image = |image: &str| {
+        let mut p = running.clone();
+        p["spec"]["containers"][0]["image"] = json!(image);
+        p
+    };
+
+    // An unsigned digest, and an unsigned tag: refused with the registry's reason.
+    for image in [&s.unsigned_digest, &s.unsigned] {
+        let answer = post(
+            &s.state,
+            "/validate",
+            &update(&running, &with_app_image(image)),
+        )
+        .await;
+        assert_eq!(answer["response"]["allowed"], false, "{image}: {answer}");
+        let message = answer["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains("is not signed"), "{message}");
+    }
+    // A signed tag: refused, since an update is never pinned, with the digest to name instead.
+    let answer = post(
+        &s.state,
+        "/validate",
+        &update(&running, &with_app_image(app)),
+    )
+    .await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "pin the image of container 'app' (spec.containers[0]) to '{app}@{digest}'"
+        )),
+        "{message}"
+    );
+    // The signed digest: admitted.
+    let answer = post(
+        &s.state,
+        "/validate",
+        &update(&running, &with_app_image(&format!("{app}@{digest}"))),
+    )
+    .await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    // The running pod with a label added: nothing to resolve, no registry call.
+    let before = manifest_calls(&s.registry, &s.env.registry);
+    let mut labelled = running.clone();
+    labelled["metadata"]["labels"] = json!({"team": "shop"});
+    let answer = post(&s.state, "/validate", &update(&running, &labelled)).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert_eq!(manifest_calls(&s.registry, &s.env.registry), before);
+    assert!(before > calls, "the unsigned image was looked up");
 }
 
 #[tokio::test]
