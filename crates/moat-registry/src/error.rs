@@ -56,6 +56,8 @@ pub enum FailureReason {
     auth,
     too_large,
     garbage,
+    /// Not asked: the namespace already had as many reviews waiting on registries as it may.
+    namespace_busy,
 }
 
 impl RegistryError {

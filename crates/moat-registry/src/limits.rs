@@ -23,6 +23,14 @@ pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// and the others' reviews go on.
 pub const MAX_CALLS_IN_FLIGHT_PER_REGISTRY: usize = MAX_CALLS_IN_FLIGHT / 4;
 
+/// Reviews of one namespace waiting on registries at once (those with an image not in the
+/// cache). Each holds one of the webhook's decision slots for up to its registry budget, and
+/// every review comes from the API server, so the server's per-source bound does not tell
+/// tenants apart: without this, a tenant naming a registry that answers slowly (one it runs
+/// itself, where `unmatched: pin` lets images come from anywhere) could hold every slot the
+/// API server has. More are denied at once, with the reason; warm reviews never wait.
+pub const MAX_WAITING_REVIEWS_PER_NAMESPACE: usize = 8;
+
 /// Largest signature payload (cosign's simple-signing JSON) read: the payload is a few hundred
 /// bytes plus the signer's optional annotations.
 pub const MAX_SIGNATURE_PAYLOAD_BYTES: usize = 64 * KIB;

@@ -2,7 +2,8 @@
 //! tag and, when a rule requires it, a verified signature over that digest; all images at once,
 //! within one deadline, through the one cache.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -17,7 +18,7 @@ use crate::digest::Digest;
 use crate::error::{FailureReason, RegistryError};
 use crate::limits::{
     MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_PAYLOAD_BYTES,
-    MAX_SIGNATURES_PER_IMAGE, VERIFIED_TTL,
+    MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_REVIEWS_PER_NAMESPACE, VERIFIED_TTL,
 };
 use crate::metrics::{CacheKind, Call, RegistryMetrics};
 
@@ -76,7 +77,47 @@ pub struct Resolver {
     cache: BoundedCache<Cached>,
     tag_flights: Flights<Result<Digest, RegistryError>>,
     verdict_flights: Flights<Result<Verdict, RegistryError>>,
+    /// Reviews waiting on registries, by namespace ([`MAX_WAITING_REVIEWS_PER_NAMESPACE`]); a
+    /// namespace leaves the map when its last review is answered, so it holds no more entries
+    /// than there are reviews in flight.
+    waiting: Mutex<HashMap<String, usize>>,
     metrics: RegistryMetrics,
+}
+
+/// One review's place among its namespace's reviews waiting on registries.
+struct Waiting<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    namespace: &'a str,
+}
+
+impl<'a> Waiting<'a> {
+    /// A place, unless `namespace` has every place taken.
+    fn enter(map: &'a Mutex<HashMap<String, usize>>, namespace: &'a str) -> Option<Self> {
+        let mut waiting = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = waiting.entry(namespace.to_owned()).or_insert(0);
+        if *n >= MAX_WAITING_REVIEWS_PER_NAMESPACE {
+            return None;
+        }
+        *n += 1;
+        Some(Self { map, namespace })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = waiting.get_mut(self.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(self.namespace);
+            }
+        }
+    }
 }
 
 impl Resolver {
@@ -97,6 +138,7 @@ impl Resolver {
             cache: BoundedCache::new(MAX_CACHE_ENTRIES, MAX_CACHE_BYTES),
             tag_flights: Flights::default(),
             verdict_flights: Flights::default(),
+            waiting: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -134,6 +176,21 @@ impl Resolver {
         let cold: Vec<usize> = (0..images.len())
             .filter(|&i| answers[i].is_none())
             .collect();
+        let Some(_waiting) = Waiting::enter(&self.waiting, namespace) else {
+            let why = format!(
+                "not looked up: {MAX_WAITING_REVIEWS_PER_NAMESPACE} reviews of namespace {namespace} \
+                 are already waiting on registries, the most moat lets one namespace hold; retry"
+            );
+            for &i in &cold {
+                let label = match trust.rule_for(images[i].parsed, namespace) {
+                    Some(_) => images[i].parsed.domain(),
+                    None => OTHER_REGISTRY_LABEL,
+                };
+                self.metrics.failure(label, FailureReason::namespace_busy);
+                answers[i] = Some(Err(why.clone()));
+            }
+            return answers.into_iter().flatten().collect();
+        };
         let looked_up = join_all(
             cold.iter()
                 .map(|&i| self.check_one(trust, namespace, images[i], deadline, budget)),

@@ -324,3 +324,110 @@ async fn a_bearer_token_is_got_with_the_login_and_reused_for_the_repository() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A registry that accepts connections and never answers: its `host:port`.
+async fn tarpit() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
+}
+
+/// One review of one image in `namespace`, given `within`: the answer and how long it took.
+async fn review(
+    resolver: &Resolver,
+    trust: &ImageTrust,
+    namespace: &str,
+    (raw, parsed): &(String, ImageRef),
+    within: Duration,
+) -> (Result<moat_registry::Admitted, String>, Duration) {
+    let started = Instant::now();
+    let mut out = resolver
+        .check(
+            trust,
+            namespace,
+            &[Image { raw, parsed }],
+            Instant::now() + within,
+        )
+        .await;
+    (out.remove(0), started.elapsed())
+}
+
+/// A tenant whose images come from a registry that never answers (its own, under
+/// `unmatched: pin`) holds at most `MAX_WAITING_REVIEWS_PER_NAMESPACE` reviews waiting: the
+/// next is denied at once with the reason, another namespace's reviews still reach their
+/// registries, and once the waits end the tenant may try again.
+#[tokio::test]
+async fn one_namespace_cannot_hold_more_than_its_share_of_reviews_on_slow_registries() {
+    use moat_registry::limits::MAX_WAITING_REVIEWS_PER_NAMESPACE;
+    let slow = tarpit().await;
+    let (fast, ca) = canned(http(
+        "404 Not Found",
+        &[("content-length", "0".into())],
+        b"",
+    ))
+    .await;
+    let (trust, resolver) = resolver(&ca, "");
+    let images: Vec<(String, ImageRef)> = (0..=MAX_WAITING_REVIEWS_PER_NAMESPACE)
+        .map(|i| {
+            let raw = format!("{slow}/app{i}:1");
+            let parsed = raw.parse().unwrap();
+            (raw, parsed)
+        })
+        .collect();
+    let raw = format!("{fast}/shop/api:1");
+    let shop = (raw.clone(), raw.parse::<ImageRef>().unwrap());
+    let review = |namespace, image, within| review(&resolver, &trust, namespace, image, within);
+    let (held, (refused, other)) = tokio::join!(
+        futures_util::future::join_all(
+            images[..MAX_WAITING_REVIEWS_PER_NAMESPACE]
+                .iter()
+                .map(|image| review("evil", image, Duration::from_secs(2)))
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let refused = review(
+                "evil",
+                &images[MAX_WAITING_REVIEWS_PER_NAMESPACE],
+                Duration::from_secs(2),
+            )
+            .await;
+            let other = review("shop", &shop, Duration::from_secs(2)).await;
+            (refused, other)
+        }
+    );
+    for (answer, took) in &held {
+        let why = answer.as_ref().unwrap_err();
+        assert!(why.contains("did not answer"), "{why}");
+        assert!(*took >= Duration::from_millis(1900), "{took:?}");
+    }
+    let (answer, took) = refused;
+    let why = answer.unwrap_err();
+    assert!(
+        why.contains(&format!(
+            "{MAX_WAITING_REVIEWS_PER_NAMESPACE} reviews of namespace evil are already waiting on registries"
+        )),
+        "{why}"
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "denied at once: {took:?}"
+    );
+    let (answer, _) = other;
+    let why = answer.unwrap_err();
+    assert!(
+        !why.contains("already waiting"),
+        "another namespace is not held: {why}"
+    );
+    assert!(why.contains(&fast), "{why}");
+
+    // The waits are over: the tenant's next review is looked up again.
+    let (answer, _) = review("evil", &images[0], Duration::from_millis(300)).await;
+    let why = answer.unwrap_err();
+    assert!(!why.contains("already waiting"), "{why}");
+}
