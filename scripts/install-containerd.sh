@@ -13,23 +13,8 @@ if want_version && command -v runc >/dev/null && command -v busybox >/dev/null; 
   containerd --version
   exit 0
 fi
-if [ "$(id -u)" != 0 ]; then
-  echo "install-containerd: run as root (apt-get install)" >&2
-  exit 1
-fi
-
 "$(dirname "$0")/trixie-source.sh" containerd
-
-# No init system here, but a package's maintainer script must not start a daemon either.
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy"
-  chmod +x "$policy"
-  trap 'rm -f "$policy"' EXIT
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq containerd runc busybox-static >/dev/null
+"$(dirname "$0")/apt-install.sh" containerd runc busybox-static
 want_version || { echo "install-containerd: containerd 1.7 or newer was not installed" >&2; exit 1; }
 containerd --version
 runc --version | head -1

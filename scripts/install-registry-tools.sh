@@ -10,19 +10,7 @@ if command -v docker-registry >/dev/null && command -v skopeo >/dev/null && comm
   && command -v htpasswd >/dev/null && command -v openssl >/dev/null; then
   exit 0
 fi
-if [ "$(id -u)" != 0 ]; then
-  echo "install-registry-tools: run as root (apt-get install)" >&2
-  exit 1
-fi
 "$(dirname "$0")/trixie-source.sh" cosign
-# The docker-registry package ships a service: its maintainer script must not start it.
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy"
-  chmod +x "$policy"
-  trap 'rm -f "$policy"' EXIT
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends docker-registry skopeo cosign apache2-utils openssl >/dev/null
+# docker-registry ships a service, which apt-install.sh keeps from starting.
+"$(dirname "$0")/apt-install.sh" --no-install-recommends docker-registry skopeo cosign apache2-utils openssl
 cosign version 2>/dev/null | grep -E '^GitVersion' || true

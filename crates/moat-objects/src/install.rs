@@ -1003,29 +1003,37 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
         FailurePolicy::Fail => "Fail",
         FailurePolicy::Ignore => "Ignore",
     };
-    let failure = policy_name(failure_policy);
     let mut metadata = json!({"name": NAME, "labels": labels});
     if cert_manager {
         metadata["annotations"] =
             json!({"cert-manager.io/inject-ca-from": format!("{ns}/{NAME}-tls")});
     }
-    let pods = json!({"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"], "scope": "Namespaced"});
-    let mutating = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": metadata,
-        "webhooks": [{
-            "name": "mutate.moat.dev",
-            "clientConfig": client("/mutate"),
-            "rules": [pods],
+    // What every webhook of moat's shares: the Service, the exempt namespaces, the timeout.
+    let webhook = |name: &str, path: &str, rules: Value, failure: FailurePolicy| {
+        json!({
+            "name": name,
+            "clientConfig": client(path),
+            "rules": rules,
             "namespaceSelector": namespace_selector,
-            "failurePolicy": failure,
+            "failurePolicy": policy_name(failure),
             "matchPolicy": "Equivalent",
             "sideEffects": "None",
             "timeoutSeconds": timeout_seconds,
             "admissionReviewVersions": ["v1"],
-            // Re-run after other webhooks changed the pod, so moat's additions survive them.
-            "reinvocationPolicy": "IfNeeded",
-        }],
+        })
+    };
+    let mut mutate = webhook(
+        "mutate.moat.dev",
+        "/mutate",
+        json!([{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"], "scope": "Namespaced"}]),
+        failure_policy,
+    );
+    // Re-run after other webhooks changed the pod, so moat's additions survive them.
+    mutate["reinvocationPolicy"] = json!("IfNeeded");
+    let mutating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": metadata,
+        "webhooks": [mutate],
     });
     let core: Vec<&str> = if pods_validated {
         vec![
@@ -1037,24 +1045,18 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
     } else {
         vec!["replicationcontrollers"]
     };
-    let mut validate = json!({
-        "name": "validate.moat.dev",
-        "clientConfig": client("/validate"),
-        "rules": [
+    let mut validate = webhook(
+        "validate.moat.dev",
+        "/validate",
+        json!([
             {"apiGroups": [""], "apiVersions": ["v1"], "resources": core, "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
             {"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
             {"apiGroups": ["batch"], "apiVersions": ["v1"], "resources": ["jobs", "cronjobs"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
-        ],
-        "namespaceSelector": namespace_selector,
-        "failurePolicy": failure,
-        "matchPolicy": "Equivalent",
-        "sideEffects": "None",
-        "timeoutSeconds": timeout_seconds,
-        "admissionReviewVersions": ["v1"],
-    });
+        ]),
+        failure_policy,
+    );
     let mut webhooks = Vec::new();
     if let Some(images_failure) = images_failure {
-        let changed = crate::backstop::images_changed();
         if pods_validated {
             // The two webhooks split pod requests between them: each is reviewed once.
             validate["matchConditions"] = json!([{
@@ -1063,20 +1065,15 @@ fn webhooks(config: &Config, options: &WebhookOptions<'_>) -> (Value, Value) {
             }]);
         }
         webhooks.push(validate);
-        webhooks.push(json!({
-            "name": "images.moat.dev",
-            "clientConfig": client("/validate"),
-            "rules": [
-                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"},
-            ],
-            "namespaceSelector": namespace_selector,
-            "matchConditions": [{"name": "images-changed", "expression": changed}],
-            "failurePolicy": policy_name(images_failure),
-            "matchPolicy": "Equivalent",
-            "sideEffects": "None",
-            "timeoutSeconds": timeout_seconds,
-            "admissionReviewVersions": ["v1"],
-        }));
+        let mut images = webhook(
+            "images.moat.dev",
+            "/validate",
+            json!([{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods", "pods/ephemeralcontainers"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]),
+            images_failure,
+        );
+        images["matchConditions"] =
+            json!([{"name": "images-changed", "expression": crate::backstop::images_changed()}]);
+        webhooks.push(images);
     } else {
         webhooks.push(validate);
     }

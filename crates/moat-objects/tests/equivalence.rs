@@ -139,6 +139,28 @@ fn matches(expr: &str, case: &Case) -> bool {
     }
 }
 
+/// The engine's view of `case` at `stage`.
+fn request<'a>(
+    case: &'a Case,
+    stage: Stage,
+    object: &'a Template,
+    old: Option<&'a Template>,
+) -> Request<'a> {
+    Request {
+        operation: case.operation,
+        stage,
+        object: Some(object),
+        old_object: old,
+        namespace: &case.namespace,
+        namespace_labels: Some(&case.namespace_labels),
+        dry_run: case.dry_run,
+        requester: Some(Requester {
+            username: &case.username,
+        }),
+        placement_seed: "uid",
+    }
+}
+
 /// moat's validate stage: the policies that would deny (enforced or audited).
 fn moat_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
     let template = Template::from_value(&case.object).unwrap().unwrap();
@@ -148,19 +170,7 @@ fn moat_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
         .map(|o| Template::from_value(o).unwrap().unwrap());
     let decision = engine::decide(
         config,
-        &Request {
-            operation: case.operation,
-            stage: Stage::Validate,
-            object: Some(&template),
-            old_object: old.as_ref(),
-            namespace: &case.namespace,
-            namespace_labels: Some(&case.namespace_labels),
-            dry_run: case.dry_run,
-            requester: Some(Requester {
-                username: &case.username,
-            }),
-            placement_seed: "uid",
-        },
+        &request(case, Stage::Validate, &template, old.as_ref()),
     );
     let mut out: BTreeMap<Policy, Vec<String>> = BTreeMap::new();
     for d in decision.denials.iter().chain(&decision.audited) {
@@ -184,22 +194,7 @@ fn backstop_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>
 /// The final pod moat's mutating webhook makes of `case` (None when it denies).
 fn mutated(config: &Config, case: &Case) -> Option<Value> {
     let template = Template::from_value(&case.object).unwrap().unwrap();
-    let decision = engine::decide(
-        config,
-        &Request {
-            operation: case.operation,
-            stage: Stage::Mutate,
-            object: Some(&template),
-            old_object: None,
-            namespace: &case.namespace,
-            namespace_labels: Some(&case.namespace_labels),
-            dry_run: case.dry_run,
-            requester: Some(Requester {
-                username: &case.username,
-            }),
-            placement_seed: "uid",
-        },
-    );
+    let decision = engine::decide(config, &request(case, Stage::Mutate, &template, None));
     if !decision.allowed() {
         return None;
     }
@@ -819,19 +814,7 @@ fn the_images_webhook_sees_every_request_that_needs_a_registry() {
                 .old_object
                 .as_ref()
                 .map(|o| Template::from_value(o).unwrap().unwrap());
-            let request = Request {
-                operation: case.operation,
-                stage: Stage::Validate,
-                object: Some(&object),
-                old_object: old.as_ref(),
-                namespace: &case.namespace,
-                namespace_labels: Some(&case.namespace_labels),
-                dry_run: case.dry_run,
-                requester: Some(Requester {
-                    username: &case.username,
-                }),
-                placement_seed: "uid",
-            };
+            let request = request(case, Stage::Validate, &object, old.as_ref());
             let resolves = !engine::images_to_resolve(&config, &request).is_empty();
             let sent = matches(&changed, case);
             assert_ne!(
