@@ -181,15 +181,30 @@ pub struct Decision {
     pub patch: json_patch::Patch,
 }
 
+/// Denials [`Decision::message`] spells out.
+pub const MESSAGE_DENIALS: usize = 32;
+
 impl Decision {
     /// Whether the object is admitted.
     pub fn allowed(&self) -> bool {
         self.denials.is_empty()
     }
 
-    /// All denial messages in one line, `; `-separated (empty when allowed).
+    /// The denial messages in one line, `; `-separated (empty when allowed): the first
+    /// [`MESSAGE_DENIALS`], then how many more. A tenant's pod of thousands of bad containers
+    /// gets a message a person can read and an answer of bounded size.
     pub fn message(&self) -> String {
-        let msgs: Vec<&str> = self.denials.iter().map(|d| d.message.as_str()).collect();
+        let mut msgs: Vec<&str> = self
+            .denials
+            .iter()
+            .take(MESSAGE_DENIALS)
+            .map(|d| d.message.as_str())
+            .collect();
+        let more = self.denials.len().saturating_sub(MESSAGE_DENIALS);
+        let tail = format!("and {more} more");
+        if more > 0 {
+            msgs.push(&tail);
+        }
         msgs.join("; ")
     }
 

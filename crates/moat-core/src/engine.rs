@@ -217,13 +217,7 @@ pub fn image_review_to_resolve<'a>(
     if config.images.trust.is_none() || namespace_exempt(config, namespace) {
         return Vec::new();
     }
-    let mut out: Vec<&str> = Vec::new();
-    for raw in images {
-        if !raw.is_empty() && !out.contains(&raw) {
-            out.push(raw);
-        }
-    }
-    out
+    images::unique(images.into_iter())
 }
 
 /// The image rule alone, for kube-apiserver's ImagePolicyWebhook (`ImageReview`), with the same

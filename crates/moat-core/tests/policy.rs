@@ -203,6 +203,34 @@ fn every_container_kind_is_checked_and_all_denials_reported() {
     assert_denied(&d, "container 'debug' (spec.ephemeralContainers[0])");
 }
 
+/// A pod of a thousand bad containers is denied for each (all counted), and its message names
+/// the first `MESSAGE_DENIALS` and how many more: readable, and bounded in size.
+#[test]
+fn a_message_names_the_first_denials_and_counts_the_rest() {
+    use moat_core::decision::MESSAGE_DENIALS;
+    let containers: Vec<Value> = (0..1000)
+        .map(|i| json!({"name": format!("c{i}"), "image": format!("r.io/i{i}:latest")}))
+        .collect();
+    let d = create(&Config::default(), &pod(json!({"containers": containers})));
+    assert_eq!(d.denials.len(), 1000);
+    let message = d.message();
+    assert_eq!(
+        message.matches("uses the mutable tag").count(),
+        MESSAGE_DENIALS
+    );
+    assert!(
+        message.contains("container 'c31' (spec.containers[31])"),
+        "{message}"
+    );
+    assert!(!message.contains("'c32'"), "{message}");
+    assert!(
+        message.ends_with(&format!("; and {} more", 1000 - MESSAGE_DENIALS)),
+        "{message}"
+    );
+    let few = pod(json!({"containers": [{"name": "a", "image": "x:latest"}]}));
+    assert!(!create(&Config::default(), &few).message().contains("more"));
+}
+
 #[test]
 fn allowed_registries_and_required_digests() {
     let c = config(

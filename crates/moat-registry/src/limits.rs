@@ -23,6 +23,12 @@ pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// and the others' reviews go on.
 pub const MAX_CALLS_IN_FLIGHT_PER_REGISTRY: usize = MAX_CALLS_IN_FLIGHT / 4;
 
+/// Distinct images one review may ask about. A pod names a handful; the tenant writes it,
+/// though, and one of 60,000 distinct images would otherwise be 60,000 lookups started at once
+/// (each a future of a few KiB: more memory than moat's limit) for one review. More is denied
+/// without a registry call.
+pub const MAX_IMAGES_PER_REVIEW: usize = 256;
+
 /// Reviews of one namespace waiting on registries at once (those with an image not in the
 /// cache). Each holds one of the webhook's decision slots for up to its registry budget, and
 /// every review comes from the API server, so the server's per-source bound does not tell

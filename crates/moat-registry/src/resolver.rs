@@ -17,8 +17,9 @@ use crate::cosign::{self, Claims};
 use crate::digest::Digest;
 use crate::error::{FailureReason, RegistryError};
 use crate::limits::{
-    MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_PAYLOAD_BYTES,
-    MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_REVIEWS_PER_NAMESPACE, VERIFIED_TTL,
+    MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_IMAGES_PER_REVIEW, MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_PAYLOAD_BYTES, MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_REVIEWS_PER_NAMESPACE,
+    VERIFIED_TTL,
 };
 use crate::metrics::{CacheKind, Call, RegistryMetrics};
 
@@ -162,6 +163,14 @@ impl Resolver {
         images: &[Image<'_>],
         deadline: Instant,
     ) -> Vec<Result<Admitted, String>> {
+        if images.len() > MAX_IMAGES_PER_REVIEW {
+            let why = format!(
+                "not looked up: the pod names {} distinct images, more than the \
+                 {MAX_IMAGES_PER_REVIEW} moat resolves for one review",
+                images.len()
+            );
+            return images.iter().map(|_| Err(why.clone())).collect();
+        }
         let now = Instant::now();
         let budget = deadline.saturating_duration_since(now);
         // The warm path first, with no future, timer or allocation per image but the answer:

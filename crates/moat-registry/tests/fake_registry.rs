@@ -431,3 +431,59 @@ async fn one_namespace_cannot_hold_more_than_its_share_of_reviews_on_slow_regist
     let why = answer.unwrap_err();
     assert!(!why.contains("already waiting"), "{why}");
 }
+
+/// A review naming more distinct images than `MAX_IMAGES_PER_REVIEW` is refused whole, at once,
+/// without a registry call (each lookup would be a future held until the deadline).
+#[tokio::test]
+async fn a_review_of_too_many_images_is_refused_without_a_registry_call() {
+    use moat_registry::limits::MAX_IMAGES_PER_REVIEW;
+    let slow = tarpit().await;
+    let (_, ca) = canned(Vec::new()).await;
+    let (trust, resolver) = resolver(&ca, "");
+    let images: Vec<(String, ImageRef)> = (0..=MAX_IMAGES_PER_REVIEW)
+        .map(|i| {
+            let raw = format!("{slow}/app{i}:1");
+            let parsed = raw.parse().unwrap();
+            (raw, parsed)
+        })
+        .collect();
+    let asked: Vec<Image<'_>> = images
+        .iter()
+        .map(|(raw, parsed)| Image { raw, parsed })
+        .collect();
+    let started = Instant::now();
+    let answers = resolver
+        .check(
+            &trust,
+            "tenant",
+            &asked,
+            Instant::now() + Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(answers.len(), asked.len());
+    for answer in answers {
+        let why = answer.unwrap_err();
+        assert!(
+            why.contains(&format!(
+                "names {} distinct images, more than the {MAX_IMAGES_PER_REVIEW}",
+                MAX_IMAGES_PER_REVIEW + 1
+            )),
+            "{why}"
+        );
+    }
+    // One fewer is looked up (and waits on the registry that never answers).
+    let answers = resolver
+        .check(
+            &trust,
+            "tenant",
+            &asked[..MAX_IMAGES_PER_REVIEW],
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(answers[0].as_ref().unwrap_err().contains("did not answer"));
+}
