@@ -465,95 +465,109 @@ impl AdmissionIn {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewOut<'a> {
-    api_version: &'a str,
-    kind: &'a str,
-    response: ResponseOut<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+/// What an AdmissionReview answer says.
 struct ResponseOut<'a> {
     uid: &'a str,
     allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<StatusOut>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    /// The denial's message (`status.code` is [`DENIED_STATUS_CODE`]).
+    denied: Option<String>,
+    /// The JSON Patch, as JSON: written base64 (`patchType: JSONPatch`).
+    patch: Option<Vec<u8>>,
     warnings: &'a [String],
-}
-
-#[derive(Serialize)]
-struct StatusOut {
-    code: u16,
-    message: String,
 }
 
 /// The AdmissionReview answer to `review` for `decision`: allowed (with the patch, base64, when
 /// there is one) or denied with every reason; warnings either way.
 pub fn admission_answer(review: &AdmissionIn, decision: &Decision) -> Bytes {
     let allowed = decision.allowed();
-    let patch = (allowed && !decision.patch.0.is_empty())
-        .then(|| serde_json::to_vec(&decision.patch).ok())
-        .flatten()
-        .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
-    let response = ResponseOut {
-        uid: &review.uid,
-        allowed,
-        status: (!allowed).then(|| StatusOut {
-            code: DENIED_STATUS_CODE,
-            message: decision.message(),
-        }),
-        patch_type: patch.as_ref().map(|_| "JSONPatch"),
-        patch,
-        warnings: &decision.warnings,
-    };
-    to_bytes(&ReviewOut {
-        api_version: review.api_version,
-        kind: "AdmissionReview",
-        response,
-    })
+    review_out(
+        review.api_version,
+        &ResponseOut {
+            uid: &review.uid,
+            allowed,
+            denied: (!allowed).then(|| decision.message()),
+            patch: (allowed && !decision.patch.0.is_empty())
+                .then(|| serde_json::to_vec(&decision.patch).ok())
+                .flatten(),
+            warnings: &decision.warnings,
+        },
+    )
 }
 
 /// An allow with nothing to say (nothing to decide: DELETE without an object, CONNECT).
 pub fn admission_allow(review: &AdmissionIn) -> Bytes {
-    to_bytes(&ReviewOut {
-        api_version: review.api_version,
-        kind: "AdmissionReview",
-        response: ResponseOut {
+    review_out(
+        review.api_version,
+        &ResponseOut {
             uid: &review.uid,
             allowed: true,
-            status: None,
+            denied: None,
             patch: None,
-            patch_type: None,
             warnings: &[],
         },
-    })
+    )
 }
 
 /// An object refused because moat cannot read it as its kind (a denial, not an HTTP error:
 /// the reason reaches the user instead of `failurePolicy` deciding).
 pub fn admission_deny(review: &AdmissionIn, message: String) -> Bytes {
-    to_bytes(&ReviewOut {
-        api_version: review.api_version,
-        kind: "AdmissionReview",
-        response: ResponseOut {
+    review_out(
+        review.api_version,
+        &ResponseOut {
             uid: &review.uid,
             allowed: false,
-            status: Some(StatusOut {
-                code: DENIED_STATUS_CODE,
-                message,
-            }),
+            denied: Some(message),
             patch: None,
-            patch_type: None,
             warnings: &[],
         },
-    })
+    )
+}
+
+/// The AdmissionReview answer's bytes, written by hand: the base64 patch, most of an allowed
+/// answer's bytes, is encoded straight into the output with no escaping pass over it (its
+/// alphabet needs none), where serialising it as a string scanned every byte again. Strings
+/// from the request or the decision go through serde_json's escaping.
+fn review_out(api_version: &str, r: &ResponseOut<'_>) -> Bytes {
+    use base64::engine::general_purpose::STANDARD;
+    let patch_len = r
+        .patch
+        .as_ref()
+        .map_or(0, |p| base64::encoded_len(p.len(), true).unwrap_or(0));
+    let mut out = Vec::with_capacity(160 + r.uid.len() + patch_len);
+    let string = |out: &mut Vec<u8>, s: &str| {
+        // Writing a string to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    out.extend_from_slice(b"{\"apiVersion\":");
+    string(&mut out, api_version);
+    out.extend_from_slice(b",\"kind\":\"AdmissionReview\",\"response\":{\"uid\":");
+    string(&mut out, r.uid);
+    out.extend_from_slice(if r.allowed {
+        b",\"allowed\":true"
+    } else {
+        b",\"allowed\":false"
+    });
+    if let Some(message) = &r.denied {
+        out.extend_from_slice(
+            format!(",\"status\":{{\"code\":{DENIED_STATUS_CODE},\"message\":").as_bytes(),
+        );
+        string(&mut out, message);
+        out.push(b'}');
+    }
+    if let Some(patch) = &r.patch {
+        out.extend_from_slice(b",\"patch\":\"");
+        let start = out.len();
+        out.resize(start + patch_len, 0);
+        let written = STANDARD.encode_slice(patch, &mut out[start..]).unwrap_or(0);
+        out.truncate(start + written);
+        out.extend_from_slice(b"\",\"patchType\":\"JSONPatch\"");
+    }
+    if !r.warnings.is_empty() {
+        out.extend_from_slice(b",\"warnings\":");
+        let _ = serde_json::to_writer(&mut out, r.warnings);
+    }
+    out.extend_from_slice(b"}}");
+    Bytes::from(out)
 }
 
 fn to_bytes<T: Serialize>(v: &T) -> Bytes {
@@ -671,6 +685,62 @@ pub fn image_review_answer(decision: &Decision) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-written answer is the JSON serde would write: escapes in every string from
+    /// the request or the decision, the patch base64, fields present only when set.
+    #[test]
+    fn the_written_answer_is_the_json_of_its_fields() {
+        use base64::Engine as _;
+        use serde_json::json;
+        let tricky = "a \"quoted\" \\ line\nwith\ttabs, \u{7f}\u{1}, é and ☃";
+        let patch = br#"[{"op":"add","path":"/spec/runtimeClassName","value":"gvisor \"x\""}]"#;
+        let warnings = vec![tricky.to_owned(), "second".to_owned()];
+        let cases = [
+            (
+                ResponseOut {
+                    uid: tricky,
+                    allowed: true,
+                    denied: None,
+                    patch: Some(patch.to_vec()),
+                    warnings: &warnings,
+                },
+                json!({"uid": tricky, "allowed": true,
+                       "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+                       "patchType": "JSONPatch", "warnings": warnings}),
+            ),
+            (
+                ResponseOut {
+                    uid: "u",
+                    allowed: false,
+                    denied: Some(tricky.to_owned()),
+                    patch: None,
+                    warnings: &[],
+                },
+                json!({"uid": "u", "allowed": false, "status": {"code": 403, "message": tricky}}),
+            ),
+            (
+                ResponseOut {
+                    uid: "u",
+                    allowed: true,
+                    denied: None,
+                    patch: None,
+                    warnings: &[],
+                },
+                json!({"uid": "u", "allowed": true}),
+            ),
+        ];
+        for version in ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"] {
+            for (response, expected) in &cases {
+                let bytes = review_out(version, response);
+                let written: serde_json::Value = serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&bytes)));
+                assert_eq!(
+                    written,
+                    json!({"apiVersion": version, "kind": "AdmissionReview", "response": expected})
+                );
+            }
+        }
+    }
 
     const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","labels":{"a":"b"}},"spec":{"containers":[{"name":"c","image":"x:1"}],"tolerations":[{"key":"k","operator":"Exists"}]}}"#;
     const KIND: &str = r#"{"group":"","version":"v1","kind":"Pod"}"#;
