@@ -33,7 +33,9 @@ cargo build --release --locked -p moat-server --example ceiling
 
 dir=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+# The servers drain for a few seconds after SIGTERM, reading their configuration files until
+# they exit: the files go only once they have.
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 
 # A realistic review: a 3-container Pod CREATE as the API server sends it, compact JSON.
