@@ -66,6 +66,10 @@ pub(crate) struct Repo<'a> {
     pub label: &'a str,
     /// The path inside the registry (`library/busybox`).
     pub path: &'a str,
+    /// Whether idle connections to it are kept for the next lookup: for the registries rules
+    /// name. The others are named by tenants (`unmatched: pin`), and a pool per host they name
+    /// would hold descriptors without bound, so their connections close after each call.
+    pub pooled: bool,
 }
 
 /// A body read from a registry.
@@ -85,6 +89,8 @@ type AuthKey = (String, String, u64);
 #[derive(Debug)]
 pub(crate) struct Client {
     http: HyperClient<Https, Empty<Bytes>>,
+    /// The same, keeping no idle connection (see [`Repo::pooled`]).
+    unpooled: HyperClient<Https, Empty<Bytes>>,
     credentials: Option<Credentials>,
     /// [`AuthKey`] → `Authorization` value and its expiry.
     authorizations: Mutex<HashMap<AuthKey, (Arc<str>, Instant)>>,
@@ -140,10 +146,14 @@ impl Client {
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_HOST)
+            .build(https.clone());
+        let unpooled = HyperClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .build(https);
         let credentials = credentials_file.map(Credentials::open).transpose()?;
         Ok(Self {
             http,
+            unpooled,
             credentials,
             authorizations: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
@@ -202,7 +212,7 @@ impl Client {
         let key = (reg.to_owned(), scope.clone(), generation);
         let mut authorization = self.cached_authorization(&key);
         let mut response = self
-            .send(reg, &uri, accept, authorization.as_deref())
+            .send(repo, &uri, accept, authorization.as_deref())
             .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             let challenge = response
@@ -240,7 +250,7 @@ impl Client {
             self.store_authorization(key.clone(), value.clone(), ttl);
             authorization = Some(value);
             response = self
-                .send(reg, &uri, accept, authorization.as_deref())
+                .send(repo, &uri, accept, authorization.as_deref())
                 .await?;
             if response.status() == StatusCode::UNAUTHORIZED {
                 self.drop_authorization(&key);
@@ -278,7 +288,7 @@ impl Client {
             } else {
                 None
             };
-            response = self.send(reg, &uri, accept, auth).await?;
+            response = self.send(repo, &uri, accept, auth).await?;
         }
         match response.status() {
             StatusCode::OK => {}
@@ -305,7 +315,7 @@ impl Client {
 
     async fn send(
         &self,
-        registry: &str,
+        repo: Repo<'_>,
         uri: &Uri,
         accept: Option<&str>,
         authorization: Option<&str>,
@@ -317,14 +327,19 @@ impl Client {
         if let Some(a) = authorization {
             req = req.header(header::AUTHORIZATION, a);
         }
+        let registry = repo.registry;
         let req = req
             .body(Empty::new())
             .map_err(|e| RegistryError::Unreachable {
                 registry: registry.to_owned(),
                 reason: format!("the request cannot be made: {e}"),
             })?;
-        self.http
-            .request(req)
+        let http = if repo.pooled {
+            &self.http
+        } else {
+            &self.unpooled
+        };
+        http.request(req)
             .await
             .map_err(|e| RegistryError::Unreachable {
                 registry: registry.to_owned(),
@@ -369,7 +384,7 @@ impl Client {
             .map_err(|_| auth_err(format!("its token service '{realm}' is not a URL")))?;
         let started = Instant::now();
         let basic = login.map(crate::auth::Login::basic_header);
-        let response = self.send(reg, &uri, None, basic.as_deref()).await;
+        let response = self.send(repo, &uri, None, basic.as_deref()).await;
         let result = async {
             let response = response?;
             if response.status() != StatusCode::OK {

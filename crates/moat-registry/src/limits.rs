@@ -86,7 +86,9 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(300);
 /// A token is dropped this long before it expires, so it is not sent as it lapses.
 pub const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
-/// Idle connections kept per registry host, for the next cold lookup to skip the handshake.
+/// Idle connections kept per registry host, for the next cold lookup to skip the handshake:
+/// only for registries a rule names (the operator bounds them); connections to the others,
+/// which tenants name, close after each call.
 pub const MAX_IDLE_CONNECTIONS_PER_HOST: usize = 4;
 
 /// How long an idle registry connection is kept.

@@ -254,6 +254,7 @@ impl Resolver {
             registry: parsed.domain(),
             label,
             path: parsed.path(),
+            pooled: rule.is_some(),
         };
         let ttl = Duration::from_secs(u64::from(trust.tag_ttl_seconds));
         let work = async {

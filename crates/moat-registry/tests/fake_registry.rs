@@ -487,3 +487,75 @@ async fn a_review_of_too_many_images_is_refused_without_a_registry_call() {
         .await;
     assert!(answers[0].as_ref().unwrap_err().contains("did not answer"));
 }
+
+/// A keep-alive registry answering 404 to everything: its `host:port`, the CA to trust, and
+/// how many connections are open to it.
+async fn keep_alive() -> (String, String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (ca, acceptor) = tls();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let open = Arc::new(AtomicUsize::new(0));
+    let counted = open.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, open) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                open.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    'requests: loop {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tls.read(&mut buf).await {
+                                Ok(0) | Err(_) => break 'requests,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        head.clear();
+                        let answer = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+                        if tls.write_all(answer).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, ca, open)
+}
+
+/// Connections to a registry a rule names are kept for the next lookup; those to registries
+/// tenants name (`unmatched: pin`) close after each call, so tenants naming many hosts cannot
+/// make moat hold a pool of idle connections per host.
+#[tokio::test]
+async fn idle_connections_are_kept_only_for_registries_a_rule_names() {
+    use std::sync::atomic::Ordering;
+    let (named, ca, named_open) = keep_alive().await;
+    let (other, other_ca, other_open) = keep_alive().await;
+    let (trust, resolver) = resolver(
+        &format!("{ca}{other_ca}"),
+        &format!("rules:\n  - repositories: [\"{named}\"]\n    signatures: \"off\"\n"),
+    );
+    for registry in [&named, &other] {
+        let why = check_with(&resolver, &trust, &format!("{registry}/app:1"))
+            .await
+            .unwrap_err();
+        assert!(why.contains("has no tag"), "{why}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other_open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        other_open.load(Ordering::SeqCst),
+        0,
+        "closed after the call"
+    );
+    assert_eq!(
+        named_open.load(Ordering::SeqCst),
+        1,
+        "kept for the next lookup"
+    );
+}
