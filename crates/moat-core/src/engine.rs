@@ -250,7 +250,7 @@ pub fn review_images_verified<'a>(
             );
             continue;
         }
-        let (parsed, problems) = images::judge_parsed(&config.images, raw);
+        let (parsed, problems) = images::judge(&config.images, raw, verdicts);
         for problem in problems {
             found.deny(Policy::Images, format!("spec.containers[{i}]: {problem}"));
         }

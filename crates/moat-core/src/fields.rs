@@ -47,17 +47,18 @@ pub enum ImageSlot {
 }
 
 impl ImageSlot {
-    /// The JSON Pointer tokens of the image field.
-    fn tokens(self) -> Vec<String> {
-        let (list, i, leaf): (&str, usize, &[&str]) = match self {
-            Self::Container(i) => ("containers", i, &["image"]),
-            Self::InitContainer(i) => ("initContainers", i, &["image"]),
-            Self::EphemeralContainer(i) => ("ephemeralContainers", i, &["image"]),
-            Self::Volume(i) => ("volumes", i, &["image", "reference"]),
+    /// The JSON Pointer of the image field, written at once (names and an index: nothing to
+    /// escape).
+    fn pointer(self) -> PointerBuf {
+        let path = match self {
+            Self::Container(i) => format!("/spec/containers/{i}/image"),
+            Self::InitContainer(i) => format!("/spec/initContainers/{i}/image"),
+            Self::EphemeralContainer(i) => format!("/spec/ephemeralContainers/{i}/image"),
+            Self::Volume(i) => format!("/spec/volumes/{i}/image/reference"),
         };
-        let mut t = vec!["spec".to_owned(), list.to_owned(), i.to_string()];
-        t.extend(leaf.iter().map(|s| (*s).to_owned()));
-        t
+        // Always a valid pointer; parsed rather than trusted, so a typo here fails the tests
+        // (an empty pointer would replace the whole object) instead of writing a bad patch.
+        PointerBuf::parse(path).unwrap_or_default()
     }
 }
 
@@ -162,9 +163,10 @@ impl PodFields {
         }
         for (slot, image) in &after.image_pins {
             if self.image_pins.get(slot) != Some(image) {
-                let tokens = slot.tokens();
-                let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-                ops.push(replace(&tokens, Value::from(image.as_str())));
+                ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path: slot.pointer(),
+                    value: Value::from(image.as_str()),
+                }));
             }
         }
         Patch(ops)

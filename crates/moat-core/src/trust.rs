@@ -390,8 +390,52 @@ pub enum ImageVerdict {
     Refused(String),
 }
 
-/// Verdicts by image reference as the pod writes it.
-pub type ImageVerdicts = std::collections::HashMap<String, ImageVerdict>;
+/// Verdicts by image reference as the pod writes it, each with the reference as the server
+/// parsed it to ask the registry, so the decision does not parse it a second time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageVerdicts {
+    by_reference: std::collections::HashMap<String, (ImageVerdict, Option<ImageRef>)>,
+}
+
+impl ImageVerdicts {
+    /// No verdicts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the verdict on `raw`, with `parsed`, what `raw.parse()` gave.
+    pub fn insert(&mut self, raw: String, verdict: ImageVerdict, parsed: Option<ImageRef>) {
+        self.by_reference.insert(raw, (verdict, parsed));
+    }
+
+    /// The verdict on `raw`.
+    pub fn get(&self, raw: &str) -> Option<&ImageVerdict> {
+        self.by_reference.get(raw).map(|(v, _)| v)
+    }
+
+    /// `raw` parsed, when the verdict came with it.
+    pub fn parsed(&self, raw: &str) -> Option<&ImageRef> {
+        self.by_reference.get(raw).and_then(|(_, p)| p.as_ref())
+    }
+
+    /// How many references have a verdict.
+    pub fn len(&self) -> usize {
+        self.by_reference.len()
+    }
+
+    /// Whether no reference has one.
+    pub fn is_empty(&self) -> bool {
+        self.by_reference.is_empty()
+    }
+}
+
+impl FromIterator<(String, ImageVerdict)> for ImageVerdicts {
+    fn from_iter<I: IntoIterator<Item = (String, ImageVerdict)>>(iter: I) -> Self {
+        Self {
+            by_reference: iter.into_iter().map(|(r, v)| (r, (v, None))).collect(),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -289,3 +289,32 @@ fn image_review_denies_refused_and_unchecked_images() {
         "spec.containers[1]: image 'r.example/b:1': is not signed; spec.containers[2]: image 'r.example/c:1' was not checked at its registry"
     );
 }
+
+/// The decision judges a reference as the server parsed it to ask the registry (it does not
+/// parse it again): with the parse attached, the registry rule reads that parse, and without it
+/// the decision parses the reference itself, to the same verdict.
+#[test]
+fn the_decision_reads_the_servers_parse_of_a_reference() {
+    let c = config("images: {allowedRegistries: [r.example], trust: {unmatched: pin}}");
+    let object = pod(&["r.example/a:1"], None);
+    let (raw, verdict) = admitted("r.example/a:1");
+    let with_parse = |parsed: &str| {
+        let mut v = ImageVerdicts::new();
+        v.insert(raw.clone(), verdict.clone(), Some(parsed.parse().unwrap()));
+        v
+    };
+    let same = with_parse("r.example/a:1");
+    let (d, _) = decide_with(&c, &object, Stage::Mutate, Some(&same));
+    assert!(d.allowed(), "{}", d.message());
+    let parsed_alone: ImageVerdicts = [(raw.clone(), verdict.clone())].into_iter().collect();
+    let (alone, _) = decide_with(&c, &object, Stage::Mutate, Some(&parsed_alone));
+    assert_eq!(alone.allowed(), d.allowed());
+    // A parse of another registry's reference, attached: the rule reads it, so it is denied.
+    let other = with_parse("elsewhere.example/a:1");
+    let (d, _) = decide_with(&c, &object, Stage::Mutate, Some(&other));
+    assert!(
+        d.message().contains("not an allowed registry"),
+        "{}",
+        d.message()
+    );
+}

@@ -118,19 +118,17 @@ impl AppState {
             .collect();
         let deadline = std::time::Instant::now() + REGISTRY_BUDGET;
         let answers = resolver.check(trust, namespace, &asked, deadline).await;
-        Some(
-            asked
-                .iter()
-                .zip(answers)
-                .map(|(image, answer)| {
-                    let verdict = match answer {
-                        Ok(a) => ImageVerdict::Admitted { pinned: a.pinned },
-                        Err(why) => ImageVerdict::Refused(why),
-                    };
-                    (image.raw.to_owned(), verdict)
-                })
-                .collect(),
-        )
+        drop(asked);
+        // Each reference with its parse, so the decision does not parse it again.
+        let mut verdicts = ImageVerdicts::new();
+        for ((raw, parsed), answer) in parsed.into_iter().zip(answers) {
+            let verdict = match answer {
+                Ok(a) => ImageVerdict::Admitted { pinned: a.pinned },
+                Err(why) => ImageVerdict::Refused(why),
+            };
+            verdicts.insert(raw.to_owned(), verdict, Some(parsed));
+        }
+        Some(verdicts)
     }
 
     /// The configuration in force.

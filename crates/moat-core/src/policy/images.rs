@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use crate::fields::{ImageSlot, PodFields};
 use crate::subject::{Kind, Template};
-use crate::trust::ImageVerdict;
+use crate::trust::{ImageVerdict, ImageVerdicts};
 
 use crate::decision::Policy;
 use crate::engine::{Context, Findings};
@@ -143,7 +143,7 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
             out.deny(Policy::Images, format!("{who} has no image"));
             continue;
         };
-        let (parsed, problems) = judge_parsed(&ctx.config.images, raw);
+        let (parsed, problems) = judge(&ctx.config.images, raw, ctx.images);
         for problem in problems {
             out.deny(Policy::Images, format!("{who}: {problem}"));
         }
@@ -184,6 +184,18 @@ pub(crate) fn mutate(pins: Vec<Pin>, pod: &mut PodFields, out: &mut Findings) {
             format!("pin the image of {who} to '{pinned}'"),
         );
         pod.image_pins.insert(slot, pinned);
+    }
+}
+
+/// [`judge_parsed`], with the reference as the server parsed it when `verdicts` holds it.
+pub(crate) fn judge(
+    policy: &ImagePolicy,
+    raw: &str,
+    verdicts: Option<&ImageVerdicts>,
+) -> (bool, Vec<String>) {
+    match verdicts.and_then(|v| v.parsed(raw)) {
+        Some(image) => (true, judge_image(policy, raw, image)),
+        None => judge_parsed(policy, raw),
     }
 }
 
