@@ -175,9 +175,10 @@ impl Resolver {
         let budget = deadline.saturating_duration_since(now);
         // The warm path first, with no future, timer or allocation per image but the answer:
         // most reviews end here.
+        let mut identities = Identities::new(trust);
         let mut answers: Vec<Option<Result<Admitted, String>>> = images
             .iter()
-            .map(|image| self.warm(trust, namespace, *image, now).map(Ok))
+            .map(|image| self.warm(&mut identities, namespace, *image, now).map(Ok))
             .collect();
         if answers.iter().all(Option::is_some) {
             return answers.into_iter().flatten().collect();
@@ -214,12 +215,13 @@ impl Resolver {
     /// The image as admitted earlier under the same rule, if the cache still has it.
     fn warm(
         &self,
-        trust: &ImageTrust,
+        identities: &mut Identities<'_>,
         namespace: &str,
         image: Image<'_>,
         now: Instant,
     ) -> Option<Admitted> {
-        let identity = identity(trust, trust.rule_for(image.parsed, namespace))?;
+        let trust = identities.trust;
+        let identity = identities.of(trust.rule_for(image.parsed, namespace))?;
         match self.cache.get(image.raw, now) {
             Some(Cached::Admitted { admitted, rule }) if rule == identity => {
                 self.metrics.hit(CacheKind::image);
@@ -590,6 +592,31 @@ fn rule_identity(index: usize, rule: &TrustRule) -> u64 {
     rule_keys(rule).hash(&mut h);
     (rule.signatures == SignaturePolicy::Required).hash(&mut h);
     h.finish()
+}
+
+/// [`identity`]s worked out once per review: the images of a review mostly share a rule.
+struct Identities<'t> {
+    trust: &'t ImageTrust,
+    by_rule: Vec<Option<u64>>,
+}
+
+impl<'t> Identities<'t> {
+    fn new(trust: &'t ImageTrust) -> Self {
+        Self {
+            trust,
+            by_rule: vec![None; trust.rules.len()],
+        }
+    }
+
+    fn of(&mut self, matched: Option<(usize, &TrustRule)>) -> Option<u64> {
+        match matched {
+            Some((index, rule)) => match self.by_rule.get_mut(index) {
+                Some(known) => Some(*known.get_or_insert_with(|| rule_identity(index, rule))),
+                None => identity(self.trust, matched),
+            },
+            None => identity(self.trust, None),
+        }
+    }
 }
 
 /// A resolver shared by every endpoint.

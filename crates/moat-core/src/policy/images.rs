@@ -15,9 +15,8 @@ use crate::engine::{Context, Findings};
 use crate::image::ImageRef;
 use crate::subject::PodSpecView;
 
-/// One container of any kind, with its field path.
+/// One container of any kind (or image volume), with where it is.
 struct ContainerRef<'a> {
-    field: String,
     slot: ImageSlot,
     name: &'a str,
     image: Option<&'a str>,
@@ -27,7 +26,6 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     let mut out = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
         out.push(ContainerRef {
-            field: format!("spec.containers[{i}]"),
             slot: ImageSlot::Container(i),
             name: &c.name,
             image: c.image.as_deref(),
@@ -35,7 +33,6 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     }
     for (i, c) in spec.init_containers.iter().flatten().enumerate() {
         out.push(ContainerRef {
-            field: format!("spec.initContainers[{i}]"),
             slot: ImageSlot::InitContainer(i),
             name: &c.name,
             image: c.image.as_deref(),
@@ -43,7 +40,6 @@ fn all_containers(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     }
     for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
         out.push(ContainerRef {
-            field: format!("spec.ephemeralContainers[{i}]"),
             slot: ImageSlot::EphemeralContainer(i),
             name: &c.name,
             image: c.image.as_deref(),
@@ -57,7 +53,6 @@ fn all_images(spec: &PodSpecView) -> Vec<ContainerRef<'_>> {
     let mut out = all_containers(spec);
     for v in &spec.image_volumes {
         out.push(ContainerRef {
-            field: format!("spec.volumes[{}].image.reference", v.index),
             slot: ImageSlot::Volume(v.index),
             name: &v.name,
             image: v.reference.as_deref(),
@@ -133,19 +128,27 @@ pub(crate) struct Pin {
 pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
     let mut pins = Vec::new();
     for c in reviewed(ctx.template, ctx.old) {
-        let what = if c.field.starts_with("spec.volumes") {
-            "image volume"
-        } else {
-            "container"
+        // Who, for messages: written only when one is.
+        let who = || {
+            let (what, field) = match c.slot {
+                ImageSlot::Container(i) => ("container", format!("spec.containers[{i}]")),
+                ImageSlot::InitContainer(i) => ("container", format!("spec.initContainers[{i}]")),
+                ImageSlot::EphemeralContainer(i) => {
+                    ("container", format!("spec.ephemeralContainers[{i}]"))
+                }
+                ImageSlot::Volume(i) => {
+                    ("image volume", format!("spec.volumes[{i}].image.reference"))
+                }
+            };
+            format!("{what} '{}' ({})", c.name, ctx.field(&field))
         };
-        let who = format!("{what} '{}' ({})", c.name, ctx.field(&c.field));
         let Some(raw) = c.image.filter(|i| !i.is_empty()) else {
-            out.deny(Policy::Images, format!("{who} has no image"));
+            out.deny(Policy::Images, format!("{} has no image", who()));
             continue;
         };
         let (parsed, problems) = judge(&ctx.config.images, raw, ctx.images);
         for problem in problems {
-            out.deny(Policy::Images, format!("{who}: {problem}"));
+            out.deny(Policy::Images, format!("{}: {problem}", who()));
         }
         // A reference that does not parse was denied above and never sent to a registry.
         let Some(verdicts) = ctx.images.filter(|_| parsed) else {
@@ -160,16 +163,16 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
                     pins.push(Pin {
                         slot: c.slot,
                         pinned: pinned.clone(),
-                        who,
+                        who: who(),
                     });
                 }
             }
             Some(ImageVerdict::Refused(why)) => {
-                out.deny(Policy::Images, format!("{who}: image '{raw}': {why}"));
+                out.deny(Policy::Images, format!("{}: image '{raw}': {why}", who()));
             }
             None => out.deny(
                 Policy::Images,
-                format!("{who}: image '{raw}' was not checked at its registry"),
+                format!("{}: image '{raw}' was not checked at its registry", who()),
             ),
         }
     }
