@@ -338,6 +338,17 @@ async fn tarpit() -> String {
     addr
 }
 
+/// `n` distinct references at `registry`, each with its parse.
+fn distinct(registry: &str, n: usize) -> Vec<(String, ImageRef)> {
+    (0..n)
+        .map(|i| {
+            let raw = format!("{registry}/app{i}:1");
+            let parsed = raw.parse().unwrap();
+            (raw, parsed)
+        })
+        .collect()
+}
+
 /// One review of one image in `namespace`, given `within`: the answer and how long it took.
 async fn review(
     resolver: &Resolver,
@@ -373,13 +384,7 @@ async fn one_namespace_cannot_hold_more_than_its_share_of_reviews_on_slow_regist
     ))
     .await;
     let (trust, resolver) = resolver(&ca, "");
-    let images: Vec<(String, ImageRef)> = (0..=MAX_WAITING_REVIEWS_PER_NAMESPACE)
-        .map(|i| {
-            let raw = format!("{slow}/app{i}:1");
-            let parsed = raw.parse().unwrap();
-            (raw, parsed)
-        })
-        .collect();
+    let images = distinct(&slow, MAX_WAITING_REVIEWS_PER_NAMESPACE + 1);
     let raw = format!("{fast}/shop/api:1");
     let shop = (raw.clone(), raw.parse::<ImageRef>().unwrap());
     let review = |namespace, image, within| review(&resolver, &trust, namespace, image, within);
@@ -440,13 +445,7 @@ async fn a_review_of_too_many_images_is_refused_without_a_registry_call() {
     let slow = tarpit().await;
     let (_, ca) = canned(Vec::new()).await;
     let (trust, resolver) = resolver(&ca, "");
-    let images: Vec<(String, ImageRef)> = (0..=MAX_IMAGES_PER_REVIEW)
-        .map(|i| {
-            let raw = format!("{slow}/app{i}:1");
-            let parsed = raw.parse().unwrap();
-            (raw, parsed)
-        })
-        .collect();
+    let images = distinct(&slow, MAX_IMAGES_PER_REVIEW + 1);
     let asked: Vec<Image<'_>> = images
         .iter()
         .map(|(raw, parsed)| Image { raw, parsed })
