@@ -194,18 +194,18 @@ impl Decision {
     /// [`MESSAGE_DENIALS`], then how many more. A tenant's pod of thousands of bad containers
     /// gets a message a person can read and an answer of bounded size.
     pub fn message(&self) -> String {
-        let mut msgs: Vec<&str> = self
+        let msgs: Vec<&str> = self
             .denials
             .iter()
             .take(MESSAGE_DENIALS)
             .map(|d| d.message.as_str())
             .collect();
+        let mut message = msgs.join("; ");
         let more = self.denials.len().saturating_sub(MESSAGE_DENIALS);
-        let tail = format!("and {more} more");
         if more > 0 {
-            msgs.push(&tail);
+            message.push_str(&format!("; and {more} more"));
         }
-        msgs.join("; ")
+        message
     }
 
     /// The input object with the patch applied.

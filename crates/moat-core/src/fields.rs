@@ -60,6 +60,17 @@ impl ImageSlot {
         // (an empty pointer would replace the whole object) instead of writing a bad patch.
         PointerBuf::parse(path).unwrap_or_default()
     }
+
+    /// The image field as messages name it (`spec.containers[0]`,
+    /// `spec.volumes[2].image.reference`).
+    pub(crate) fn field(self) -> String {
+        match self {
+            Self::Container(i) => format!("spec.containers[{i}]"),
+            Self::InitContainer(i) => format!("spec.initContainers[{i}]"),
+            Self::EphemeralContainer(i) => format!("spec.ephemeralContainers[{i}]"),
+            Self::Volume(i) => format!("spec.volumes[{i}].image.reference"),
+        }
+    }
 }
 
 impl PodFields {

@@ -130,17 +130,11 @@ pub(crate) fn check(ctx: &Context<'_>, out: &mut Findings) -> Vec<Pin> {
     for c in reviewed(ctx.template, ctx.old) {
         // Who, for messages: written only when one is.
         let who = || {
-            let (what, field) = match c.slot {
-                ImageSlot::Container(i) => ("container", format!("spec.containers[{i}]")),
-                ImageSlot::InitContainer(i) => ("container", format!("spec.initContainers[{i}]")),
-                ImageSlot::EphemeralContainer(i) => {
-                    ("container", format!("spec.ephemeralContainers[{i}]"))
-                }
-                ImageSlot::Volume(i) => {
-                    ("image volume", format!("spec.volumes[{i}].image.reference"))
-                }
+            let what = match c.slot {
+                ImageSlot::Volume(_) => "image volume",
+                _ => "container",
             };
-            format!("{what} '{}' ({})", c.name, ctx.field(&field))
+            format!("{what} '{}' ({})", c.name, ctx.field(&c.slot.field()))
         };
         let Some(raw) = c.image.filter(|i| !i.is_empty()) else {
             out.deny(Policy::Images, format!("{} has no image", who()));
