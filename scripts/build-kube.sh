@@ -31,7 +31,7 @@ if [ "$want" = etcd ]; then
   tmp=$(mktemp -d "$out/.build.XXXXXX")
   (cd "$module" && GOBIN="$tmp" go install -trimpath -ldflags=-s\ -w tool) >&2 \
     || fail "step 'go install tool' of go.etcd.io/etcd/server/v3 $version failed (output above)"
-  mv "$tmp/v3" "$out/etcd"
+  mv "$tmp/server" "$out/etcd"   # go install names go.etcd.io/etcd/server/v3 "server"
   rm -rf "$tmp"
   "$out/etcd" --version | grep -q "etcd Version: ${version#v}" \
     || fail "built etcd does not report version $version: $("$out/etcd" --version | head -1)"

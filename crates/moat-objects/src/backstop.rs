@@ -253,7 +253,10 @@ pub fn not_an_image_change() -> String {
 /// Every image a pod pulls, with its key.
 fn image_entries(o: &str) -> String {
     let entry =
-        |name: &str, image: &str| format!("{{'key': {name} + '/' + {image}, 'image': {image}}}");
+        // `string(...)`: the API server's type checker reads a conditional as `dyn` inside a map
+        // literal and refuses a map whose values are `string` and `dyn` ("expected type
+        // 'string' but found 'dyn'"); the conversion states the type it cannot infer.
+        |name: &str, image: &str| format!("{{'key': {name} + '/' + {image}, 'image': string({image})}}");
     let c = entry("c.name", "(has(c.image) ? c.image : '')");
     let v = entry(
         "v.name",
