@@ -11,7 +11,9 @@
 # starts a containerd of its own under a temporary directory, runs the whole suite, then the
 # end-to-end tests of the identity agent (runc and gVisor) and of the image (ignored in a plain
 # `cargo test`) with MOAT_E2E_CONTAINERD_DIR pointing at that containerd and
-# MOAT_E2E_IMAGE_ARCHIVE at the image.
+# MOAT_E2E_IMAGE_ARCHIVE at the image. Last, `moat install` on a real kube-apiserver of each
+# supported version (built from k8s.io/kubernetes by scripts/build-kube.sh, cached per version
+# under ~/.cache/moat; started on loopback by scripts/start-test-kube.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,11 @@ if ! command -v protoc >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 fi
 
+echo "== the real control plane (k8s.io/kubernetes from its Go modules, cached per version)"
+# The versions moat supports, newest and oldest (docs/server.md, "Supported Kubernetes").
+kube_versions="v1.37.2 v1.34.4"
+for v in $kube_versions etcd; do scripts/build-kube.sh "$v" >/dev/null; done
+
 echo "== format"
 cargo fmt --all --check
 echo "== lint"
@@ -44,8 +51,10 @@ containerd_pid=$(scripts/start-test-containerd.sh "$e2e/containerd" "$e2e/images
   exit 1
 }
 registry_pids=""
+kube_pids=""
 cleanup() {
   kill "$containerd_pid" 2>/dev/null || true
+  for pid in $kube_pids; do kill "$pid" 2>/dev/null || true; done
   for pid in $registry_pids; do kill "$pid" 2>/dev/null || true; done
   # Shims and containers a failed test left behind, then their mounts.
   pkill -f -- "$e2e/containerd" 2>/dev/null || true
@@ -72,3 +81,13 @@ echo "== image trust against real registries (distribution, skopeo, cosign)"
   cargo test -p moat-registry --locked --test real_registry -- --ignored
   cargo test -p moat-server --locked --test registry -- --ignored
 )
+echo "== moat install on real kube-apiservers ($kube_versions)"
+for v in $kube_versions; do
+  kube_pids=$(scripts/start-test-kube.sh "$e2e/kube-$v" "$v")
+  (
+    . "$e2e/kube-$v/env"
+    cargo test -p moat --locked --test real_apiserver -- --ignored --test-threads=1
+  )
+  for pid in $kube_pids; do kill "$pid" 2>/dev/null || true; done
+  kube_pids=""
+done

@@ -144,12 +144,19 @@ fn objects(config: &Config, c: &Compiled, also_exempt: &[&str]) -> (Value, Value
         "metadata": {"name": c.name, "labels": labels},
         "spec": {
             "failurePolicy": "Fail",
+            // Written whole, with the API server's defaults: `matchConstraints` is atomic, so a
+            // server-side apply over a client-side one would otherwise conflict with the
+            // defaulted live value (found on a real kube-apiserver).
             "matchConstraints": {
+                "matchPolicy": "Equivalent",
+                "namespaceSelector": {},
+                "objectSelector": {},
                 "resourceRules": [{
                     "apiGroups": [""],
                     "apiVersions": ["v1"],
                     "operations": ["CREATE", "UPDATE"],
                     "resources": ["pods", "pods/ephemeralcontainers", "pods/status"],
+                    "scope": "*",
                 }],
             },
             "matchConditions": c.match_conditions.iter().map(|(name, expression)| json!({"name": name, "expression": expression})).collect::<Vec<_>>(),
@@ -171,10 +178,13 @@ fn objects(config: &Config, c: &Compiled, also_exempt: &[&str]) -> (Value, Value
         },
     });
     if !exact.is_empty() {
+        // Atomic too: written with the defaults the API server fills in.
         binding["spec"]["matchResources"] = json!({
+            "matchPolicy": "Equivalent",
             "namespaceSelector": {"matchExpressions": [
                 {"key": NAMESPACE_NAME_LABEL, "operator": "NotIn", "values": exact},
             ]},
+            "objectSelector": {},
         });
     }
     (policy, binding)

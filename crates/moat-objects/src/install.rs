@@ -675,7 +675,7 @@ fn deployment(
         if let Some(a) = container["args"].as_array_mut() {
             a.extend(args);
         }
-        container["env"] = json!([{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]);
+        container["env"] = json!([{"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]);
         // The server reads the serving pair only; the CA's key stays out of the file system
         // (the controller reads it through the API). Optional: on a first install the Secret
         // exists only once a replica has created it, and the pods must start to do that.
