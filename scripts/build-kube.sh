@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:?usage: scripts/build-kube.sh VERSION|etcd}
-cache=${MOAT_CACHE_DIR:-$HOME/.cache/moat}
+cache=${MOAT_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/moat}
 
 fail() { echo "build-kube: $*" >&2; exit 1; }
 command -v go >/dev/null || fail "no 'go' on PATH: the real control plane is built from Go modules (Go >= 1.26)"
