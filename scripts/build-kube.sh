@@ -24,7 +24,10 @@ if [ "$want" = etcd ]; then
   version=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2}' "$module/go.mod")
   [ -n "$version" ] || fail "$module/go.mod requires no go.etcd.io/etcd/server/v3"
   out=$cache/etcd/$version/bin
-  if [ -x "$out/etcd" ] && "$out/etcd" --version 2>/dev/null | grep -q "etcd Version: ${version#v}"; then
+  # Read whole before matching: `grep -q` quits at the match, and under pipefail the writer's
+  # SIGPIPE would fail the check.
+  reports() { [ -x "$out/etcd" ] && [[ $("$out/etcd" --version 2>/dev/null) == *"etcd Version: ${version#v}"* ]]; }
+  if reports; then
     echo "$out"; exit 0
   fi
   mkdir -p "$out"
@@ -33,8 +36,7 @@ if [ "$want" = etcd ]; then
     || fail "step 'go install tool' of go.etcd.io/etcd/server/v3 $version failed (output above)"
   mv "$tmp/server" "$out/etcd"   # go install names go.etcd.io/etcd/server/v3 "server"
   rm -rf "$tmp"
-  "$out/etcd" --version | grep -q "etcd Version: ${version#v}" \
-    || fail "built etcd does not report version $version: $("$out/etcd" --version | head -1)"
+  reports || fail "built etcd does not report version $version: $("$out/etcd" --version | head -1)"
   echo "$out"; exit 0
 fi
 
@@ -52,7 +54,7 @@ commands="kube-apiserver kube-controller-manager kube-scheduler kubectl"
 
 built() {
   for c in $commands; do [ -x "$out/$c" ] || return 1; done
-  "$out/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $want"
+  [ "$("$out/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $want" ]
 }
 if built; then echo "$out"; exit 0; fi
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Starts a real control plane on loopback for the tests: etcd and kube-apiserver (real TLS,
-# RBAC, service-account tokens), from the binaries scripts/build-kube.sh caches. Writes
+# Starts a real control plane on loopback for the tests: etcd, kube-apiserver (real TLS, RBAC,
+# service-account tokens) and kube-controller-manager (service accounts and their tokens, the
+# aggregated `edit` role, Deployments' ReplicaSets and pods), from the binaries
+# scripts/build-kube.sh caches. Writes
 # DIR/admin.kubeconfig (system:masters) and DIR/env (KUBECONFIG, MOAT_KUBE_VERSION, the
 # binaries' directory), waits until the API server is ready, and prints the pids to stop.
 #
@@ -15,7 +17,7 @@ mkdir -p "$dir/pki" "$dir/etcd"
 pki=$dir/pki
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
 
 # A CA, the API server's serving certificate for loopback, an admin client certificate and
 # the service-account signing key (all short-lived test material, 0600).
@@ -43,8 +45,8 @@ etcd_pid=$!
 minor=${version#v1.}; minor=${minor%%.*}
 extra=()
 if [ "$minor" -lt 36 ]; then
-  # MutatingAdmissionPolicy is beta and off by default before 1.36.
-  extra+=(--feature-gates=MutatingAdmissionPolicy=true --runtime-config=admissionregistration.k8s.io/v1beta1=true)
+  # MutatingAdmissionPolicy is beta and off by default before 1.36, image volumes before 1.35.
+  extra+=(--feature-gates=MutatingAdmissionPolicy=true,ImageVolume=true --runtime-config=admissionregistration.k8s.io/v1beta1=true)
 fi
 "$kube/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -79,20 +81,40 @@ KC
   echo "export PATH=$kube:\$PATH"
 } >"$dir/env"
 
+kubectl() { "$kube/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+fail() { # MESSAGE LOG
+  echo "start-test-kube: $1; the end of $2:" >&2
+  tail -30 "$dir/$2" >&2
+  kill "$api_pid" "$etcd_pid" ${kcm_pid:-} 2>/dev/null || true
+  exit 1
+}
+ready=""
 for _ in $(seq 1 120); do
-  if "$kube/kubectl" --kubeconfig "$kubeconfig" get --raw /readyz >/dev/null 2>&1; then
-    got=$("$kube/kubectl" --kubeconfig "$kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
-    if [ "$got" != "$version" ]; then
-      echo "start-test-kube: the API server reports $got, not $version" >&2
-      kill "$api_pid" "$etcd_pid"; exit 1
-    fi
-    echo "$etcd_pid $api_pid"
-    exit 0
-  fi
-  if ! kill -0 "$api_pid" 2>/dev/null; then break; fi
+  if kubectl get --raw /readyz >/dev/null 2>&1; then ready=1; break; fi
+  kill -0 "$api_pid" 2>/dev/null || break
   sleep 0.5
 done
-echo "start-test-kube: kube-apiserver $version did not become ready; its log:" >&2
-tail -30 "$dir/apiserver.log" >&2
-kill "$api_pid" "$etcd_pid" 2>/dev/null || true
-exit 1
+[ -n "$ready" ] || fail "kube-apiserver $version did not become ready" apiserver.log
+got=$(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
+[ "$got" = "$version" ] || fail "the API server reports $got, not $version" apiserver.log
+
+# The controllers the tests rely on run with the admin's credentials (test material only).
+"$kube/kube-controller-manager" --kubeconfig "$kubeconfig" --authentication-kubeconfig "$kubeconfig" \
+  --authorization-kubeconfig "$kubeconfig" --bind-address 127.0.0.1 --secure-port "$kcm_port" \
+  --leader-elect=false --service-account-private-key-file "$pki/sa.key" \
+  --root-ca-file "$pki/ca.crt" --cluster-signing-cert-file "$pki/ca.crt" \
+  --cluster-signing-key-file "$pki/ca.key" >"$dir/controller-manager.log" 2>&1 &
+kcm_pid=$!
+# Ready for the tests: the default service account exists (pods need it) and the aggregated
+# `edit` role has its rules (tenants act with it).
+ready=""
+for _ in $(seq 1 120); do
+  if kubectl get serviceaccount default -n default >/dev/null 2>&1 &&
+    [ "$(kubectl get clusterrole edit -o jsonpath='{.rules[*].verbs}' 2>/dev/null)" != "" ]; then
+    ready=1; break
+  fi
+  kill -0 "$kcm_pid" 2>/dev/null || break
+  sleep 0.5
+done
+[ -n "$ready" ] || fail "kube-controller-manager $version did not make the default service account and the edit role" controller-manager.log
+echo "$etcd_pid $api_pid $kcm_pid"

@@ -45,10 +45,6 @@ pub struct Gap {
 /// Everything moat's validate stage checks that the backstop does not.
 pub const GAPS: &[Gap] = &[
     Gap {
-        rule: "workload templates (Deployments, Jobs, ...) are not checked",
-        covered_by: "their pods are, when the controller creates them; moat's webhook checks templates for early feedback",
-    },
-    Gap {
         rule: "image references: the 255-character limit on the normalised repository name, and bracketed IPv6 registry addresses, are checked loosely",
         covered_by: "the kubelet and the runtime refuse references they cannot parse",
     },
@@ -71,6 +67,8 @@ pub const GAPS: &[Gap] = &[
 pub struct Compiled {
     /// The moat policy it enforces.
     pub policy: Policy,
+    /// What it reads the pod from: a Pod request, or a workload's pod template.
+    pub subject: Subject,
     /// Object name (`moat-images`, ...).
     pub name: String,
     /// Conditions under which the policy applies at all (exemptions); all must hold.
@@ -81,6 +79,109 @@ pub struct Compiled {
     pub validations: Vec<(String, String)>,
     /// The binding's actions: `Deny`, or `Warn` and `Audit`.
     pub actions: Vec<&'static str>,
+}
+
+/// Where a policy reads the pod it checks, and so which requests it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// Pods, their ephemeral containers and status: `object` and `oldObject`.
+    Pod,
+    /// The pod template of a Deployment, ReplicaSet, StatefulSet, DaemonSet, Job or
+    /// ReplicationController (`spec.template`).
+    Workload,
+    /// A CronJob's pod template (`spec.jobTemplate.spec.template`).
+    CronJob,
+}
+
+impl Subject {
+    /// Every subject, in the order the policies are written.
+    pub const ALL: [Self; 3] = [Self::Pod, Self::Workload, Self::CronJob];
+
+    /// Whether the policy sees requests for `api_version` and `kind` (the resource rules).
+    pub fn covers(self, api_version: &str, kind: &str) -> bool {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        match self {
+            Self::Pod => (group, kind) == ("", "Pod"),
+            Self::Workload => matches!(
+                (group, kind),
+                (
+                    "apps",
+                    "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet"
+                ) | ("batch", "Job")
+                    | ("", "ReplicationController")
+            ),
+            Self::CronJob => (group, kind) == ("batch", "CronJob"),
+        }
+    }
+
+    /// The CEL of the pod (an object with `metadata` and `spec`) the rules read.
+    fn pod(self) -> &'static str {
+        match self {
+            Self::Pod => "object",
+            Self::Workload | Self::CronJob => "variables.template",
+        }
+    }
+
+    /// The template inside `o`, a workload of this subject.
+    fn template_of(self, o: &str) -> String {
+        match self {
+            Self::Pod => o.to_owned(),
+            Self::Workload => format!("{o}.spec.template"),
+            Self::CronJob => format!("{o}.spec.jobTemplate.spec.template"),
+        }
+    }
+
+    /// `rule`, where a new pod's rules apply: on a pod's CREATE; on a template, on every
+    /// request the policy sees (a changed template rolls out new pods).
+    fn when_new(self, rule: String) -> String {
+        match self {
+            Self::Pod => format!("!({CREATE}) || {rule}"),
+            Self::Workload | Self::CronJob => rule,
+        }
+    }
+
+    /// Whether a missing mutation is a denial: on a pod, yes (moat's mutating webhook would
+    /// have made it); on a template, no (moat mutates its pods when they are created).
+    fn needs_mutation(self) -> bool {
+        self == Self::Pod
+    }
+
+    /// The policy's name suffix.
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Pod => "",
+            Self::Workload => "-workloads",
+            Self::CronJob => "-cronjobs",
+        }
+    }
+
+    /// The resource rules of `matchConstraints`, with the API server's defaults.
+    fn resource_rules(self) -> Value {
+        let rule = |group: &str, resources: &[&str]| {
+            json!({
+                "apiGroups": [group],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": resources,
+                "scope": "*",
+            })
+        };
+        match self {
+            Self::Pod => json!([rule(
+                "",
+                &["pods", "pods/ephemeralcontainers", "pods/status"]
+            )]),
+            Self::Workload => json!([
+                rule(
+                    "apps",
+                    &["deployments", "replicasets", "statefulsets", "daemonsets"]
+                ),
+                rule("batch", &["jobs"]),
+                rule("", &["replicationcontrollers"]),
+            ]),
+            Self::CronJob => json!([rule("batch", &["cronjobs"])]),
+        }
+    }
 }
 
 /// The backstop's objects.
@@ -118,14 +219,31 @@ pub fn compile(config: &Config, also_exempt: &[&str]) -> Result<Backstop, serde_
 }
 
 /// The compiled rules of `config`, one per moat policy that has something to check.
+///
+/// Each moat policy has one for pods and one for each shape of workload template, so that
+/// a workload whose pods could never be admitted is refused when it is written, as moat's
+/// webhook refuses it, not later, out of its author's sight. A template policy holds the
+/// rules for a new pod without those that ask for moat's mutations (moat makes them on each
+/// pod); one with nothing left to check is not written.
 pub fn rules(config: &Config) -> Vec<Compiled> {
-    let mut out = vec![images(config), runtime(config)];
-    if config.isolation.is_on() {
-        out.push(isolation(config));
+    let mut out = Vec::new();
+    for s in Subject::ALL {
+        out.push(images(config, s));
+        out.push(runtime(config, s));
+        if config.isolation.is_on() {
+            out.push(isolation(config, s));
+        }
+        if config.identity.service_account_annotation.is_some() {
+            out.push(identity(config, s));
+        }
     }
-    if config.identity.service_account_annotation.is_some() {
-        out.push(identity(config));
+    for c in &mut out {
+        if !c.subject.needs_mutation() {
+            c.validations
+                .retain(|(_, message)| !message.contains(NOT_MUTATED));
+        }
     }
+    out.retain(|c| !c.validations.is_empty());
     out
 }
 
@@ -151,13 +269,7 @@ fn objects(config: &Config, c: &Compiled, also_exempt: &[&str]) -> (Value, Value
                 "matchPolicy": "Equivalent",
                 "namespaceSelector": {},
                 "objectSelector": {},
-                "resourceRules": [{
-                    "apiGroups": [""],
-                    "apiVersions": ["v1"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": ["pods", "pods/ephemeralcontainers", "pods/status"],
-                    "scope": "*",
-                }],
+                "resourceRules": c.subject.resource_rules(),
             },
             "matchConditions": c.match_conditions.iter().map(|(name, expression)| json!({"name": name, "expression": expression})).collect::<Vec<_>>(),
             "variables": c.variables.iter().map(|(name, expression)| json!({"name": name, "expression": expression})).collect::<Vec<_>>(),
@@ -190,9 +302,23 @@ fn objects(config: &Config, c: &Compiled, also_exempt: &[&str]) -> (Value, Value
     (policy, binding)
 }
 
-/// What every policy shares: its name, the exempt namespaces as match conditions, enforcement.
-fn base(config: &Config, policy: Policy) -> Compiled {
+/// What every policy shares: its name, the exempt namespaces as match conditions, enforcement;
+/// for a template, the template as `variables.template`, and a match condition that leaves
+/// out updates that keep it (scaling, labels, finalizers), as moat's webhook does.
+fn base(config: &Config, policy: Policy, subject: Subject) -> Compiled {
     let mut match_conditions = Vec::new();
+    let mut variables = Vec::new();
+    if subject != Subject::Pod {
+        match_conditions.push((
+            "template-changed".to_owned(),
+            format!(
+                "oldObject == null || {} != {}",
+                subject.template_of("object"),
+                subject.template_of("oldObject")
+            ),
+        ));
+        variables.push(("template".to_owned(), subject.template_of("object")));
+    }
     let patterns = &config.exemptions.namespaces;
     if !patterns.is_empty() {
         let exact: Vec<&str> = patterns
@@ -215,9 +341,14 @@ fn base(config: &Config, policy: Policy) -> Compiled {
     };
     Compiled {
         policy,
-        name: format!("moat-{}", policy.as_str().to_ascii_lowercase()),
+        subject,
+        name: format!(
+            "moat-{}{}",
+            policy.as_str().to_ascii_lowercase(),
+            subject.suffix()
+        ),
         match_conditions,
-        variables: Vec::new(),
+        variables,
         validations: Vec::new(),
         actions,
     }
@@ -370,15 +501,17 @@ fn under_prefix(i: &str, prefix: &str) -> String {
     format!("({})", alternatives.join(" || "))
 }
 
-fn images(config: &Config) -> Compiled {
-    let mut c = base(config, Policy::Images);
+fn images(config: &Config, s: Subject) -> Compiled {
+    let mut c = base(config, Policy::Images, s);
     let policy = &config.images;
-    c.variables = vec![
-        (
-            "unchanged".to_owned(),
-            format!("oldObject == null ? [] : {}", image_keys("oldObject")),
-        ),
-        ("entries".to_owned(), image_entries("object")),
+    // On a pod's UPDATE, only new images are checked; a template is checked whole.
+    let unchanged = match s {
+        Subject::Pod => format!("oldObject == null ? [] : {}", image_keys("oldObject")),
+        Subject::Workload | Subject::CronJob => "[]".to_owned(),
+    };
+    c.variables.extend([
+        ("unchanged".to_owned(), unchanged),
+        ("entries".to_owned(), image_entries(s.pod())),
         (
             "checked".to_owned(),
             "variables.entries.filter(e, !(e.key in variables.unchanged)).map(e, e.image)"
@@ -398,7 +531,7 @@ fn images(config: &Config) -> Compiled {
                 valid_reference("i")
             ),
         ),
-    ];
+    ]);
     c.validations.push((
         "variables.entries.all(e, e.image != '')".to_owned(),
         lit("a container or image volume has no image"),
@@ -456,18 +589,21 @@ fn images(config: &Config) -> Compiled {
 /// Variables that decide a pod's isolation class, as moat's isolation check does: the
 /// namespace's class label (operator-written), else the pod's own label, else the namespace's
 /// default; and whether the pod is isolated (a class, and no exemption a tenant may trigger).
-fn class_variables(config: &Config) -> Vec<(String, String)> {
+fn class_variables(config: &Config, s: Subject) -> Vec<(String, String)> {
     let iso = &config.isolation;
     let ex = &config.exemptions;
     let pod_key = lit(iso.pod_class_label.as_str());
+    let p = s.pod();
     let mut v = vec![
         (
             "labels".to_owned(),
-            "has(object.metadata.labels) ? object.metadata.labels : {}".to_owned(),
+            format!("has({p}.metadata) && has({p}.metadata.labels) ? {p}.metadata.labels : {{}}"),
         ),
         (
             "annotations".to_owned(),
-            "has(object.metadata.annotations) ? object.metadata.annotations : {}".to_owned(),
+            format!(
+                "has({p}.metadata) && has({p}.metadata.annotations) ? {p}.metadata.annotations : {{}}"
+            ),
         ),
         (
             "podClass".to_owned(),
@@ -511,18 +647,20 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
         "forced".to_owned(),
         "variables.nsClass != '' || variables.isolateNamespace".to_owned(),
     ));
-    // A pod the DaemonSet controller creates (`userInfo`, which only the API server writes).
-    let daemon_set_pod = if ex.daemon_set_controllers.is_empty() {
-        "false".to_owned()
-    } else {
-        format!(
-            "request.userInfo.username in {} && has(object.metadata.ownerReferences) && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/'))",
+    // A DaemonSet's template, or a pod the DaemonSet controller creates (`userInfo`, which
+    // only the API server writes).
+    let daemon_set_pod = match s {
+        Subject::Pod if ex.daemon_set_controllers.is_empty() => "false".to_owned(),
+        Subject::Pod => format!(
+            "request.userInfo.username in {} && has({p}.metadata.ownerReferences) && {p}.metadata.ownerReferences.exists(r, has(r.controller) && r.controller == true && r.kind == 'DaemonSet' && r.apiVersion.startsWith('apps/'))",
             list(ex.daemon_set_controllers.iter().map(String::as_str))
-        )
+        ),
+        Subject::Workload => "object.kind == 'DaemonSet'".to_owned(),
+        Subject::CronJob => "false".to_owned(),
     };
     v.push(("daemonSetPod".to_owned(), daemon_set_pod));
     let mut exemptions = Vec::new();
-    if !ex.daemon_set_controllers.is_empty() {
+    if !ex.daemon_set_controllers.is_empty() || s == Subject::Workload {
         exemptions.push("variables.daemonSetPod".to_owned());
     }
     if let Some(a) = &ex.ignore_annotation {
@@ -538,9 +676,9 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
             iso.nodes.topology_key.as_str(),
         ]);
         exemptions.push(format!(
-            "((has(object.spec.nodeSelector) && object.spec.nodeSelector.exists(k, !(k in {ours}))) || \
-             (has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
-              object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.exists(t, \
+            "((has({p}.spec.nodeSelector) && {p}.spec.nodeSelector.exists(k, !(k in {ours}))) || \
+             (has({p}.spec.affinity) && has({p}.spec.affinity.nodeAffinity) && has({p}.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
+              {p}.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.exists(t, \
                 (has(t.matchFields) && size(t.matchFields) > 0) || (has(t.matchExpressions) && t.matchExpressions.exists(e, !(e.key in {ours}))))))"
         ));
     }
@@ -558,11 +696,12 @@ fn class_variables(config: &Config) -> Vec<(String, String)> {
         "variables.class != '' && !variables.exempt".to_owned(),
     ));
     // Isolated, and the class one moat places: a valid, declared class the namespace may use
-    // (a class the namespace's label forces needs no binding), not contradicted by the pod.
+    // (a class the namespace's label forces needs no binding), not contradicted by the pod,
+    // and not a DaemonSet's (refused where a class is forced, exempt elsewhere).
     v.push((
         "placed".to_owned(),
         format!(
-            "variables.isolated && variables.class.matches({CLASS_NAME_RE}) && {} && (variables.nsClass != '' ? (variables.podClass == '' || variables.podClass == variables.nsClass) : {})",
+            "variables.isolated && !variables.daemonSetPod && variables.class.matches({CLASS_NAME_RE}) && {} && (variables.nsClass != '' ? (variables.podClass == '' || variables.podClass == variables.nsClass) : {})",
             declared(config, "variables.class"),
             bound(config, "variables.class")
         ),
@@ -673,105 +812,111 @@ fn tolerates_isolation(config: &Config, t: &str) -> String {
     )
 }
 
-fn isolation(config: &Config) -> Compiled {
+fn isolation(config: &Config, s: Subject) -> Compiled {
     let iso = &config.isolation;
-    let mut c = base(config, Policy::Isolation);
-    c.variables = class_variables(config);
+    let mut c = base(config, Policy::Isolation, s);
+    let p = s.pod();
+    c.variables.extend(class_variables(config, s));
     c.variables.push((
         "tolerations".to_owned(),
-        "has(object.spec.tolerations) ? object.spec.tolerations : []".to_owned(),
-    ));
-    c.variables.push((
-        "oldLabels".to_owned(),
-        "oldObject != null && has(oldObject.metadata.labels) ? oldObject.metadata.labels : {}"
-            .to_owned(),
-    ));
-    c.variables.push((
-        "oldTolerations".to_owned(),
-        "oldObject != null && has(oldObject.spec.tolerations) ? oldObject.spec.tolerations : []"
-            .to_owned(),
+        format!("has({p}.spec.tolerations) ? {p}.spec.tolerations : []"),
     ));
     let pod_key = lit(iso.pod_class_label.as_str());
     let class_re = CLASS_NAME_RE;
     let guard = tolerates_isolation(config, "t");
-    let update = "request.operation == 'UPDATE'";
 
-    // A running pod: the class label cannot change, new tolerations are guarded.
-    c.validations.push((
-        format!(
-            "!({update}) || oldObject == null || (({pod_key} in variables.oldLabels ? variables.oldLabels[{pod_key}] : '') == variables.podClass)"
-        ),
-        format!(
-            "'metadata.labels[\\'{}\\']: the isolation class of a running pod cannot change'",
-            iso.pod_class_label
-        ),
-    ));
-    c.validations.push((
-        format!(
-            "!({update}) || variables.tolerations.all(t, t in variables.oldTolerations || !{guard})"
-        ),
-        format!(
-            "'spec.tolerations: tolerates moat\\'s isolation taint \\'{}\\', which only pods that moat isolates may do'",
-            iso.nodes.taint_key
-        ),
-    ));
+    if s == Subject::Pod {
+        // A running pod: the class label cannot change, new tolerations are guarded.
+        c.variables.push((
+            "oldLabels".to_owned(),
+            "oldObject != null && has(oldObject.metadata.labels) ? oldObject.metadata.labels : {}"
+                .to_owned(),
+        ));
+        c.variables.push((
+            "oldTolerations".to_owned(),
+            "oldObject != null && has(oldObject.spec.tolerations) ? oldObject.spec.tolerations : []"
+                .to_owned(),
+        ));
+        let update = "request.operation == 'UPDATE'";
+        c.validations.push((
+            format!(
+                "!({update}) || oldObject == null || (({pod_key} in variables.oldLabels ? variables.oldLabels[{pod_key}] : '') == variables.podClass)"
+            ),
+            format!(
+                "'metadata.labels[\\'{}\\']: the isolation class of a running pod cannot change'",
+                iso.pod_class_label
+            ),
+        ));
+        c.validations.push((
+            format!(
+                "!({update}) || variables.tolerations.all(t, t in variables.oldTolerations || !{guard})"
+            ),
+            format!(
+                "'spec.tolerations: tolerates moat\\'s isolation taint \\'{}\\', which only pods that moat isolates may do'",
+                iso.nodes.taint_key
+            ),
+        ));
+    }
 
     if !iso.allow_node_name {
         c.validations.push((
-            format!("!({CREATE}) || !has(object.spec.nodeName) || object.spec.nodeName == ''"),
+            s.when_new(format!("!has({p}.spec.nodeName) || {p}.spec.nodeName == ''")),
             lit("spec.nodeName: binding a pod to a node by name skips the scheduler and the isolation taints; use a nodeSelector"),
         ));
     }
     c.validations.push((
-        format!(
-            "!({CREATE}) || (has(object.spec.schedulerName) && object.spec.schedulerName != '' ? object.spec.schedulerName : 'default-scheduler') in {}",
+        s.when_new(format!(
+            "(has({p}.spec.schedulerName) && {p}.spec.schedulerName != '' ? {p}.spec.schedulerName : 'default-scheduler') in {}",
             list(iso.scheduler_names.iter().map(String::as_str))
-        ),
+        )),
         format!(
-            "'spec.schedulerName: scheduler \\'' + object.spec.schedulerName + '\\' is not allowed (allowed: {}); another scheduler may ignore the isolation taints'",
+            "'spec.schedulerName: scheduler \\'' + {p}.spec.schedulerName + '\\' is not allowed (allowed: {}); another scheduler may ignore the isolation taints'",
             iso.scheduler_names.join(", ").replace('\'', "")
         ),
     ));
     if iso.namespace_class_label.is_some() {
         c.validations.push((
-            format!(
-                "!({CREATE}) || variables.nsClass == '' || (variables.nsClass.matches({class_re}) && (variables.podClass == '' || variables.podClass == variables.nsClass))"
-            ),
+            s.when_new(format!(
+                "variables.nsClass == '' || (variables.nsClass.matches({class_re}) && (variables.podClass == '' || variables.podClass == variables.nsClass))"
+            )),
             "'the pod asks for isolation class \\'' + variables.podClass + '\\', but its namespace is bound to class \\'' + variables.nsClass + '\\''".to_owned(),
         ));
     }
     c.validations.push((
-        format!(
-            "!({CREATE}) || variables.nsClass != '' || variables.podClass == '' || variables.podClass.matches({class_re})"
-        ),
+        s.when_new(format!(
+            "variables.nsClass != '' || variables.podClass == '' || variables.podClass.matches({class_re})"
+        )),
         "'metadata.labels: \\'' + variables.podClass + '\\' is not a valid isolation class name'"
             .to_owned(),
     ));
     c.validations.push((
-        format!(
-            "!({CREATE}) || !variables.isolated || !variables.class.matches({class_re}) || {}",
+        s.when_new(format!(
+            "!variables.isolated || !variables.class.matches({class_re}) || {}",
             declared(config, "variables.class")
-        ),
+        )),
         "'isolation class \\'' + variables.class + '\\' is not declared'".to_owned(),
     ));
     // A class the pod chose (its own label) must be one its namespace may use, also when the
     // pod is exempt: other pods' anti-affinity reads the label.
     c.validations.push((
-        format!(
-            "!({CREATE}) || variables.nsClass != '' || variables.podClass == '' || !variables.podClass.matches({class_re}) || !({}) || {}",
+        s.when_new(format!(
+            "variables.nsClass != '' || variables.podClass == '' || !variables.podClass.matches({class_re}) || !({}) || {}",
             declared(config, "variables.podClass"),
             bound(config, "variables.podClass")
-        ),
+        )),
         "'namespace \\'' + request.namespace + '\\' may not use isolation class \\'' + variables.podClass + '\\''".to_owned(),
     ));
-    // A DaemonSet's pod where the operator forces a class could never run: refused.
-    c.validations.push((
-        format!("!({CREATE}) || !variables.forced || !variables.daemonSetPod"),
+    // A DaemonSet's pod where the operator forces a class could never run: refused (a
+    // CronJob's template is never a DaemonSet's).
+    if s != Subject::CronJob {
+        c.validations.push((
+        s.when_new(format!("!variables.forced || !variables.daemonSetPod")),
         "'namespace \\'' + request.namespace + '\\' runs every pod in isolation class \\'' + variables.class + '\\', so a DaemonSet\\'s pods could never run there: its controller makes one for each node without moat\\'s taint, and moat pins each to nodes of the class; run node agents in an exempt namespace'".to_owned(),
     ));
+    }
     // Not isolated: keep off isolated nodes.
     c.validations.push((
-        format!("!({CREATE}) || variables.isolated || variables.tolerations.all(t, !{guard})"),
+        s.when_new(format!("variables.isolated || variables.tolerations.all(t, !{guard})")),
         format!(
             "'spec.tolerations: tolerates moat\\'s isolation taint \\'{}\\', which only pods that moat isolates may do'",
             iso.nodes.taint_key
@@ -787,19 +932,19 @@ fn isolation(config: &Config) -> Compiled {
         Some(v) => lit(v.as_str()),
         None => "variables.class".to_owned(),
     };
-    let selector = "(has(object.spec.nodeSelector) ? object.spec.nodeSelector : {})";
+    let selector = format!("(has({p}.spec.nodeSelector) ? {p}.spec.nodeSelector : {{}})");
     c.validations.push((
-        format!(
-            "!({CREATE}) || !variables.placed || (variables.podClass == variables.class && variables.tolerations.exists(t, has(t.key) && t.key == {} && has(t.operator) && t.operator == 'Equal' && has(t.value) && t.value == {taint_value} && has(t.effect) && t.effect == {}))",
+        s.when_new(format!(
+            "!variables.placed || (variables.podClass == variables.class && variables.tolerations.exists(t, has(t.key) && t.key == {} && has(t.operator) && t.operator == 'Equal' && has(t.value) && t.value == {taint_value} && has(t.effect) && t.effect == {}))",
             lit(iso.nodes.taint_key.as_str()),
             lit(iso.nodes.taint_effect.as_str())
-        ),
+        )),
         format!("'moat\\'s isolation (class label and toleration of class \\'' + variables.class + '\\') is missing from the pod{NOT_MUTATED}'"),
     ));
     c.validations.push((
-        format!(
-            "!({CREATE}) || !variables.placed || !({label_key} in {selector}) || {selector}[{label_key}] == {node_value}"
-        ),
+        s.when_new(format!(
+            "!variables.placed || !({label_key} in {selector}) || {selector}[{label_key}] == {node_value}"
+        )),
         format!(
             "'spec.nodeSelector[\\'{}\\'] is not the node label of class \\'' + variables.class + '\\'; moat sets this key'",
             iso.nodes.label_key
@@ -839,12 +984,12 @@ fn isolation(config: &Config) -> Compiled {
             ),
         };
         format!(
-            "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
-                 object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, has(t.matchExpressions) && \
+            "has({p}.spec.affinity) && has({p}.spec.affinity.nodeAffinity) && has({p}.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
+                 {p}.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, has(t.matchExpressions) && \
                    t.matchExpressions.exists(e, e.key == {label_key} && e.operator == 'In' && has(e.values) && e.values == [{node_value}]) && \
                    t.matchExpressions.exists(e, e.key == {topology} && e.operator == 'Exists')) && \
-                 has(object.spec.affinity.podAntiAffinity) && has(object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
-                 object.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.exists(t, t.topologyKey == {topology} && has(t.namespaceSelector) && has(t.labelSelector) && has(t.labelSelector.matchExpressions) && \
+                 has({p}.spec.affinity.podAntiAffinity) && has({p}.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution) && \
+                 {p}.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.exists(t, t.topologyKey == {topology} && has(t.namespaceSelector) && has(t.labelSelector) && has(t.labelSelector.matchExpressions) && \
                    t.labelSelector.matchExpressions.exists(e, e.key == {class_key} && e.operator == 'Exists'){other})"
         )
     };
@@ -857,7 +1002,7 @@ fn isolation(config: &Config) -> Compiled {
         ),
     };
     c.validations.push((
-        format!("!({CREATE}) || !variables.placed || ({placed})"),
+        s.when_new(format!("!variables.placed || ({placed})")),
         format!("'moat\\'s placement on the nodes of class \\'' + variables.class + '\\' is missing from the pod{NOT_MUTATED}'"),
     ));
     c
@@ -901,45 +1046,62 @@ fn mode_variable(modes: &[(String, ClassMode)]) -> String {
     expr
 }
 
-fn runtime(config: &Config) -> Compiled {
+fn runtime(config: &Config, s: Subject) -> Compiled {
     let rc = &config.runtime_class;
-    let mut c = base(config, Policy::RuntimeClass);
+    let mut c = base(config, Policy::RuntimeClass, s);
+    let p = s.pod();
     c.variables.push((
         "runtime".to_owned(),
-        "has(object.spec.runtimeClassName) ? object.spec.runtimeClassName : ''".to_owned(),
+        format!("has({p}.spec.runtimeClassName) ? {p}.spec.runtimeClassName : ''"),
     ));
     let reserved = list(rc.reserved_runtimes.iter().map(|r| r.as_str()));
     c.validations.push((
-        format!("!({CREATE}) || !(variables.runtime in {reserved})"),
-        "'spec.runtimeClassName: runtime \\'' + variables.runtime + '\\' is reserved'".to_owned(),
+        s.when_new(format!("!(variables.runtime in {reserved})")),
+        // With a fallback, moat rewrites a reserved runtime: a final pod that still names one
+        // was not mutated (and a template is left for moat to rewrite in each pod).
+        format!(
+            "'spec.runtimeClassName: runtime \\'' + variables.runtime + '\\' is reserved{}'",
+            if rc.fallback_runtime.is_some() {
+                NOT_MUTATED
+            } else {
+                ""
+            }
+        ),
     ));
-    if rc.fallback_runtime.is_some() || rc.default_runtime_reserved {
-        c.validations.push((
-            format!("!({CREATE}) || variables.runtime != ''"),
-            format!(
-                "'spec.runtimeClassName: {}{NOT_MUTATED}'",
-                match &rc.fallback_runtime {
-                    Some(f) => format!("unset, and moat sets it to \\'{f}\\'"),
-                    None => "usage of the default runtime is reserved".to_owned(),
-                }
-            ),
-        ));
-    }
     // A class tied to a RuntimeClass: its isolated pods run with it.
     let tied: Vec<(String, &str)> = config
         .isolation
         .classes
         .iter()
-        .filter_map(|s| {
-            let name = match &s.name {
+        .filter_map(|spec| {
+            let name = match &spec.name {
                 ClassPattern::Any => "*".to_owned(),
                 ClassPattern::Name(n) => n.to_string(),
             };
-            Some((name, s.runtime_class_name.as_ref()?.as_str()))
+            Some((name, spec.runtime_class_name.as_ref()?.as_str()))
         })
         .collect();
-    if config.isolation.is_on() && !tied.is_empty() {
-        c.variables.extend(class_variables(config));
+    let tied_on = config.isolation.is_on() && !tied.is_empty();
+    // An unset runtime: what moat sets, or refuses without a fallback (retrying cannot help),
+    // unless, in a template, the pod's class will choose it.
+    if rc.fallback_runtime.is_some() || rc.default_runtime_reserved {
+        let class_chooses = if tied_on && s != Subject::Pod {
+            " || (variables.placed && variables.classRuntime != '')"
+        } else {
+            ""
+        };
+        c.validations.push((
+            s.when_new(format!("variables.runtime != ''{class_chooses}")),
+            match &rc.fallback_runtime {
+                Some(f) => format!(
+                    "'spec.runtimeClassName: unset, and moat sets it to \\'{f}\\'{NOT_MUTATED}'"
+                ),
+                None => lit("spec.runtimeClassName: usage of the default runtime is reserved"),
+            },
+        ));
+    }
+    if tied_on {
+        c.variables.extend(class_variables(config, s));
         let any = tied.iter().find(|(n, _)| n == "*").map(|(_, r)| *r);
         let mut expected = any.map_or("''".to_owned(), lit);
         for (name, runtime) in tied.iter().rev().filter(|(n, _)| n != "*") {
@@ -966,19 +1128,38 @@ fn runtime(config: &Config) -> Compiled {
             );
         }
         c.variables.push(("classRuntime".to_owned(), expected));
-        c.validations.push((
-            format!(
-                "!({CREATE}) || !variables.placed || variables.classRuntime == '' || variables.runtime == variables.classRuntime"
+        // A final pod runs the class's runtime. In a template, the runtime the pod asks for
+        // (after the fallback's rewrite) must be the class's; an unset one is the class's to set.
+        let rule = match (s, &rc.fallback_runtime) {
+            (Subject::Pod, _) => "variables.runtime == variables.classRuntime".to_owned(),
+            (_, None) => {
+                "variables.runtime == '' || variables.runtime == variables.classRuntime".to_owned()
+            }
+            (_, Some(f)) => format!(
+                "variables.runtime == '' || (variables.runtime in {reserved} ? {} : variables.runtime) == variables.classRuntime",
+                lit(f.as_str())
             ),
-            format!("'spec.runtimeClassName: isolation class \\'' + variables.class + '\\' runs with RuntimeClass \\'' + variables.classRuntime + '\\', but the pod asks for \\'' + variables.runtime + '\\'{NOT_MUTATED}'"),
+        };
+        let retry = if s == Subject::Pod { NOT_MUTATED } else { "" };
+        c.validations.push((
+            s.when_new(format!(
+                "!variables.placed || variables.classRuntime == '' || {rule}"
+            )),
+            format!("'spec.runtimeClassName: isolation class \\'' + variables.class + '\\' runs with RuntimeClass \\'' + variables.classRuntime + '\\', but the pod asks for \\'' + variables.runtime + '\\'{retry}'"),
         ));
     }
     c
 }
 
-fn identity(config: &Config) -> Compiled {
-    let mut c = base(config, Policy::Identity);
-    let Some(key) = &config.identity.service_account_annotation else {
+fn identity(config: &Config, s: Subject) -> Compiled {
+    let mut c = base(config, Policy::Identity, s);
+    // A template carries no stamp to check: moat stamps each of its pods.
+    let Some(key) = &config
+        .identity
+        .service_account_annotation
+        .as_ref()
+        .filter(|_| s == Subject::Pod)
+    else {
         return c;
     };
     let k = lit(key.as_str());

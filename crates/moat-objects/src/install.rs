@@ -1233,7 +1233,9 @@ mod tests {
                 .iter()
                 .filter(|o| o["kind"] == "ValidatingAdmissionPolicyBinding")
                 .count(),
-            3
+            // Images, runtime and isolation for pods; images and isolation for each of the
+            // two template layouts (the default's runtime rules are all moat's to mutate).
+            7
         );
         let without = install(&InstallOptions {
             backstop: false,

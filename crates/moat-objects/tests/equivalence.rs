@@ -179,13 +179,19 @@ fn moat_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
     out
 }
 
+/// Whether the API server sends `case` to policy `c` (its resource rules).
+fn sent_to(c: &Compiled, case: &Case) -> bool {
+    let field = |k: &str| case.object[k].as_str().unwrap_or_default();
+    c.subject.covers(field("apiVersion"), field("kind"))
+}
+
 fn backstop_denies(config: &Config, case: &Case) -> BTreeMap<Policy, Vec<String>> {
     let mut out = BTreeMap::new();
-    for c in backstop::rules(config) {
-        if let Some(failed) = evaluate(&c, case)
+    for c in backstop::rules(config).iter().filter(|c| sent_to(c, case)) {
+        if let Some(failed) = evaluate(c, case)
             && !failed.is_empty()
         {
-            out.insert(c.policy, failed);
+            out.entry(c.policy).or_insert(failed);
         }
     }
     out
@@ -590,10 +596,107 @@ fn faults(config: &Config, creates: &[Case]) -> Vec<Case> {
     out
 }
 
+/// The pod spec of a pod or of a workload's template.
+fn pod_spec(object: &Value) -> &Value {
+    [
+        "/spec/jobTemplate/spec/template/spec",
+        "/spec/template/spec",
+        "/spec",
+    ]
+    .iter()
+    .find_map(|p| object.pointer(p))
+    .unwrap_or(&Value::Null)
+}
+
+/// Each new pod as the template of a workload of each shape the backstop has a policy for
+/// (a Deployment, a DaemonSet, whose template is exempt from isolation, and a CronJob, one
+/// without template metadata when the pod has no labels or annotations), created; and a
+/// Deployment's UPDATEs, one that changes its template to the pod's and one that only scales
+/// it (which neither moat nor the backstop decides). Each fault in one of moat's pods, as a
+/// Deployment's and a CronJob's template.
+fn workloads(creates: &[Case], faults: &[Case]) -> Vec<Case> {
+    let mut out = Vec::new();
+    let pods = creates
+        .iter()
+        .map(|c| (c, true))
+        .chain(faults.iter().map(|c| (c, false)));
+    for (c, every_shape) in pods.filter(|(c, _)| c.object["kind"] == "Pod") {
+        let mut metadata = serde_json::Map::new();
+        for k in ["labels", "annotations"] {
+            if let Some(v) = c.object["metadata"].get(k) {
+                metadata.insert(k.to_owned(), v.clone());
+            }
+        }
+        let template = json!({"metadata": metadata, "spec": c.object["spec"]});
+        let bare = if metadata.is_empty() {
+            json!({"spec": c.object["spec"]})
+        } else {
+            template.clone()
+        };
+        let selector = json!({"matchLabels": {"app": "x"}});
+        let deployment = |replicas: u32, template: &Value| {
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                   "spec": {"replicas": replicas, "selector": selector, "template": template}})
+        };
+        let mut old_template = template.clone();
+        old_template["spec"]["containers"] =
+            json!([{"name": "old", "image": "registry.example/old:1"}]);
+        let shapes = [
+            (
+                "deployment",
+                Operation::Create,
+                deployment(1, &template),
+                None,
+            ),
+            (
+                "daemonset",
+                Operation::Create,
+                json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "ds"},
+                       "spec": {"selector": selector, "template": template}}),
+                None,
+            ),
+            (
+                "cronjob",
+                Operation::Create,
+                json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "cj"},
+                       "spec": {"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": bare}}}}),
+                None,
+            ),
+            (
+                "deployment-new-template",
+                Operation::Update,
+                deployment(1, &template),
+                Some(deployment(1, &old_template)),
+            ),
+            (
+                "deployment-scaled",
+                Operation::Update,
+                deployment(2, &template),
+                Some(deployment(1, &template)),
+            ),
+        ];
+        // Faults as created templates of the two layouts only: the corpus is evaluated once
+        // per validation.
+        let shapes = shapes
+            .into_iter()
+            .filter(|(shape, ..)| every_shape || ["deployment", "cronjob"].contains(shape));
+        for (shape, operation, object, old_object) in shapes {
+            out.push(Case {
+                name: format!("{}-{shape}", c.name),
+                operation,
+                object,
+                old_object,
+                ..c.clone()
+            });
+        }
+    }
+    out
+}
+
 /// Where moat and the backstop may disagree, by design ([`backstop::GAPS`]).
 fn known_gap(case: &Case) -> bool {
     // A reference over the length limit only after normalisation, or a bracketed IPv6 registry.
-    let spec = &case.object["spec"];
+    let spec = pod_spec(&case.object);
     ["containers", "initContainers", "ephemeralContainers"]
         .iter()
         .flat_map(|k| spec[k].as_array().into_iter().flatten())
@@ -620,7 +723,14 @@ fn the_backstop_decides_as_the_validate_stage_does_on_every_policy() {
         assert!(!finals.is_empty(), "{name}: moat admits something");
         let updates = updates(&config, &creates);
         let faults = faults(&config, &creates);
-        for case in creates.iter().chain(&finals).chain(&updates).chain(&faults) {
+        let workloads = workloads(&creates, &faults);
+        for case in creates
+            .iter()
+            .chain(&finals)
+            .chain(&updates)
+            .chain(&faults)
+            .chain(&workloads)
+        {
             if known_gap(case) {
                 continue;
             }
@@ -702,10 +812,12 @@ fn changing_any_validation_breaks_the_equivalence() {
         let creates: Vec<Case> = tricks().into_iter().chain(captured()).collect();
         let updates = updates(&config, &creates);
         let faults = faults(&config, &creates);
+        let workloads = workloads(&creates, &faults);
         let corpus: Vec<(Case, BTreeMap<Policy, Vec<String>>)> = creates
             .into_iter()
             .chain(updates)
             .chain(faults)
+            .chain(workloads)
             .filter(|c| !known_gap(c))
             .map(|c| {
                 let m = moat_denies(&config, &c);
@@ -720,10 +832,13 @@ fn changing_any_validation_breaks_the_equivalence() {
                 }
                 let mut changed = original.clone();
                 changed.validations[k].0 = "true".to_owned();
-                let found = corpus.iter().any(|(case, moat)| {
-                    let denied = evaluate(&changed, case).is_some_and(|f| !f.is_empty());
-                    moat.contains_key(&changed.policy) != denied
-                });
+                let found = corpus
+                    .iter()
+                    .filter(|(case, _)| sent_to(&changed, case))
+                    .any(|(case, moat)| {
+                        let denied = evaluate(&changed, case).is_some_and(|f| !f.is_empty());
+                        moat.contains_key(&changed.policy) != denied
+                    });
                 caught.insert(key, found);
             }
         }

@@ -151,7 +151,60 @@ fn every_install_applies_client_side_server_side_and_dry_run_and_reapplies_uncha
                 cluster.version
             );
         }
+        let warnings = type_warnings(&cluster);
+        assert!(
+            warnings.is_empty(),
+            "{name}: the API server's type checker warns about moat's policies on {}:\n{}",
+            cluster.version,
+            warnings.join("\n")
+        );
     }
+}
+
+/// What the API server's type checker (the policy status controller of
+/// kube-controller-manager, with the resources' schemas) says about each live moat policy,
+/// once it has checked their current generation.
+fn type_warnings(cluster: &Cluster) -> Vec<String> {
+    for _ in 0..240 {
+        let out = cluster.kubectl(
+            &[
+                "get",
+                "validatingadmissionpolicies",
+                "-l",
+                "app.kubernetes.io/name=moat",
+                "-o",
+                "json",
+            ],
+            None,
+        );
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let items = list["items"].as_array().unwrap();
+        let checked = items
+            .iter()
+            .all(|p| p["status"]["observedGeneration"] == p["metadata"]["generation"]);
+        if checked {
+            return items
+                .iter()
+                .flat_map(|p| {
+                    let name = p["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    p["status"]["typeChecking"]["expressionWarnings"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |w| format!("{name}: {}: {}", w["fieldRef"], w["warning"]))
+                })
+                .collect();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    panic!(
+        "the policies' types were not checked within 60 s on {}",
+        cluster.version
+    );
 }
 
 #[test]
@@ -165,12 +218,485 @@ fn the_images_policy_passes_the_real_type_checker_on_its_own() {
     let images: Vec<&str> = manifests
         .split("\n---\n")
         .filter(|doc| {
-            doc.contains("name: moat-images") && doc.contains("kind: ValidatingAdmissionPolicy\n")
+            doc.contains("name: moat-images\n") && doc.contains("kind: ValidatingAdmissionPolicy\n")
         })
         .collect();
     assert_eq!(images.len(), 1, "one moat-images policy in the output");
     cluster.kubectl(
         &["apply", "--dry-run=server", "-f", "-"],
         Some(images[0].as_bytes()),
+    );
+}
+
+/// The user tenants act as: a namespace's `edit` role, bound to it alone (impersonated by the
+/// admin, as `kubectl --as` does).
+const TENANT: &str = "moat-test-tenant";
+
+impl Cluster {
+    /// Removes every object an earlier install left (they carry moat's name label), so the
+    /// next install is the only one live.
+    fn remove_moat(&self) {
+        self.kubectl(
+            &[
+                "delete",
+                "--ignore-not-found",
+                "--wait=false",
+                "-l",
+                "app.kubernetes.io/name=moat",
+                "validatingadmissionpolicies,validatingadmissionpolicybindings,mutatingwebhookconfigurations,validatingwebhookconfigurations",
+            ],
+            None,
+        );
+    }
+
+    /// A new namespace in which [`TENANT`] holds the built-in `edit` role.
+    fn tenant_namespace(&self, name: &str) -> String {
+        self.try_kubectl(
+            &[
+                "delete",
+                "namespace",
+                name,
+                "--ignore-not-found",
+                "--wait=true",
+            ],
+            None,
+        );
+        self.kubectl(&["create", "namespace", name], None);
+        self.kubectl(
+            &[
+                "create",
+                "rolebinding",
+                "tenant-edit",
+                "--clusterrole=edit",
+                "--user",
+                TENANT,
+                "-n",
+                name,
+            ],
+            None,
+        );
+        // The built-in roles do not grant ephemeral containers (kubectl debug); operators who
+        // let tenants debug grant this.
+        self.kubectl(
+            &[
+                "create",
+                "role",
+                "debug",
+                "--verb=get,patch,update",
+                "--resource=pods/ephemeralcontainers",
+                "-n",
+                name,
+            ],
+            None,
+        );
+        self.kubectl(
+            &[
+                "create",
+                "rolebinding",
+                "tenant-debug",
+                "--role=debug",
+                "--user",
+                TENANT,
+                "-n",
+                name,
+            ],
+            None,
+        );
+        // Pods need the namespace's default service account, which the controller manager makes.
+        for _ in 0..120 {
+            if self
+                .try_kubectl(&["get", "serviceaccount", "default", "-n", name], None)
+                .status
+                .success()
+            {
+                return name.to_owned();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        panic!("no default service account in {name} on {}", self.version);
+    }
+
+    /// kubectl as the tenant.
+    fn as_tenant(&self, args: &[&str], input: Option<&[u8]>) -> Output {
+        let mut all = vec!["--as", TENANT];
+        all.extend_from_slice(args);
+        self.try_kubectl(&all, input)
+    }
+}
+
+/// What the outage table says the API server does with a request.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Admitted,
+    /// Refused, by the policy named, with a message containing the text.
+    Refused(&'static str, &'static str),
+}
+
+/// Checks one row: `out` is kubectl's answer to the request the row describes.
+fn check_row(cluster: &Cluster, row: &str, expect: Expect, out: &Output) -> Option<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let fault = match expect {
+        Expect::Admitted if out.status.success() => return None,
+        Expect::Admitted => format!("refused: {stderr}"),
+        Expect::Refused(policy, text) if !out.status.success() => {
+            let by = format!("ValidatingAdmissionPolicy '{policy}'");
+            if stderr.contains(&by) && stderr.contains(text) {
+                return None;
+            }
+            format!("refused, but not by {policy} with \"{text}\": {stderr}")
+        }
+        Expect::Refused(policy, _) => format!("admitted, where {policy} should refuse it"),
+    };
+    Some(format!("{row} ({}): {fault}", cluster.version))
+}
+
+/// A pod of the tenant's: `spec` merged over one pinned container that runs in gVisor.
+fn pod(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "runtimeClassName": "gvisor",
+            "containers": [{"name": "app", "image": "registry.example/app:1.0"}],
+        },
+    });
+    merge(&mut pod["spec"], spec);
+    pod
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    match (into, from) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                if v.is_null() {
+                    a.remove(&k);
+                } else {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// `moat review -o json` of `object` in namespace `ns`: the object as moat's mutating webhook
+/// would have written it (how an operator prepares a pod that needs none of moat's changes).
+fn mutated_by_moat(object: &serde_json::Value, ns: &str) -> serde_json::Value {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["review", "-o", "json", "--namespace", ns, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(object.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let verdicts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdicts[0]["allowed"], true, "moat review: {verdicts}");
+    verdicts[0]["object"].clone()
+}
+
+/// Waits until the backstop's policies are enforced: the API server loads a new policy
+/// asynchronously, so the first requests after an apply may pass unchecked.
+fn wait_for_backstop(cluster: &Cluster, ns: &str) {
+    let probe = pod(
+        "backstop-probe",
+        serde_json::json!({"containers": [{"name": "app", "image": "busybox"}]}),
+    );
+    for _ in 0..240 {
+        let out = cluster.try_kubectl(
+            &["create", "--dry-run=server", "-n", ns, "-f", "-"],
+            Some(probe.to_string().as_bytes()),
+        );
+        if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("moat-images") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    panic!(
+        "the backstop was not enforced within 60 s on {}",
+        cluster.version
+    );
+}
+
+#[test]
+#[ignore = "needs a real kube-apiserver: scripts/test.sh builds and starts one"]
+fn while_moat_is_down_the_backstop_holds_the_outage_table_for_a_tenant() {
+    use serde_json::json;
+    let cluster = Cluster::from_env();
+    // moat is down: the install's webhooks name the Service of a Deployment no kubelet runs, so
+    // every call fails and, failing open, leaves the request to the backstop.
+    cluster.remove_moat();
+    cluster.kubectl(&["apply", "-f", "-"], Some(&install(&[])));
+    // The reserved runtime exists, as on a node that has runc (else the RuntimeClass admission
+    // plugin refuses its pods before any policy sees them).
+    let runc = r#"{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "runc"}, "handler": "runc"}"#;
+    cluster.kubectl(&["apply", "-f", "-"], Some(runc.as_bytes()));
+    let ns = cluster.tenant_namespace("moat-outage");
+    wait_for_backstop(&cluster, &ns);
+    let mut faults = Vec::new();
+    let mut row = |name: &str, expect: Expect, out: Output| {
+        if let Some(f) = check_row(&cluster, name, expect, &out) {
+            faults.push(f);
+        }
+    };
+    let create = |object: &serde_json::Value| {
+        cluster.as_tenant(
+            &["create", "-n", &ns, "-f", "-"],
+            Some(object.to_string().as_bytes()),
+        )
+    };
+    let retry = "if moat is unavailable, retry";
+
+    // A pod that needs none of moat's changes: admitted.
+    row(
+        "a pinned pod in a permitted runtime",
+        Expect::Admitted,
+        create(&pod("pinned", json!({}))),
+    );
+    let mut placed = pod("placed", json!({"runtimeClassName": null}));
+    placed["metadata"]["labels"] = json!({"moat.dev/class": "untrusted"});
+    let placed = mutated_by_moat(&placed, &ns);
+    row(
+        "a pod of class untrusted with moat's placement written",
+        Expect::Admitted,
+        create(&placed),
+    );
+
+    // A pod that needs moat's changes: refused, with a message to retry.
+    row(
+        "a pod with no runtime (moat sets the fallback)",
+        Expect::Refused("moat-runtimeclass", retry),
+        create(&pod("no-runtime", json!({"runtimeClassName": null}))),
+    );
+    let mut unplaced = pod("unplaced", json!({}));
+    unplaced["metadata"]["labels"] = json!({"moat.dev/class": "untrusted"});
+    row(
+        "a pod of class untrusted without its placement",
+        Expect::Refused("moat-isolation", retry),
+        create(&unplaced),
+    );
+
+    // A pod moat would refuse: refused.
+    for (name, spec, text) in [
+        (
+            "untagged",
+            json!({"containers": [{"name": "app", "image": "busybox"}]}),
+            "has no tag",
+        ),
+        (
+            "latest",
+            json!({"containers": [{"name": "app", "image": "busybox:latest"}]}),
+            "mutable tag",
+        ),
+        (
+            "init-latest",
+            json!({"initContainers": [{"name": "init", "image": "busybox:latest"}]}),
+            "mutable tag",
+        ),
+        (
+            "volume-latest",
+            json!({"volumes": [{"name": "data", "image": {"reference": "registry.example/data:latest"}}]}),
+            "mutable tag",
+        ),
+        (
+            "bad-reference",
+            json!({"containers": [{"name": "app", "image": "Registry.example/App:1.0"}]}),
+            "not a valid reference",
+        ),
+    ] {
+        row(
+            &format!("a pod: {name}"),
+            Expect::Refused("moat-images", text),
+            create(&pod(name, spec)),
+        );
+    }
+    row(
+        "a pinned image volume",
+        Expect::Admitted,
+        create(&pod(
+            "volume-pinned",
+            json!({"volumes": [{"name": "data", "image": {"reference": "registry.example/data:1.0"}}]}),
+        )),
+    );
+    row(
+        "a pod in the reserved runtime runc",
+        Expect::Refused("moat-runtimeclass", retry),
+        create(&pod("runc", json!({"runtimeClassName": "runc"}))),
+    );
+    let mut undeclared = pod("undeclared", json!({}));
+    undeclared["metadata"]["labels"] = json!({"moat.dev/class": "secret"});
+    row(
+        "a pod of an undeclared class",
+        Expect::Refused("moat-isolation", "is not declared"),
+        create(&undeclared),
+    );
+    row(
+        "a pod that tolerates the isolation taint",
+        Expect::Refused("moat-isolation", "tolerates moat's isolation taint"),
+        create(&pod(
+            "tolerates",
+            json!({"tolerations": [{"key": "moat.dev/isolated", "operator": "Exists"}]}),
+        )),
+    );
+    row(
+        "a pod bound to a node by name",
+        Expect::Refused("moat-isolation", "spec.nodeName"),
+        create(&pod("by-name", json!({"nodeName": "node-1"}))),
+    );
+
+    // Pod UPDATEs: admitted unless they change what moat forbids.
+    let label = |pod: &str, kv: &str| {
+        cluster.as_tenant(&["label", "-n", &ns, "pod", pod, kv, "--overwrite"], None)
+    };
+    row(
+        "a label added to a running pod",
+        Expect::Admitted,
+        label("pinned", "team=a"),
+    );
+    row(
+        "the class label changed on a running pod",
+        Expect::Refused("moat-isolation", "cannot change"),
+        label("placed", "moat.dev/class=other"),
+    );
+    row(
+        "a class label added to a running pod",
+        Expect::Refused("moat-isolation", "cannot change"),
+        label("pinned", "moat.dev/class=untrusted"),
+    );
+    row(
+        "a toleration of the isolation taint added to a running pod",
+        Expect::Refused("moat-isolation", "tolerates moat's isolation taint"),
+        cluster.as_tenant(
+            &["patch", "-n", &ns, "pod", "pinned", "--type=json", "-p",
+              r#"[{"op":"add","path":"/spec/tolerations/-","value":{"key":"moat.dev/isolated","operator":"Exists","effect":"NoSchedule"}}]"#],
+            None,
+        ),
+    );
+    // The kubelet's status report (as the admin: tenants cannot write status).
+    row(
+        "a status report",
+        Expect::Admitted,
+        cluster.try_kubectl(
+            &["patch", "-n", &ns, "pod", "pinned", "--subresource=status", "--type=merge", "-p",
+              r#"{"status":{"conditions":[{"type":"PodScheduled","status":"False","reason":"Unschedulable"}]}}"#],
+            None,
+        ),
+    );
+    // Ephemeral containers, through their subresource, as `kubectl debug` adds them.
+    let debug = |image: &str, name: &str| {
+        cluster.as_tenant(
+            &[
+                "debug",
+                "-n",
+                &ns,
+                "pinned",
+                "--attach=false",
+                "--image",
+                image,
+                "-c",
+                name,
+            ],
+            None,
+        )
+    };
+    row(
+        "an ephemeral container with a pinned image",
+        Expect::Admitted,
+        debug("registry.example/debug:1.0", "debug-pinned"),
+    );
+    row(
+        "an ephemeral container with a mutable tag",
+        Expect::Refused("moat-images", "mutable tag"),
+        debug("busybox:latest", "debug-latest"),
+    );
+
+    // Exempt namespaces are never sent to the backstop (the admin writes kube-system).
+    row(
+        "an unpinned pod in kube-system",
+        Expect::Admitted,
+        cluster.try_kubectl(
+            &["create", "--dry-run=server", "-n", "kube-system", "-f", "-"],
+            Some(pod("exempt", json!({"containers": [{"name": "app", "image": "busybox"}], "runtimeClassName": null})).to_string().as_bytes()),
+        ),
+    );
+
+    // Workloads: their templates are checked as the webhook checks them.
+    let deployment = |name: &str, spec: serde_json::Value| {
+        let template = pod(name, spec);
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": template["spec"]},
+            },
+        })
+    };
+    row(
+        "a pinned Deployment",
+        Expect::Admitted,
+        create(&deployment("pinned", json!({}))),
+    );
+    row(
+        "a Deployment with a mutable init container",
+        Expect::Refused("moat-images-workloads", "mutable tag"),
+        create(&deployment(
+            "init-latest",
+            json!({"initContainers": [{"name": "init", "image": "busybox:latest"}]}),
+        )),
+    );
+    // A reserved runtime with a fallback is moat's to rewrite in each pod, as the webhook
+    // does; the pods are refused until moat is back.
+    row(
+        "a Deployment in the reserved runtime runc (moat rewrites its pods)",
+        Expect::Admitted,
+        create(&deployment("runc", json!({"runtimeClassName": "runc"}))),
+    );
+    row(
+        "a Deployment of an undeclared class",
+        Expect::Refused("moat-isolation-workloads", "is not declared"),
+        create(&{
+            let mut d = deployment("undeclared", json!({}));
+            d["spec"]["template"]["metadata"]["labels"]["moat.dev/class"] = json!("secret");
+            d
+        }),
+    );
+    let cronjob = json!({
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never", "runtimeClassName": "gvisor",
+            "containers": [{"name": "job", "image": "busybox:latest"}],
+        }}}}},
+    });
+    row(
+        "a CronJob with a mutable tag",
+        Expect::Refused("moat-images-cronjobs", "mutable tag"),
+        create(&cronjob),
+    );
+    row(
+        "a pinned Deployment scaled",
+        Expect::Admitted,
+        cluster.as_tenant(
+            &["scale", "-n", &ns, "deployment", "pinned", "--replicas=2"],
+            None,
+        ),
+    );
+    row(
+        "a Deployment whose pods need moat's runtime",
+        Expect::Admitted,
+        create(&deployment("no-runtime", json!({"runtimeClassName": null}))),
+    );
+    cluster.kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+    assert!(
+        faults.is_empty(),
+        "the outage table does not hold:\n{}",
+        faults.join("\n")
     );
 }
