@@ -258,7 +258,11 @@ impl Resolver {
         let mut identities = Identities::new(trust);
         let mut answers: Vec<Option<Result<Admitted, String>>> = images
             .iter()
-            .map(|image| self.warm(&mut identities, namespace, *image, now).map(Ok))
+            .map(|image| {
+                self.warm(&mut identities, namespace, *image, now)
+                    .map(Ok)
+                    .or_else(|| offline(trust, namespace, *image))
+            })
             .collect();
         if answers.iter().all(Option::is_some) {
             return answers.into_iter().flatten().collect();
@@ -726,6 +730,35 @@ impl Resolver {
             )
         })))
     }
+}
+
+/// The answer for `image` when it needs no registry: refused for want of a rule, or already
+/// naming a digest that no signature check applies to. It takes no place among the lookups
+/// waiting and leaves no cache entry.
+fn offline(
+    trust: &ImageTrust,
+    namespace: &str,
+    image: Image<'_>,
+) -> Option<Result<Admitted, String>> {
+    let rule = trust.rule_for(image.parsed, namespace).map(|(_, r)| r);
+    if rule.is_none() && trust.unmatched == Unmatched::Deny {
+        return Some(Err(format!(
+            "no rule of images.trust names {}, so it cannot be verified",
+            image.parsed.repository()
+        )));
+    }
+    if rule.is_some_and(|r| r.signatures == SignaturePolicy::Required) {
+        return None;
+    }
+    let d = image.parsed.digest()?;
+    Some(match d.parse::<Digest>() {
+        Ok(digest) => Ok(Admitted {
+            pinned: image.raw.to_owned(),
+            digest,
+            signed_by: None,
+        }),
+        Err(_) => Err(format!("moat verifies sha256 digests only, not '{d}'")),
+    })
 }
 
 /// The metric label of `image`'s registry: the registry a rule names, or `other`.
