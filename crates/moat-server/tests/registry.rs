@@ -362,5 +362,8 @@ async fn a_registry_that_is_down_is_a_denial_naming_it_not_an_error() {
         )),
         "{message}"
     );
-    assert!(!message.contains("refused") && !message.contains("os error"), "{message}");
+    assert!(
+        !message.contains("refused") && !message.contains("os error"),
+        "{message}"
+    );
 }
