@@ -129,10 +129,7 @@ impl<V: Clone> BoundedCache<V> {
             None => owner.into(),
         };
         // The owner's own oldest entries make room within its share.
-        loop {
-            let Some(o) = inner.owners.get_mut(&owner) else {
-                break;
-            };
+        while let Some(o) = inner.owners.get_mut(&owner) {
             if o.entries < self.share_entries && o.bytes + bytes <= self.share_bytes {
                 break;
             }
