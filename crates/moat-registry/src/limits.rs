@@ -43,6 +43,15 @@ pub const MAX_WAITING_LOOKUPS_PER_NAMESPACE: usize = 64;
 /// hold together ([`LOOKUP_BYTES`] each).
 pub const MAX_WAITING_LOOKUPS: usize = 1024;
 
+/// Of [`MAX_WAITING_LOOKUPS`], the last quarter is kept for namespaces with few lookups waiting
+/// ([`MAX_RESERVED_LOOKUPS_PER_NAMESPACE`] each): 12 namespaces at their
+/// [`MAX_WAITING_LOOKUPS_PER_NAMESPACE`] fill the rest, and another namespace's next pod must
+/// still be looked up, not refused because moat is busy.
+pub const RESERVED_LOOKUPS: usize = MAX_WAITING_LOOKUPS / 4;
+
+/// Lookups one namespace may hold from [`RESERVED_LOOKUPS`]: a pod's handful of images.
+pub const MAX_RESERVED_LOOKUPS_PER_NAMESPACE: usize = 4;
+
 /// Distinct images one review may ask about. A pod names a handful; the tenant writes it,
 /// though, and one of 60,000 distinct images would otherwise be 60,000 lookups started at once
 /// (each a future of a few KiB: more memory than moat's limit) for one review. More is denied

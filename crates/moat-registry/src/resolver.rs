@@ -18,8 +18,9 @@ use crate::digest::Digest;
 use crate::error::{FailureReason, RegistryError};
 use crate::limits::{
     CACHE_SHARE_DIVISOR, FAILURE_TTL, MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_IMAGES_PER_REVIEW,
-    MAX_MANIFEST_BYTES, MAX_SIGNATURE_PAYLOAD_BYTES, MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_LOOKUPS,
-    MAX_WAITING_LOOKUPS_PER_NAMESPACE, MAX_WAITING_REVIEWS_PER_NAMESPACE, VERIFIED_TTL,
+    MAX_MANIFEST_BYTES, MAX_RESERVED_LOOKUPS_PER_NAMESPACE, MAX_SIGNATURE_PAYLOAD_BYTES,
+    MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_LOOKUPS, MAX_WAITING_LOOKUPS_PER_NAMESPACE,
+    MAX_WAITING_REVIEWS_PER_NAMESPACE, RESERVED_LOOKUPS, VERIFIED_TTL,
 };
 use crate::metrics::{CacheKind, Call, RegistryMetrics};
 
@@ -100,7 +101,9 @@ pub struct Resolver {
 }
 
 /// Lookups waiting on registries: in all, and by namespace (a namespace leaves the map with
-/// its last lookup).
+/// its last lookup). The last [`RESERVED_LOOKUPS`] go only to namespaces with fewer than
+/// [`MAX_RESERVED_LOOKUPS_PER_NAMESPACE`] waiting, so namespaces at their share cannot take
+/// the whole budget from the others.
 #[derive(Debug, Default)]
 struct LookupBudget {
     state: Mutex<(usize, HashMap<String, usize>)>,
@@ -128,11 +131,16 @@ impl LookupBudget {
         if *total >= MAX_WAITING_LOOKUPS {
             return Err(NoPlace::Everyone);
         }
-        let n = by_namespace.entry(namespace.to_owned()).or_insert(0);
-        if *n >= MAX_WAITING_LOOKUPS_PER_NAMESPACE {
+        let held = by_namespace.get(namespace).copied().unwrap_or(0);
+        if held >= MAX_WAITING_LOOKUPS_PER_NAMESPACE {
             return Err(NoPlace::Namespace);
         }
-        *n += 1;
+        if *total >= MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS
+            && held >= MAX_RESERVED_LOOKUPS_PER_NAMESPACE
+        {
+            return Err(NoPlace::Everyone);
+        }
+        *by_namespace.entry(namespace.to_owned()).or_insert(0) += 1;
         *total += 1;
         Ok(Lookup {
             budget: self,
@@ -847,3 +855,52 @@ impl<'t> Identities<'t> {
 
 /// A resolver shared by every endpoint.
 pub type SharedResolver = Arc<Resolver>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_at_their_share_leave_room_for_the_others() {
+        let budget = LookupBudget::default();
+        let names: Vec<String> = (0..40).map(|i| format!("ns{i}")).collect();
+        let mut held = Vec::new();
+        // Flooding namespaces take all they may: 12 at 64 (768), then the reserve lets each
+        // take only a few more.
+        for name in &names[..20] {
+            while let Ok(place) = budget.take(name) {
+                held.push(place);
+            }
+        }
+        let at_share = (MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS) / MAX_WAITING_LOOKUPS_PER_NAMESPACE;
+        assert_eq!(
+            held.len(),
+            MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS
+                + (20 - at_share) * MAX_RESERVED_LOOKUPS_PER_NAMESPACE
+        );
+        // A quiet namespace still gets its pod's images looked up.
+        for _ in 0..MAX_RESERVED_LOOKUPS_PER_NAMESPACE {
+            held.push(
+                budget
+                    .take("quiet")
+                    .unwrap_or_else(|_| panic!("no place for quiet")),
+            );
+        }
+        assert!(matches!(budget.take("quiet"), Err(NoPlace::Everyone)));
+        assert!(matches!(budget.take(&names[0]), Err(NoPlace::Namespace)));
+        // The total holds whatever the namespaces.
+        for name in &names[20..] {
+            while let Ok(place) = budget.take(name) {
+                held.push(place);
+            }
+        }
+        assert!(held.len() <= MAX_WAITING_LOOKUPS);
+        drop(held);
+        let state = budget
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert_eq!(state.0, 0);
+        assert!(state.1.is_empty());
+    }
+}
