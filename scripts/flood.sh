@@ -8,7 +8,15 @@
 #
 #   SECONDS   measurement window per attack (default 10)
 #   ATTACK    any of: idle-tcp idle-tls slow-handshake h2-streams trickle-bodies
-#             metrics-unfinished agent-metrics-unfinished request-flood   (default: all)
+#             metrics-unfinished agent-metrics-unfinished request-flood
+#             registry-missing-tags registry-hostile registry-cache-flush   (default: all)
+#
+# The registry-* attacks (issue 30) start moat with images.trust and an HTTPS registry of the
+# harness's own on loopback (certificates and a cosign key made with the openssl CLI); the good
+# client is another namespace naming a fresh signed tag in every review (registry-cache-flush:
+# the same, cached one), counted good only when the image is admitted; their goal is p99 within
+# the registry budget (2 s; cached: the usual 100 ms) and RSS under the limit `moat install`
+# writes with images.trust on.
 #
 #   MOAT_BIN=path/to/moat   use this binary (default: cargo build --release, target/release/moat)
 #   FLOOD_GOOD_RATE=50      the good client's reviews per second

@@ -13,6 +13,12 @@
 //! is not a registry, so `busybox` is `docker.io/library/busybox`; `index.docker.io` is
 //! `docker.io`. Repository paths are lower case; a port is never a tag.
 //!
+//! The registry is kept in one canonical spelling ([`canonical_registry`]): the kubelet and
+//! containerd reach `Reg.Example.COM`, `reg.example.com:443` and `reg.example.com` alike (host
+//! names are case-insensitive, 443 is the https port), so moat's rules, `allowedRegistries` and
+//! credentials must see one registry there, not three. The reference the pod wrote is kept
+//! by the caller (moat pins the pod's own spelling); only comparisons use the canonical one.
+//!
 //! ```
 //! use moat_core::image::ImageRef;
 //! let r: ImageRef = "busybox".parse().unwrap();
@@ -28,7 +34,11 @@ use std::str::FromStr;
 
 /// The registry Docker assumes when a reference names none.
 pub const DEFAULT_DOMAIN: &str = "docker.io";
-const LEGACY_DEFAULT_DOMAIN: &str = "index.docker.io";
+/// Other names of Docker Hub: `index.docker.io` (Docker's legacy default, which its parser
+/// normalises) and `registry-1.docker.io` (the API host containerd calls for `docker.io`).
+const DOCKER_HUB_ALIASES: [&str; 2] = ["index.docker.io", "registry-1.docker.io"];
+/// The port an `https` registry listens on when a reference names none.
+const HTTPS_PORT: u16 = 443;
 const OFFICIAL_REPO_PREFIX: &str = "library/";
 /// Longest repository name (domain and path) the grammar allows.
 pub const MAX_NAME_LEN_CHARS: usize = 255;
@@ -69,7 +79,8 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    /// The registry, with its port if any (`docker.io`, `localhost:5000`).
+    /// The registry in its canonical spelling ([`canonical_registry`]), with its port if any
+    /// (`docker.io`, `localhost:5000`).
     pub fn domain(&self) -> &str {
         &self.domain
     }
@@ -153,11 +164,7 @@ impl FromStr for ImageRef {
                 return Err(ImageRefError::InvalidPathComponent(component.to_owned()));
             }
         }
-        let domain = if domain == LEGACY_DEFAULT_DOMAIN {
-            DEFAULT_DOMAIN
-        } else {
-            domain
-        };
+        let domain = canonical_registry(domain);
         let path = if domain == DEFAULT_DOMAIN && !path.contains('/') {
             format!("{OFFICIAL_REPO_PREFIX}{path}")
         } else {
@@ -169,11 +176,51 @@ impl FromStr for ImageRef {
             return Err(ImageRefError::NameTooLong);
         }
         Ok(Self {
-            domain: domain.to_owned(),
+            domain,
             path,
             tag,
             digest,
         })
+    }
+}
+
+/// The one spelling of a registry (`host[:port]`, already valid by the grammar) that moat
+/// compares: lower case (DNS names and IPv6 hex are case-insensitive), the port written as a
+/// number without leading zeros and dropped when it is 443 (what `https://host` reaches), and
+/// Docker Hub's other names ([`DOCKER_HUB_ALIASES`]) as `docker.io`.
+///
+/// What it cannot know: other names of the same host (an IP address, a CNAME, an `/etc/hosts`
+/// entry, a containerd mirror). Those are other registries to moat; see `docs/policies.md`
+/// ("One registry, one name") for writing rules that cover them.
+///
+/// ```
+/// use moat_core::image::canonical_registry;
+/// assert_eq!(canonical_registry("Reg.Example.COM:443"), "reg.example.com");
+/// assert_eq!(canonical_registry("reg.example.com:05000"), "reg.example.com:5000");
+/// assert_eq!(canonical_registry("Registry-1.Docker.IO"), "docker.io");
+/// ```
+pub fn canonical_registry(domain: &str) -> String {
+    let lower = domain.to_ascii_lowercase();
+    // The port follows the last ':' after any bracketed IPv6 address.
+    let host_end = lower.rfind(']').map_or(0, |i| i + 1);
+    let (host, port) = match lower[host_end..].rfind(':') {
+        Some(i) => (&lower[..host_end + i], Some(&lower[host_end + i + 1..])),
+        None => (lower.as_str(), None),
+    };
+    let port = port.map(|p| {
+        let digits = p.trim_start_matches('0');
+        match digits.parse::<u16>() {
+            Ok(HTTPS_PORT) => None,
+            Ok(n) => Some(n.to_string()),
+            // Zero, or more digits than a port has: left as written (nothing listens there).
+            Err(_) if digits.is_empty() => Some("0".to_owned()),
+            Err(_) => Some(p.to_owned()),
+        }
+    });
+    match port.flatten() {
+        Some(p) => format!("{host}:{p}"),
+        None if DOCKER_HUB_ALIASES.contains(&host) => DEFAULT_DOMAIN.to_owned(),
+        None => host.to_owned(),
     }
 }
 
@@ -336,13 +383,8 @@ impl FromStr for RegistryPrefix {
         {
             return Err(ImageRefError::InvalidPathComponent(bad.to_owned()));
         }
-        let domain = if domain == LEGACY_DEFAULT_DOMAIN {
-            DEFAULT_DOMAIN
-        } else {
-            domain
-        };
         Ok(Self {
-            domain: domain.to_owned(),
+            domain: canonical_registry(domain),
             path: path.map(str::to_owned),
         })
     }
@@ -408,10 +450,31 @@ mod tests {
             ("[::1]:5000/app:v1", "[::1]:5000", "app", Some("v1")),
             (
                 "Registry.Example.com/app:v1",
-                "Registry.Example.com",
+                "registry.example.com",
                 "app",
                 Some("v1"),
             ),
+            ("reg.example:443/app:1", "reg.example", "app", Some("1")),
+            ("REG.example:0443/app:1", "reg.example", "app", Some("1")),
+            (
+                "reg.example:5000/app:1",
+                "reg.example:5000",
+                "app",
+                Some("1"),
+            ),
+            (
+                "registry-1.docker.io/nginx:1",
+                "docker.io",
+                "library/nginx",
+                Some("1"),
+            ),
+            (
+                "Index.Docker.IO:443/bitnami/redis:7",
+                "docker.io",
+                "bitnami/redis",
+                Some("7"),
+            ),
+            ("[::ABCD]:443/app:v1", "[::abcd]", "app", Some("v1")),
             ("a/b__c/d-e.f:x", "docker.io", "a/b__c/d-e.f", Some("x")),
         ];
         for (input, domain, path, tag) in cases {
@@ -420,6 +483,62 @@ mod tests {
             assert_eq!(r.path(), *path, "{input}");
             assert_eq!(r.tag(), *tag, "{input}");
             assert_eq!(r.digest(), None, "{input}");
+        }
+    }
+
+    #[test]
+    fn one_registry_has_one_canonical_name() {
+        let cases: &[(&str, &str)] = &[
+            ("reg.example.com", "reg.example.com"),
+            ("Reg.Example.COM", "reg.example.com"),
+            ("reg.example.com:443", "reg.example.com"),
+            ("reg.example.com:00443", "reg.example.com"),
+            ("reg.example.com:5000", "reg.example.com:5000"),
+            ("reg.example.com:05000", "reg.example.com:5000"),
+            ("reg.example.com:0", "reg.example.com:0"),
+            ("reg.example.com:99999", "reg.example.com:99999"),
+            ("LOCALHOST:5000", "localhost:5000"),
+            ("docker.io", "docker.io"),
+            ("index.docker.io", "docker.io"),
+            ("registry-1.docker.io:443", "docker.io"),
+            ("REGISTRY-1.DOCKER.IO", "docker.io"),
+            // Another port of Docker Hub's hosts is not Docker Hub.
+            ("index.docker.io:5000", "index.docker.io:5000"),
+            ("[::1]", "[::1]"),
+            ("[::1]:443", "[::1]"),
+            ("[FE80::1]:5000", "[fe80::1]:5000"),
+            // An IP address is another name moat cannot tie to a host name.
+            ("10.0.0.1:443", "10.0.0.1"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(canonical_registry(input), *want, "{input}");
+            // Idempotent.
+            assert_eq!(canonical_registry(want), *want, "{want}");
+        }
+    }
+
+    #[test]
+    fn spellings_of_one_registry_fall_under_one_prefix() {
+        for prefix in ["reg.example.com/shop", "REG.example.com:443/shop"] {
+            let p: RegistryPrefix = prefix.parse().unwrap();
+            assert_eq!(p.to_string(), "reg.example.com/shop");
+            for image in [
+                "reg.example.com/shop/api:1",
+                "Reg.Example.Com/shop/api:1",
+                "reg.example.com:443/shop/api:1",
+                "REG.EXAMPLE.COM:0443/shop/api:1",
+            ] {
+                assert!(p.contains(&image.parse().unwrap()), "{prefix} vs {image}");
+            }
+            assert!(!p.contains(&"reg.example.com:5000/shop/api:1".parse().unwrap()));
+        }
+        let hub: RegistryPrefix = "docker.io/library".parse().unwrap();
+        for image in [
+            "nginx:1",
+            "registry-1.docker.io/nginx:1",
+            "Registry-1.Docker.io:443/library/nginx:1",
+        ] {
+            assert!(hub.contains(&image.parse().unwrap()), "{image}");
         }
     }
 

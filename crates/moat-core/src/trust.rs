@@ -513,6 +513,22 @@ LskcBCfySdnZfqEt8GnjtzBclJHpGDaoXzeAxtMelvVvN0r18cq/uoMCAwEAAQ==
     }
 
     #[test]
+    fn a_rule_applies_to_every_spelling_of_its_registry() {
+        let t = rule("rules: [{repositories: [r.example/shop], signatures: off}]");
+        for image in [
+            "r.example/shop/api:1",
+            "R.EXAMPLE/shop/api:1",
+            "r.example:443/shop/api:1",
+            "R.Example:0443/shop/api@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            let i: ImageRef = image.parse().unwrap();
+            assert_eq!(t.rule_for(&i, "ns").map(|r| r.0), Some(0), "{image}");
+        }
+        let other_port: ImageRef = "r.example:8443/shop/api:1".parse().unwrap();
+        assert!(t.rule_for(&other_port, "ns").is_none());
+    }
+
+    #[test]
     fn required_signatures_need_a_key() {
         let t = rule("rules: [{repositories: [r.example]}]");
         let (path, message) = t.check("images.trust").unwrap_err();

@@ -449,13 +449,18 @@ fn under_prefix(i: &str, prefix: &str) -> String {
     // After a path prefix: another component, the tag, the digest, or the end.
     let after = "(?:[/:@]|$)";
     if domain != moat_core::image::DEFAULT_DOMAIN {
+        let domain = registry_regex(domain);
         let re = match path {
-            Some(p) => format!("^{}/{}{after}", regex_escape(domain), regex_escape(p)),
-            None => format!("^{}/", regex_escape(domain)),
+            Some(p) => format!("^{domain}/{}{after}", regex_escape(p)),
+            None => format!("^{domain}/"),
         };
         return format!("{i}.matches({})", lit(&re));
     }
-    let explicit = "(?:docker\\.io|index\\.docker\\.io)/";
+    let explicit = format!(
+        "(?i:docker\\.io|index\\.docker\\.io|registry-1\\.docker\\.io){}/",
+        port_regex(None)
+    );
+    let explicit = explicit.as_str();
     let implicit = format!("!{i}.matches({})", lit(HAS_DOMAIN));
     let Some(p) = path else {
         // Any reference Docker reads as docker.io's.
@@ -499,6 +504,25 @@ fn under_prefix(i: &str, prefix: &str) -> String {
         ));
     }
     format!("({})", alternatives.join(" || "))
+}
+
+/// Every spelling of canonical registry `domain` ([`moat_core::image::canonical_registry`]):
+/// any letter case (RE2's `(?i:…)`), and the port as [`port_regex`] writes it.
+fn registry_regex(domain: &str) -> String {
+    let host_end = domain.rfind(']').map_or(0, |i| i + 1);
+    let (host, port) = match domain[host_end..].rfind(':') {
+        Some(at) => (&domain[..host_end + at], Some(&domain[host_end + at + 1..])),
+        None => (domain, None),
+    };
+    format!("(?i:{}){}", regex_escape(host), port_regex(port))
+}
+
+/// A canonical port with any leading zeros; no port, also `:443` (what `https://host` reaches).
+fn port_regex(port: Option<&str>) -> String {
+    match port {
+        Some(p) => format!(":0*{}", regex_escape(p)),
+        None => "(?::0*443)?".to_owned(),
+    }
 }
 
 fn images(config: &Config, s: Subject) -> Compiled {

@@ -306,6 +306,17 @@ fn tricks() -> Vec<Case> {
         "UPPER:1",
         "a:b/c:1",
         "quay.io/a/b:latest",
+        // Other spellings of allowed registries: one registry to moat and to the backstop.
+        "GHCR.io/acme/api:1.4",
+        "ghcr.io:443/acme/api:1.4",
+        "ghcr.io:0443/acme/api:1.4",
+        "ghcr.io:8443/acme/api:1.4",
+        "LocalHost:05000/redis:7",
+        "localhost:5001/redis:7",
+        "registry-1.docker.io/x:1",
+        "Index.Docker.IO:443/library/x:1",
+        "Docker.io/library/x:1",
+        "docker.io:5000/library/x:1",
         "",
     ];
     let runtimes = [None, Some("runc"), Some("gvisor"), Some("kata")];

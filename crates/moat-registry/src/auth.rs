@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use moat_core::image::DEFAULT_DOMAIN;
+use moat_core::image::canonical_registry;
 
 use crate::limits::MAX_CREDENTIALS_FILE_BYTES;
 
@@ -228,17 +228,14 @@ impl DockerConfig {
     }
 }
 
-/// `https://index.docker.io/v1/` → `docker.io`; `https://reg:5000/` → `reg:5000`.
+/// `https://index.docker.io/v1/` → `docker.io`; `https://Reg:443/` → `reg`: the registry's
+/// canonical name, as image references are looked up by it.
 fn normalise_registry_key(key: &str) -> String {
     let key = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" => DEFAULT_DOMAIN.to_owned(),
-        _ => host,
-    }
+    canonical_registry(key.split('/').next().unwrap_or(key))
 }
 
 /// What identifies a version of the file: a Secret volume replaces it by renaming a new
@@ -385,6 +382,7 @@ mod tests {
         let json = br#"{"auths": {
             "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
             "reg.example:5000": {"username": "u2", "password": "p:2"},
+            "https://Other.Example:443/v2/": {"username": "u3", "password": "p3"},
             "empty.example": {}
         }}"#;
         let c = DockerConfig::parse("f", json).unwrap();
@@ -396,6 +394,7 @@ mod tests {
             c.login("reg.example:5000").unwrap().basic_header(),
             format!("Basic {}", BASE64.encode("u2:p:2"))
         );
+        assert!(c.login("other.example").is_some());
         assert!(c.login("empty.example").is_none());
     }
 

@@ -1,5 +1,6 @@
 //! One cache for every endpoint: entries with an expiry, bounded in number and in bytes (the
-//! oldest inserted goes first), and [`Flights`], which makes concurrent lookups of one key
+//! oldest inserted goes first), each charged to the namespace whose lookup made it, which may
+//! fill only a share of the bounds; and [`Flights`], which makes concurrent lookups of one key
 //! share one registry call.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,20 +12,33 @@ use crate::limits::CACHE_ENTRY_OVERHEAD_BYTES;
 
 /// A map with an expiry per entry and bounds on entries and bytes. Eviction is first in, first
 /// out: cheap, and an entry evicted while still in use costs one registry call to get back.
+/// Each entry has an owner (the namespace whose lookup made it); an owner at its share of
+/// either bound replaces its own oldest entries, so no one owner can flush the others'.
 #[derive(Debug)]
 pub struct BoundedCache<V> {
     inner: Mutex<Inner<V>>,
     max_entries: usize,
     max_bytes: usize,
+    share_entries: usize,
+    share_bytes: usize,
 }
 
 #[derive(Debug)]
 struct Inner<V> {
-    map: HashMap<String, Entry<V>>,
+    map: HashMap<Arc<str>, Entry<V>>,
     /// Insertion order; an item whose sequence number no longer matches its entry is stale.
-    order: VecDeque<(u64, String)>,
+    order: VecDeque<(u64, Arc<str>)>,
+    owners: HashMap<Arc<str>, Owner>,
     bytes: usize,
     next_seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Owner {
+    entries: usize,
+    bytes: usize,
+    /// This owner's insertion order, stale items as in [`Inner::order`].
+    order: VecDeque<(u64, Arc<str>)>,
 }
 
 #[derive(Debug)]
@@ -33,20 +47,46 @@ struct Entry<V> {
     expires: Instant,
     bytes: usize,
     seq: u64,
+    owner: Arc<str>,
+}
+
+impl<V> Inner<V> {
+    fn remove(&mut self, key: &str) {
+        let Some(e) = self.map.remove(key) else {
+            return;
+        };
+        self.bytes -= e.bytes;
+        if let Some(o) = self.owners.get_mut(&e.owner) {
+            o.entries -= 1;
+            o.bytes -= e.bytes;
+            if o.entries == 0 {
+                self.owners.remove(&e.owner);
+            }
+        }
+    }
+
+    fn is_live(&self, seq: u64, key: &str) -> bool {
+        self.map.get(key).is_some_and(|e| e.seq == seq)
+    }
 }
 
 impl<V: Clone> BoundedCache<V> {
-    /// An empty cache holding at most `max_entries` entries and `max_bytes` bytes.
-    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+    /// An empty cache holding at most `max_entries` entries and `max_bytes` bytes, one owner at
+    /// most a `1/share_divisor` of each.
+    pub fn new(max_entries: usize, max_bytes: usize, share_divisor: usize) -> Self {
+        let share_divisor = share_divisor.max(1);
         Self {
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 order: VecDeque::new(),
+                owners: HashMap::new(),
                 bytes: 0,
                 next_seq: 0,
             }),
             max_entries,
             max_bytes,
+            share_entries: (max_entries / share_divisor).max(1),
+            share_bytes: max_bytes / share_divisor,
         }
     }
 
@@ -56,29 +96,55 @@ impl<V: Clone> BoundedCache<V> {
         match inner.map.get(key) {
             Some(e) if e.expires > now => Some(e.value.clone()),
             Some(_) => {
-                if let Some(e) = inner.map.remove(key) {
-                    inner.bytes -= e.bytes;
-                }
+                inner.remove(key);
                 None
             }
             None => None,
         }
     }
 
-    /// Keeps `value` under `key` for `ttl` from `now`; `value_bytes` is what the value holds.
-    /// A zero `ttl`, or an entry larger than the whole budget, is not kept.
-    pub fn insert(&self, key: String, value: V, value_bytes: usize, ttl: Duration, now: Instant) {
+    /// Keeps `value` under `key` for `ttl` from `now`, charged to `owner`; `value_bytes` is
+    /// what the value holds. A zero `ttl`, or an entry larger than an owner's share, is not
+    /// kept.
+    pub fn insert(
+        &self,
+        key: &str,
+        value: V,
+        value_bytes: usize,
+        ttl: Duration,
+        now: Instant,
+        owner: &str,
+    ) {
         let bytes = key.len() + value_bytes + CACHE_ENTRY_OVERHEAD_BYTES;
-        if ttl.is_zero() || bytes > self.max_bytes || self.max_entries == 0 {
+        if ttl.is_zero() || bytes > self.share_bytes || self.max_entries == 0 {
             return;
         }
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let seq = inner.next_seq;
         inner.next_seq += 1;
-        if let Some(old) = inner.map.remove(&key) {
-            inner.bytes -= old.bytes;
+        inner.remove(key);
+        let key: Arc<str> = key.into();
+        let owner: Arc<str> = match inner.owners.get_key_value(owner) {
+            Some((o, _)) => o.clone(),
+            None => owner.into(),
+        };
+        // The owner's own oldest entries make room within its share.
+        while let Some(o) = inner.owners.get_mut(&owner) {
+            if o.entries < self.share_entries && o.bytes + bytes <= self.share_bytes {
+                break;
+            }
+            let Some((old_seq, old_key)) = o.order.pop_front() else {
+                break;
+            };
+            if inner.is_live(old_seq, &old_key) {
+                inner.remove(&old_key);
+            }
         }
         inner.order.push_back((seq, key.clone()));
+        let o = inner.owners.entry(owner.clone()).or_default();
+        o.entries += 1;
+        o.bytes += bytes;
+        o.order.push_back((seq, key.clone()));
         inner.map.insert(
             key,
             Entry {
@@ -86,6 +152,7 @@ impl<V: Clone> BoundedCache<V> {
                 expires: now + ttl,
                 bytes,
                 seq,
+                owner,
             },
         );
         inner.bytes += bytes;
@@ -93,17 +160,23 @@ impl<V: Clone> BoundedCache<V> {
             let Some((seq, key)) = inner.order.pop_front() else {
                 break;
             };
-            if inner.map.get(&key).is_some_and(|e| e.seq == seq)
-                && let Some(e) = inner.map.remove(&key)
-            {
-                inner.bytes -= e.bytes;
+            if inner.is_live(seq, &key) {
+                inner.remove(&key);
             }
         }
-        // Replaced and expired keys leave stale items in the order; drop them when they
-        // outnumber the live ones.
-        if inner.order.len() > 2 * inner.map.len() + 64 {
-            let Inner { map, order, .. } = &mut *inner;
+        // Replaced, expired and evicted keys leave stale items in the orders; drop them when
+        // they outnumber the live ones.
+        let Inner {
+            map, order, owners, ..
+        } = &mut *inner;
+        if order.len() > 2 * map.len() + 64 {
             order.retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+        }
+        for o in owners.values_mut() {
+            if o.order.len() > 2 * o.entries + 16 {
+                o.order
+                    .retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+            }
         }
     }
 
@@ -111,6 +184,15 @@ impl<V: Clone> BoundedCache<V> {
     pub fn size(&self) -> (usize, usize) {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         (inner.map.len(), inner.bytes)
+    }
+
+    /// Entries and bytes charged to `owner` now.
+    pub fn owned_by(&self, owner: &str) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .owners
+            .get(owner)
+            .map_or((0, 0), |o| (o.entries, o.bytes))
     }
 }
 
@@ -176,9 +258,9 @@ mod tests {
 
     #[test]
     fn an_entry_lives_until_it_expires() {
-        let c = BoundedCache::new(10, 10_000);
+        let c = BoundedCache::new(10, 10_000, 1);
         let t0 = Instant::now();
-        c.insert("a".into(), 1, 8, S, t0);
+        c.insert("a", 1, 8, S, t0, "ns");
         assert_eq!(c.get("a", t0), Some(1));
         assert_eq!(c.get("a", t0 + S), None);
         assert_eq!(c.size(), (0, 0));
@@ -186,19 +268,19 @@ mod tests {
 
     #[test]
     fn a_zero_ttl_keeps_nothing() {
-        let c = BoundedCache::new(10, 10_000);
+        let c = BoundedCache::new(10, 10_000, 1);
         let t0 = Instant::now();
-        c.insert("a".into(), 1, 8, Duration::ZERO, t0);
+        c.insert("a", 1, 8, Duration::ZERO, t0, "ns");
         assert_eq!(c.get("a", t0), None);
     }
 
     #[test]
     fn the_oldest_entry_goes_first_at_the_entry_bound() {
-        let c = BoundedCache::new(2, 10_000);
+        let c = BoundedCache::new(2, 10_000, 1);
         let t0 = Instant::now();
-        c.insert("a".into(), 1, 8, S, t0);
-        c.insert("b".into(), 2, 8, S, t0);
-        c.insert("c".into(), 3, 8, S, t0);
+        c.insert("a", 1, 8, S, t0, "ns");
+        c.insert("b", 2, 8, S, t0, "ns");
+        c.insert("c", 3, 8, S, t0, "ns");
         assert_eq!(c.get("a", t0), None);
         assert_eq!(c.get("b", t0), Some(2));
         assert_eq!(c.get("c", t0), Some(3));
@@ -207,31 +289,67 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_whatever_the_entries_weigh() {
         let entry = 1 + 100 + CACHE_ENTRY_OVERHEAD_BYTES;
-        let c = BoundedCache::new(1000, 3 * entry);
+        let c = BoundedCache::new(1000, 3 * entry, 1);
         let t0 = Instant::now();
         for (i, k) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
-            c.insert(k.into(), i, 100, S, t0);
+            c.insert(k, i, 100, S, t0, "ns");
             assert!(c.size().1 <= 3 * entry);
         }
         assert_eq!(c.size(), (3, 3 * entry));
         assert_eq!(c.get("b", t0), None);
         assert_eq!(c.get("e", t0), Some(4));
         // Larger than the whole budget: not kept, nothing evicted for it.
-        c.insert("huge".into(), 9, 10 * entry, S, t0);
+        c.insert("huge", 9, 10 * entry, S, t0, "ns");
         assert_eq!(c.get("huge", t0), None);
         assert_eq!(c.size().0, 3);
     }
 
     #[test]
     fn replacing_a_key_does_not_count_it_twice() {
-        let c = BoundedCache::new(2, 10_000);
+        let c = BoundedCache::new(2, 10_000, 1);
         let t0 = Instant::now();
         for v in 0..100 {
-            c.insert("a".into(), v, 8, S, t0);
+            c.insert("a", v, 8, S, t0, "ns");
         }
-        c.insert("b".into(), 1, 8, S, t0);
+        c.insert("b", 1, 8, S, t0, "ns");
         assert_eq!(c.get("a", t0), Some(99));
         assert_eq!(c.size().0, 2);
+    }
+
+    #[test]
+    fn one_owner_cannot_flush_the_others_entries() {
+        // 80 entries, an eighth (10) per owner.
+        let c = BoundedCache::new(80, 1_000_000, 8);
+        let t0 = Instant::now();
+        for i in 0..10 {
+            c.insert(&format!("quiet{i}"), i, 8, S, t0, "quiet");
+        }
+        for i in 0..10_000 {
+            c.insert(&format!("flood{i}"), i, 8, S, t0, "flood");
+            assert!(c.owned_by("flood").0 <= 10);
+        }
+        for i in 0..10 {
+            assert_eq!(c.get(&format!("quiet{i}"), t0), Some(i), "quiet{i}");
+        }
+        assert_eq!(c.owned_by("quiet").0, 10);
+        // The flood keeps its newest.
+        assert_eq!(c.get("flood9999", t0), Some(9999));
+        assert_eq!(c.get("flood0", t0), None);
+    }
+
+    #[test]
+    fn an_owner_share_bounds_bytes_too() {
+        let entry = 2 + 1000 + CACHE_ENTRY_OVERHEAD_BYTES;
+        let c = BoundedCache::new(1000, 8 * 4 * entry, 8);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            c.insert(&format!("{i:02}"), i, 1000, S, t0, "flood");
+            assert!(c.owned_by("flood").1 <= 4 * entry);
+        }
+        assert_eq!(c.owned_by("flood"), (4, 4 * entry));
+        // Entries leave their owner's account when they expire, are replaced or evicted.
+        assert_eq!(c.get("99", t0 + S), None);
+        assert_eq!(c.owned_by("flood").0, 3);
     }
 
     #[tokio::test]

@@ -19,12 +19,14 @@ use moat_core::trust::PemCertificates;
 use crate::auth::{Challenge, Credentials, CredentialsError, DockerConfig};
 use crate::error::RegistryError;
 use crate::limits::{
-    IDLE_CONNECTION_TIMEOUT, MAX_CALLS_IN_FLIGHT, MAX_CALLS_IN_FLIGHT_PER_REGISTRY,
-    MAX_IDLE_CONNECTIONS_PER_HOST, MAX_REDIRECTS, MAX_TOKEN_RESPONSE_BYTES, MAX_TOKEN_TTL,
-    MAX_TOKENS, TOKEN_EXPIRY_MARGIN,
+    IDLE_CONNECTION_TIMEOUT, MAX_CALLS_IN_FLIGHT, MAX_CALLS_IN_FLIGHT_PER_NAMESPACE,
+    MAX_CALLS_IN_FLIGHT_PER_REGISTRY, MAX_CALLS_PER_REGISTRY_PER_NAMESPACE, MAX_CHALLENGE_BYTES,
+    MAX_IDLE_CONNECTIONS_PER_HOST, MAX_REDIRECTS, MAX_RESPONSE_HEAD_BYTES, MAX_TOKEN_BYTES,
+    MAX_TOKEN_RESPONSE_BYTES, MAX_TOKEN_TTL, TOKEN_EXPIRY_MARGIN,
 };
 use crate::metrics::{Call, RegistryMetrics};
-use tokio::sync::Semaphore;
+use crate::slots::FairSlots;
+use crate::tokens::TokenStore;
 
 /// Manifest media types moat reads, in the order it prefers them: an index (multi-platform) is
 /// pinned as such, the kubelet picks its platform.
@@ -66,23 +68,24 @@ pub(crate) struct Repo<'a> {
     pub label: &'a str,
     /// The path inside the registry (`library/busybox`).
     pub path: &'a str,
+    /// The namespace of the review that asks: call slots are shared out by it.
+    pub namespace: &'a str,
     /// Whether idle connections to it are kept for the next lookup: for the registries rules
     /// name. The others are named by tenants (`unmatched: pin`), and a pool per host they name
     /// would hold descriptors without bound, so their connections close after each call.
     pub pooled: bool,
 }
 
-/// A body read from a registry.
+/// A body read from a registry, and the one header moat reads beside it (the rest are not
+/// kept).
 #[derive(Debug)]
 pub(crate) struct Fetched {
     pub body: Bytes,
-    pub headers: HeaderMap,
+    /// `Docker-Content-Digest`, when present: `Some(None)` when it is not text.
+    pub content_digest: Option<Option<String>>,
 }
 
 type Https = HttpsConnector<HttpConnector>;
-
-/// `(registry, scope, credentials generation)`: what an `Authorization` value is good for.
-type AuthKey = (String, String, u64);
 
 /// The HTTP client, shared by every lookup: its connection pool, the credentials file and the
 /// authorisation headers got so far.
@@ -92,13 +95,14 @@ pub(crate) struct Client {
     /// The same, keeping no idle connection (see [`Repo::pooled`]).
     unpooled: HyperClient<Https, Empty<Bytes>>,
     credentials: Option<Credentials>,
-    /// [`AuthKey`] → `Authorization` value and its expiry.
-    authorizations: Mutex<HashMap<AuthKey, (Arc<str>, Instant)>>,
-    /// Calls in flight, all registries ([`MAX_CALLS_IN_FLIGHT`]).
-    in_flight: Arc<Semaphore>,
-    /// Calls in flight per registry label ([`MAX_CALLS_IN_FLIGHT_PER_REGISTRY`]); labels are
-    /// the registries rules name and `other`, a set the operator bounds.
-    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// `Authorization` values got so far, bounded in entries and bytes.
+    authorizations: TokenStore,
+    /// Calls in flight, all registries ([`MAX_CALLS_IN_FLIGHT`]), shared out by namespace.
+    in_flight: Arc<FairSlots>,
+    /// Calls in flight per registry label ([`MAX_CALLS_IN_FLIGHT_PER_REGISTRY`]), shared out
+    /// by namespace; labels are the registries rules name and `other`, a set the operator
+    /// bounds.
+    per_registry: Mutex<HashMap<String, Arc<FairSlots>>>,
     metrics: RegistryMetrics,
 }
 
@@ -143,20 +147,23 @@ impl Client {
             .https_only()
             .enable_http1()
             .wrap_connector(connector);
+        // The read buffer bounds a response's head (status, headers) and each body chunk read.
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_HOST)
+            .http1_max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .build(https.clone());
         let unpooled = HyperClient::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
+            .http1_max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .build(https);
         let credentials = credentials_file.map(Credentials::open).transpose()?;
         Ok(Self {
             http,
             unpooled,
             credentials,
-            authorizations: Mutex::new(HashMap::new()),
-            in_flight: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
+            authorizations: TokenStore::default(),
+            in_flight: FairSlots::new(MAX_CALLS_IN_FLIGHT, MAX_CALLS_IN_FLIGHT_PER_NAMESPACE),
             per_registry: Mutex::new(HashMap::new()),
             metrics,
         })
@@ -177,11 +184,18 @@ impl Client {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(repo.label.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT_PER_REGISTRY)))
+            .or_insert_with(|| {
+                FairSlots::new(
+                    MAX_CALLS_IN_FLIGHT_PER_REGISTRY,
+                    MAX_CALLS_PER_REGISTRY_PER_NAMESPACE,
+                )
+            })
             .clone();
-        // Neither semaphore is ever closed; the waits end at the review's deadline.
-        let _registry_turn = registry.acquire_owned().await.ok();
-        let _turn = self.in_flight.clone().acquire_owned().await.ok();
+        // The waits end at the review's deadline, when this future is dropped.
+        let asked = Instant::now();
+        let _registry_turn = registry.acquire(repo.namespace).await;
+        let _turn = self.in_flight.acquire(repo.namespace).await;
+        self.metrics.slot_wait(repo.label, asked.elapsed());
         let started = Instant::now();
         let result = self.get_inner(repo, path, accept, limit, what).await;
         self.metrics.call(repo.label, call, started.elapsed());
@@ -210,7 +224,7 @@ impl Client {
             Credentials::current,
         );
         let key = (reg.to_owned(), scope.clone(), generation);
-        let mut authorization = self.cached_authorization(&key);
+        let mut authorization = self.authorizations.get(&key, Instant::now());
         let mut response = self
             .send(repo, &uri, accept, authorization.as_deref())
             .await?;
@@ -218,12 +232,16 @@ impl Client {
             let challenge = response
                 .headers()
                 .get(header::WWW_AUTHENTICATE)
+                .filter(|v| v.len() <= MAX_CHALLENGE_BYTES)
                 .and_then(|v| v.to_str().ok())
                 .and_then(Challenge::parse)
                 .ok_or_else(|| RegistryError::Auth {
                     registry: reg.to_owned(),
                     what: what.to_owned(),
-                    reason: "it asks for authentication of a kind moat does not speak".to_owned(),
+                    reason: format!(
+                        "it asks for authentication of a kind moat does not speak, or in a \
+                         challenge of more than {MAX_CHALLENGE_BYTES} bytes"
+                    ),
                 })?;
             let login = logins.login(reg);
             let (value, ttl) = match challenge {
@@ -247,13 +265,14 @@ impl Client {
                 }
             };
             let value: Arc<str> = value.into();
-            self.store_authorization(key.clone(), value.clone(), ttl);
+            self.authorizations
+                .insert(key.clone(), value.clone(), ttl, Instant::now());
             authorization = Some(value);
             response = self
                 .send(repo, &uri, accept, authorization.as_deref())
                 .await?;
             if response.status() == StatusCode::UNAUTHORIZED {
-                self.drop_authorization(&key);
+                self.authorizations.remove(&key);
                 return Err(RegistryError::Auth {
                     registry: reg.to_owned(),
                     what: what.to_owned(),
@@ -308,9 +327,16 @@ impl Client {
                 });
             }
         }
-        let headers = response.headers().clone();
-        let body = read_limited(reg, what, response.into_body(), &headers, limit).await?;
-        Ok(Some(Fetched { body, headers }))
+        let content_digest = response
+            .headers()
+            .get("docker-content-digest")
+            .map(|v| v.to_str().ok().map(str::to_owned));
+        let declared = declared_length(response.headers());
+        let body = read_limited(reg, what, response.into_body(), declared, limit).await?;
+        Ok(Some(Fetched {
+            body,
+            content_digest,
+        }))
     }
 
     async fn send(
@@ -332,19 +358,17 @@ impl Client {
             .body(Empty::new())
             .map_err(|e| RegistryError::Unreachable {
                 registry: registry.to_owned(),
-                reason: format!("the request cannot be made: {e}"),
+                detail: format!("the request cannot be made: {e}"),
             })?;
         let http = if repo.pooled {
             &self.http
         } else {
             &self.unpooled
         };
+        self.metrics.request(repo.label);
         http.request(req)
             .await
-            .map_err(|e| RegistryError::Unreachable {
-                registry: registry.to_owned(),
-                reason: root_cause(&e),
-            })
+            .map_err(|e| connection_error(registry, &e))
     }
 
     /// A bearer token from `realm`, and how long to keep it.
@@ -364,9 +388,9 @@ impl Client {
             reason,
         };
         if !realm.starts_with("https://") {
-            return Err(auth_err(format!(
-                "its token service '{realm}' is not https, and credentials go only over TLS"
-            )));
+            return Err(auth_err(
+                "its token service is not https, and credentials go only over TLS".to_owned(),
+            ));
         }
         let mut url = realm.to_owned();
         let mut sep = if url.contains('?') { '&' } else { '?' };
@@ -381,7 +405,7 @@ impl Client {
         }
         let uri: Uri = url
             .parse()
-            .map_err(|_| auth_err(format!("its token service '{realm}' is not a URL")))?;
+            .map_err(|_| auth_err("its token service is not a URL".to_owned()))?;
         let started = Instant::now();
         let basic = login.map(crate::auth::Login::basic_header);
         let response = self.send(repo, &uri, None, basic.as_deref()).await;
@@ -393,12 +417,12 @@ impl Client {
                     response.status().as_u16()
                 )));
             }
-            let headers = response.headers().clone();
+            let declared = declared_length(response.headers());
             let body = read_limited(
                 reg,
                 "token",
                 response.into_body(),
-                &headers,
+                declared,
                 MAX_TOKEN_RESPONSE_BYTES,
             )
             .await?;
@@ -418,6 +442,11 @@ impl Client {
                 .or(answer.access_token)
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| auth_err("its token service sent no token".to_owned()))?;
+            if token.len() > MAX_TOKEN_BYTES {
+                return Err(auth_err(format!(
+                    "its token service sent a token of more than {MAX_TOKEN_BYTES} bytes"
+                )));
+            }
             // Distribution's default when the answer names none.
             let ttl = Duration::from_secs(answer.expires_in.unwrap_or(60))
                 .min(MAX_TOKEN_TTL)
@@ -429,37 +458,13 @@ impl Client {
             .call(repo.label, Call::token, started.elapsed());
         result
     }
+}
 
-    fn cached_authorization(&self, key: &AuthKey) -> Option<Arc<str>> {
-        let map = self
-            .authorizations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.get(key)
-            .filter(|(_, expires)| *expires > Instant::now())
-            .map(|(v, _)| v.clone())
-    }
-
-    fn store_authorization(&self, key: AuthKey, value: Arc<str>, ttl: Duration) {
-        let mut map = self
-            .authorizations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= MAX_TOKENS {
-            map.clear();
-        }
-        // Headers got with older credentials are of no more use.
-        let generation = key.2;
-        map.retain(|k, _| k.2 == generation);
-        map.insert(key, (value, Instant::now() + ttl));
-    }
-
-    fn drop_authorization(&self, key: &AuthKey) {
-        self.authorizations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
-    }
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Reads a body of at most `limit` bytes; a `Content-Length` over it is refused before reading.
@@ -467,7 +472,7 @@ async fn read_limited(
     registry: &str,
     what: &str,
     body: hyper::body::Incoming,
-    headers: &HeaderMap,
+    declared: Option<u64>,
     limit: usize,
 ) -> Result<Bytes, RegistryError> {
     let too_large = || RegistryError::TooLarge {
@@ -475,10 +480,6 @@ async fn read_limited(
         what: what.to_owned(),
         limit,
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -487,19 +488,55 @@ async fn read_limited(
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(RegistryError::Unreachable {
             registry: registry.to_owned(),
-            reason: format!("the connection broke while reading {what}: {e}"),
+            detail: format!("the connection broke while reading {what}: {e}"),
         }),
     }
 }
 
-/// The innermost cause of a connection error ("Connection refused (os error 111)", "invalid
-/// peer certificate: UnknownIssuer"): what a person needs, without hyper's wrapping.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause: &(dyn std::error::Error + 'static) = e;
-    while let Some(next) = cause.source() {
-        cause = next;
+/// The rustls error behind `e`: it travels inside io::Errors (one per layer), whose `source`
+/// skips what they wrap.
+fn tls_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut e = e;
+    for _ in 0..8 {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        e = inner;
     }
-    cause.to_string()
+    None
+}
+
+/// A failed connection as a denial: a certificate that does not verify is told apart (the
+/// operator's fix is a CA, not a network path); the cause itself goes to the detail, for the
+/// log.
+fn connection_error(registry: &str, e: &(dyn std::error::Error + 'static)) -> RegistryError {
+    let mut certificate = false;
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    loop {
+        if let Some(tls) = tls_error(cause) {
+            certificate |= matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            );
+        }
+        match cause.source() {
+            Some(next) => cause = next,
+            None => break,
+        }
+    }
+    let detail = cause.to_string();
+    if certificate {
+        RegistryError::Untrusted {
+            registry: registry.to_owned(),
+            detail,
+        }
+    } else {
+        RegistryError::Unreachable {
+            registry: registry.to_owned(),
+            detail,
+        }
+    }
 }
 
 /// A `Location` header against the URI it answered: absolute `https` URLs and absolute paths.

@@ -29,6 +29,8 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod resolver;
+pub mod slots;
+mod tokens;
 
 pub use client::SetupError;
 pub use digest::Digest;

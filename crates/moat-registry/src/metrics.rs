@@ -56,6 +56,11 @@ struct CallLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabels {
+    registry: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     registry: String,
     reason: FailureReason,
@@ -69,6 +74,8 @@ pub struct RegistryMetrics {
     calls: Family<CallLabels, Counter>,
     latency: Family<CallLabels, Histogram>,
     failures: Family<FailureLabels, Counter>,
+    requests: Family<RegistryLabels, Counter>,
+    slot_wait: Family<RegistryLabels, Histogram>,
 }
 
 impl RegistryMetrics {
@@ -85,6 +92,13 @@ impl RegistryMetrics {
                 ))
             }),
             failures: Family::default(),
+            requests: Family::default(),
+            slot_wait: Family::new_with_constructor(|| {
+                // 0.1 ms to ~3 s: no wait at all to a whole registry budget.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.0001, 3.0, 10,
+                ))
+            }),
         };
         let r = registry.sub_registry_with_prefix("moat");
         r.register(
@@ -106,6 +120,17 @@ impl RegistryMetrics {
             "registry_call_duration_seconds",
             "Time of each registry HTTP call, including authentication retries",
             m.latency.clone(),
+        );
+        r.register(
+            "registry_requests",
+            "HTTP requests sent to registries (each call's authentication retries, token \
+             requests and redirects included)",
+            m.requests.clone(),
+        );
+        r.register(
+            "registry_slot_wait_seconds",
+            "Time a registry call waited for its registry's call slots and moat's",
+            m.slot_wait.clone(),
         );
         r.register(
             "registry_failures",
@@ -132,6 +157,41 @@ impl RegistryMetrics {
         self.latency
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn request(&self, registry: &str) {
+        self.requests
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn slot_wait(&self, registry: &str, waited: Duration) {
+        self.slot_wait
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// HTTP requests sent to `registry` so far.
+    pub fn requests(&self, registry: &str) -> u64 {
+        self.requests
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .get()
+    }
+
+    /// Lookups of `registry` that failed for `reason` so far.
+    pub fn failures(&self, registry: &str, reason: FailureReason) -> u64 {
+        self.failures
+            .get_or_create(&FailureLabels {
+                registry: registry.to_owned(),
+                reason,
+            })
+            .get()
     }
 
     pub(crate) fn failure(&self, registry: &str, reason: FailureReason) {

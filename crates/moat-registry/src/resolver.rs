@@ -17,9 +17,10 @@ use crate::cosign::{self, Claims};
 use crate::digest::Digest;
 use crate::error::{FailureReason, RegistryError};
 use crate::limits::{
-    MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_IMAGES_PER_REVIEW, MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_PAYLOAD_BYTES, MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_REVIEWS_PER_NAMESPACE,
-    VERIFIED_TTL,
+    CACHE_SHARE_DIVISOR, FAILURE_TTL, MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_IMAGES_PER_REVIEW,
+    MAX_MANIFEST_BYTES, MAX_RESERVED_LOOKUPS_PER_NAMESPACE, MAX_SIGNATURE_PAYLOAD_BYTES,
+    MAX_SIGNATURES_PER_IMAGE, MAX_WAITING_LOOKUPS, MAX_WAITING_LOOKUPS_PER_NAMESPACE,
+    MAX_WAITING_REVIEWS_PER_NAMESPACE, RESERVED_LOOKUPS, VERIFIED_TTL,
 };
 use crate::metrics::{CacheKind, Call, RegistryMetrics};
 
@@ -44,12 +45,23 @@ pub enum Verdict {
 enum Cached {
     Digest(Digest),
     Verdict(Verdict),
+    /// A lookup that failed, answered so again for [`FAILURE_TTL`]
+    /// ([`RegistryError::is_cacheable`]).
+    Failed(RegistryError),
     /// A whole image admitted under the rule identified by `rule` (see [`rule_identity`]),
-    /// keyed by the reference as written: a warm review's one lookup per image.
+    /// keyed by the canonical reference (every spelling of one image shares the entry; the
+    /// pinned reference is made from the pod's own spelling): a warm review's one lookup per
+    /// image.
     Admitted {
-        admitted: Admitted,
+        digest: Digest,
+        signed_by: Option<String>,
         rule: u64,
     },
+}
+
+/// What a failure costs in the cache beyond its key.
+fn failure_bytes(e: &RegistryError) -> usize {
+    std::mem::size_of::<RegistryError>() + e.to_string().len() + e.detail().map_or(0, str::len)
 }
 
 /// An image moat admits.
@@ -76,13 +88,83 @@ pub struct Image<'a> {
 pub struct Resolver {
     client: Client,
     cache: BoundedCache<Cached>,
-    tag_flights: Flights<Result<Digest, RegistryError>>,
-    verdict_flights: Flights<Result<Verdict, RegistryError>>,
+    tag_flights: Flights<Result<(Digest, bool), RegistryError>>,
+    verdict_flights: Flights<Result<(Verdict, bool), RegistryError>>,
     /// Reviews waiting on registries, by namespace ([`MAX_WAITING_REVIEWS_PER_NAMESPACE`]); a
     /// namespace leaves the map when its last review is answered, so it holds no more entries
     /// than there are reviews in flight.
     waiting: Mutex<HashMap<String, usize>>,
+    /// Lookups waiting on registries ([`MAX_WAITING_LOOKUPS_PER_NAMESPACE`],
+    /// [`MAX_WAITING_LOOKUPS`]).
+    lookups: LookupBudget,
     metrics: RegistryMetrics,
+}
+
+/// Lookups waiting on registries: in all, and by namespace (a namespace leaves the map with
+/// its last lookup). The last [`RESERVED_LOOKUPS`] go only to namespaces with fewer than
+/// [`MAX_RESERVED_LOOKUPS_PER_NAMESPACE`] waiting, so namespaces at their share cannot take
+/// the whole budget from the others.
+#[derive(Debug, Default)]
+struct LookupBudget {
+    state: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One lookup's place in the [`LookupBudget`], given back when dropped.
+struct Lookup<'a> {
+    budget: &'a LookupBudget,
+    namespace: &'a str,
+}
+
+/// Why a lookup got no place.
+enum NoPlace {
+    Namespace,
+    Everyone,
+}
+
+impl LookupBudget {
+    fn take<'a>(&'a self, namespace: &'a str) -> Result<Lookup<'a>, NoPlace> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, by_namespace) = &mut *state;
+        if *total >= MAX_WAITING_LOOKUPS {
+            return Err(NoPlace::Everyone);
+        }
+        let held = by_namespace.get(namespace).copied().unwrap_or(0);
+        if held >= MAX_WAITING_LOOKUPS_PER_NAMESPACE {
+            return Err(NoPlace::Namespace);
+        }
+        if *total >= MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS
+            && held >= MAX_RESERVED_LOOKUPS_PER_NAMESPACE
+        {
+            return Err(NoPlace::Everyone);
+        }
+        *by_namespace.entry(namespace.to_owned()).or_insert(0) += 1;
+        *total += 1;
+        Ok(Lookup {
+            budget: self,
+            namespace,
+        })
+    }
+}
+
+impl Drop for Lookup<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .budget
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, by_namespace) = &mut *state;
+        *total = total.saturating_sub(1);
+        if let Some(n) = by_namespace.get_mut(self.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                by_namespace.remove(self.namespace);
+            }
+        }
+    }
 }
 
 /// One review's place among its namespace's reviews waiting on registries.
@@ -136,10 +218,11 @@ impl Resolver {
                 trust.credentials_file.as_deref(),
                 metrics.clone(),
             )?,
-            cache: BoundedCache::new(MAX_CACHE_ENTRIES, MAX_CACHE_BYTES),
+            cache: BoundedCache::new(MAX_CACHE_ENTRIES, MAX_CACHE_BYTES, CACHE_SHARE_DIVISOR),
             tag_flights: Flights::default(),
             verdict_flights: Flights::default(),
             waiting: Mutex::new(HashMap::new()),
+            lookups: LookupBudget::default(),
             metrics,
         })
     }
@@ -152,6 +235,11 @@ impl Resolver {
     /// Entries and bytes the cache holds.
     pub fn cache_size(&self) -> (usize, usize) {
         self.cache.size()
+    }
+
+    /// Entries and bytes of the cache charged to `namespace`'s lookups.
+    pub fn cache_share(&self, namespace: &str) -> (usize, usize) {
+        self.cache.owned_by(namespace)
     }
 
     /// Checks every image at once; each answer is the image admitted, or why not (a message
@@ -178,7 +266,11 @@ impl Resolver {
         let mut identities = Identities::new(trust);
         let mut answers: Vec<Option<Result<Admitted, String>>> = images
             .iter()
-            .map(|image| self.warm(&mut identities, namespace, *image, now).map(Ok))
+            .map(|image| {
+                self.warm(&mut identities, namespace, *image, now)
+                    .map(Ok)
+                    .or_else(|| offline(trust, namespace, *image))
+            })
             .collect();
         if answers.iter().all(Option::is_some) {
             return answers.into_iter().flatten().collect();
@@ -192,21 +284,47 @@ impl Resolver {
                  are already waiting on registries, the most moat lets one namespace hold; retry"
             );
             for &i in &cold {
-                let label = match trust.rule_for(images[i].parsed, namespace) {
-                    Some(_) => images[i].parsed.domain(),
-                    None => OTHER_REGISTRY_LABEL,
-                };
+                let label = label_of(trust, images[i], namespace);
                 self.metrics.failure(label, FailureReason::namespace_busy);
                 answers[i] = Some(Err(why.clone()));
             }
             return answers.into_iter().flatten().collect();
         };
+        let mut placed = Vec::with_capacity(cold.len());
+        for &i in &cold {
+            match self.lookups.take(namespace) {
+                Ok(place) => placed.push((i, place)),
+                Err(why) => {
+                    let (reason, message) = match why {
+                        NoPlace::Namespace => (
+                            FailureReason::namespace_busy,
+                            format!(
+                                "not looked up: namespace {namespace} already has \
+                                 {MAX_WAITING_LOOKUPS_PER_NAMESPACE} image lookups waiting on \
+                                 registries, the most moat lets one namespace hold; retry"
+                            ),
+                        ),
+                        NoPlace::Everyone => (
+                            FailureReason::busy,
+                            format!(
+                                "not looked up: moat already has {MAX_WAITING_LOOKUPS} image \
+                                 lookups waiting on registries; retry"
+                            ),
+                        ),
+                    };
+                    self.metrics
+                        .failure(label_of(trust, images[i], namespace), reason);
+                    answers[i] = Some(Err(message));
+                }
+            }
+        }
         let looked_up = join_all(
-            cold.iter()
-                .map(|&i| self.check_one(trust, namespace, images[i], deadline, budget)),
+            placed
+                .iter()
+                .map(|(i, _place)| self.check_one(trust, namespace, images[*i], deadline, budget)),
         )
         .await;
-        for (i, answer) in cold.into_iter().zip(looked_up) {
+        for ((i, _place), answer) in placed.into_iter().zip(looked_up) {
             answers[i] = Some(answer);
         }
         answers.into_iter().flatten().collect()
@@ -222,10 +340,18 @@ impl Resolver {
     ) -> Option<Admitted> {
         let trust = identities.trust;
         let identity = identities.of(trust.rule_for(image.parsed, namespace))?;
-        match self.cache.get(image.raw, now) {
-            Some(Cached::Admitted { admitted, rule }) if rule == identity => {
+        match self.cache.get(&admitted_key(image.parsed), now) {
+            Some(Cached::Admitted {
+                digest,
+                signed_by,
+                rule,
+            }) if rule == identity => {
                 self.metrics.hit(CacheKind::image);
-                Some(admitted)
+                Some(Admitted {
+                    pinned: pinned(image, &digest),
+                    digest,
+                    signed_by,
+                })
             }
             _ => None,
         }
@@ -256,60 +382,69 @@ impl Resolver {
             registry: parsed.domain(),
             label,
             path: parsed.path(),
+            namespace,
             pooled: rule.is_some(),
         };
         let ttl = Duration::from_secs(u64::from(trust.tag_ttl_seconds));
         let work = async {
+            // Whether a registry answered this lookup now (a call, or one in flight joined):
+            // an admission that needed none is cheap to decide again and gets no cache entry,
+            // so references that need no lookup cannot fill the cache.
+            let mut called = false;
             let digest = match parsed.digest() {
                 // Pinned already (by the pod's author, or by moat on the first call when the
                 // API server reinvokes the webhook): not resolved again.
                 Some(d) => d
                     .parse::<Digest>()
                     .map_err(|_| format!("moat verifies sha256 digests only, not '{d}'"))?,
-                None => self
-                    .resolve_tag(repo, parsed, ttl)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                None => {
+                    let (digest, fresh) = self
+                        .resolve_tag(repo, parsed, ttl)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    called |= fresh;
+                    digest
+                }
             };
             let signed_by = match rule {
                 Some(r) if r.signatures == SignaturePolicy::Required => {
-                    match self
+                    let (verdict, fresh) = self
                         .verify(repo, parsed, &digest, r, ttl)
                         .await
-                        .map_err(|e| e.to_string())?
-                    {
+                        .map_err(|e| e.to_string())?;
+                    called |= fresh;
+                    match verdict {
                         Verdict::Verified { key } => Some(key),
                         Verdict::Rejected(why) => return Err(format!("{digest} {why}")),
                     }
                 }
                 _ => None,
             };
-            let pinned = if parsed.digest().is_some() {
-                image.raw.to_owned()
-            } else {
-                format!("{}@{digest}", image.raw)
-            };
             let admitted = Admitted {
+                pinned: pinned(image, &digest),
                 digest,
-                pinned,
                 signed_by,
             };
-            if let Some(identity) = identity(trust, matched) {
+            if called && let Some(identity) = identity(trust, matched) {
                 // Kept as long as its shortest-lived part: the tag's digest, or the verdict.
                 let ttl = if parsed.digest().is_some() {
                     VERIFIED_TTL
                 } else {
                     ttl.min(VERIFIED_TTL)
                 };
+                let key = admitted_key(parsed);
+                let bytes = admitted.signed_by.as_ref().map_or(0, String::len) + 96;
                 self.cache.insert(
-                    image.raw.to_owned(),
+                    &key,
                     Cached::Admitted {
-                        admitted: admitted.clone(),
+                        digest: admitted.digest.clone(),
+                        signed_by: admitted.signed_by.clone(),
                         rule: identity,
                     },
-                    admitted.pinned.len() + 96,
+                    bytes,
                     ttl,
                     Instant::now(),
+                    namespace,
                 );
             }
             Ok(admitted)
@@ -327,39 +462,74 @@ impl Resolver {
         }
     }
 
-    /// The digest `image`'s tag names now (or within the tag TTL).
+    /// The digest `image`'s tag names now (or within the tag TTL), and whether a registry was
+    /// asked for it now (not the cache).
     async fn resolve_tag(
         &self,
         repo: Repo<'_>,
         image: &ImageRef,
         ttl: Duration,
-    ) -> Result<Digest, RegistryError> {
+    ) -> Result<(Digest, bool), RegistryError> {
         let tag = image.tag().unwrap_or("latest");
         let key = format!("t {}:{tag}", image.repository());
-        if let Some(Cached::Digest(d)) = self.cache.get(&key, Instant::now()) {
-            self.metrics.hit(CacheKind::tag);
-            return Ok(d);
+        match self.cache.get(&key, Instant::now()) {
+            Some(Cached::Digest(d)) => {
+                self.metrics.hit(CacheKind::tag);
+                return Ok((d, false));
+            }
+            Some(Cached::Failed(e)) => {
+                self.metrics.hit(CacheKind::tag);
+                return Err(e);
+            }
+            _ => {}
         }
         self.metrics.miss(CacheKind::tag);
         self.tag_flights
             .run(&key, || async {
-                if let Some(Cached::Digest(d)) = self.cache.get(&key, Instant::now()) {
-                    return Ok(d);
+                match self.cache.get(&key, Instant::now()) {
+                    Some(Cached::Digest(d)) => return Ok((d, false)),
+                    Some(Cached::Failed(e)) => return Err(e),
+                    _ => {}
                 }
                 let result = self.fetch_tag(repo, tag).await;
                 match &result {
                     Ok(d) => self.cache.insert(
-                        key.clone(),
+                        &key,
                         Cached::Digest(d.clone()),
                         64,
                         ttl,
                         Instant::now(),
+                        repo.namespace,
                     ),
-                    Err(e) => self.metrics.failure(repo.label, e.reason()),
+                    Err(e) => self.failed(repo, &key, e),
                 }
-                result
+                result.map(|d| (d, true))
             })
             .await
+    }
+
+    /// Counts, logs and (briefly, when [`RegistryError::is_cacheable`]) keeps a failure.
+    fn failed(&self, repo: Repo<'_>, key: &str, e: &RegistryError) {
+        self.metrics.failure(repo.label, e.reason());
+        if let Some(detail) = e.detail() {
+            // The detail the denial leaves out. Registries no rule names are the tenants' own,
+            // their failures theirs to see in their pods' events: not above debug.
+            if repo.label == OTHER_REGISTRY_LABEL {
+                tracing::debug!(registry = repo.registry, namespace = repo.namespace, error = %e, detail, "registry lookup failed");
+            } else {
+                tracing::warn!(registry = repo.registry, namespace = repo.namespace, error = %e, detail, "registry lookup failed");
+            }
+        }
+        if e.is_cacheable() {
+            self.cache.insert(
+                key,
+                Cached::Failed(e.clone()),
+                failure_bytes(e),
+                FAILURE_TTL,
+                Instant::now(),
+                repo.namespace,
+            );
+        }
     }
 
     async fn fetch_tag(&self, repo: Repo<'_>, tag: &str) -> Result<Digest, RegistryError> {
@@ -386,8 +556,8 @@ impl Resolver {
             })?;
         // The digest is of the bytes received, not taken from the registry's word for it.
         let digest = Digest::of(&fetched.body);
-        if let Some(header) = fetched.headers.get("docker-content-digest") {
-            let said = header.to_str().ok().and_then(|h| h.parse::<Digest>().ok());
+        if let Some(header) = &fetched.content_digest {
+            let said = header.as_deref().and_then(|h| h.parse::<Digest>().ok());
             if said.as_ref() != Some(&digest) {
                 return Err(garbage(
                     "its Docker-Content-Digest header does not match the manifest it sent",
@@ -406,7 +576,8 @@ impl Resolver {
         }
     }
 
-    /// Whether `digest` carries a signature `rule` accepts.
+    /// Whether `digest` carries a signature `rule` accepts, and whether a registry was asked
+    /// now (not the cache).
     async fn verify(
         &self,
         repo: Repo<'_>,
@@ -414,17 +585,26 @@ impl Resolver {
         digest: &Digest,
         rule: &TrustRule,
         negative_ttl: Duration,
-    ) -> Result<Verdict, RegistryError> {
+    ) -> Result<(Verdict, bool), RegistryError> {
         let key = format!("v {} {digest} {:016x}", image.repository(), rule_keys(rule));
-        if let Some(Cached::Verdict(v)) = self.cache.get(&key, Instant::now()) {
-            self.metrics.hit(CacheKind::signature);
-            return Ok(v);
+        match self.cache.get(&key, Instant::now()) {
+            Some(Cached::Verdict(v)) => {
+                self.metrics.hit(CacheKind::signature);
+                return Ok((v, false));
+            }
+            Some(Cached::Failed(e)) => {
+                self.metrics.hit(CacheKind::signature);
+                return Err(e);
+            }
+            _ => {}
         }
         self.metrics.miss(CacheKind::signature);
         self.verdict_flights
             .run(&key, || async {
-                if let Some(Cached::Verdict(v)) = self.cache.get(&key, Instant::now()) {
-                    return Ok(v);
+                match self.cache.get(&key, Instant::now()) {
+                    Some(Cached::Verdict(v)) => return Ok((v, false)),
+                    Some(Cached::Failed(e)) => return Err(e),
+                    _ => {}
                 }
                 let result = self.fetch_verdict(repo, image, digest, rule).await;
                 match &result {
@@ -434,16 +614,17 @@ impl Resolver {
                             Verdict::Rejected(why) => (negative_ttl, why.len()),
                         };
                         self.cache.insert(
-                            key.clone(),
+                            &key,
                             Cached::Verdict(v.clone()),
                             bytes,
                             ttl,
                             Instant::now(),
+                            repo.namespace,
                         );
                     }
-                    Err(e) => self.metrics.failure(repo.label, e.reason()),
+                    Err(e) => self.failed(repo, &key, e),
                 }
-                result
+                result.map(|v| (v, true))
             })
             .await
     }
@@ -559,6 +740,59 @@ impl Resolver {
     }
 }
 
+/// The answer for `image` when it needs no registry: refused for want of a rule, or already
+/// naming a digest that no signature check applies to. It takes no place among the lookups
+/// waiting and leaves no cache entry.
+fn offline(
+    trust: &ImageTrust,
+    namespace: &str,
+    image: Image<'_>,
+) -> Option<Result<Admitted, String>> {
+    let rule = trust.rule_for(image.parsed, namespace).map(|(_, r)| r);
+    if rule.is_none() && trust.unmatched == Unmatched::Deny {
+        return Some(Err(format!(
+            "no rule of images.trust names {}, so it cannot be verified",
+            image.parsed.repository()
+        )));
+    }
+    if rule.is_some_and(|r| r.signatures == SignaturePolicy::Required) {
+        return None;
+    }
+    let d = image.parsed.digest()?;
+    Some(match d.parse::<Digest>() {
+        Ok(digest) => Ok(Admitted {
+            pinned: image.raw.to_owned(),
+            digest,
+            signed_by: None,
+        }),
+        Err(_) => Err(format!("moat verifies sha256 digests only, not '{d}'")),
+    })
+}
+
+/// The metric label of `image`'s registry: the registry a rule names, or `other`.
+fn label_of<'i>(trust: &ImageTrust, image: Image<'i>, namespace: &str) -> &'i str {
+    match trust.rule_for(image.parsed, namespace) {
+        Some(_) => image.parsed.domain(),
+        None => OTHER_REGISTRY_LABEL,
+    }
+}
+
+/// The cache key of a whole admitted image: the canonical reference, so every spelling of one
+/// image (`Reg.Example/a:1`, `reg.example:443/a:1`) is one entry.
+fn admitted_key(image: &ImageRef) -> String {
+    format!("a {image}")
+}
+
+/// The reference the pod runs: its own spelling, with the digest appended unless it already
+/// names one.
+fn pinned(image: Image<'_>, digest: &Digest) -> String {
+    if image.parsed.digest().is_some() {
+        image.raw.to_owned()
+    } else {
+        format!("{}@{digest}", image.raw)
+    }
+}
+
 /// Identifies what a verdict depends on in a rule (its keys and the repository check), so a
 /// configuration reload that changes them is not answered from the cache. A 64-bit hash of
 /// operator-written keys: no tenant chooses what it is computed over.
@@ -621,3 +855,52 @@ impl<'t> Identities<'t> {
 
 /// A resolver shared by every endpoint.
 pub type SharedResolver = Arc<Resolver>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_at_their_share_leave_room_for_the_others() {
+        let budget = LookupBudget::default();
+        let names: Vec<String> = (0..40).map(|i| format!("ns{i}")).collect();
+        let mut held = Vec::new();
+        // Flooding namespaces take all they may: 12 at 64 (768), then the reserve lets each
+        // take only a few more.
+        for name in &names[..20] {
+            while let Ok(place) = budget.take(name) {
+                held.push(place);
+            }
+        }
+        let at_share = (MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS) / MAX_WAITING_LOOKUPS_PER_NAMESPACE;
+        assert_eq!(
+            held.len(),
+            MAX_WAITING_LOOKUPS - RESERVED_LOOKUPS
+                + (20 - at_share) * MAX_RESERVED_LOOKUPS_PER_NAMESPACE
+        );
+        // A quiet namespace still gets its pod's images looked up.
+        for _ in 0..MAX_RESERVED_LOOKUPS_PER_NAMESPACE {
+            held.push(
+                budget
+                    .take("quiet")
+                    .unwrap_or_else(|_| panic!("no place for quiet")),
+            );
+        }
+        assert!(matches!(budget.take("quiet"), Err(NoPlace::Everyone)));
+        assert!(matches!(budget.take(&names[0]), Err(NoPlace::Namespace)));
+        // The total holds whatever the namespaces.
+        for name in &names[20..] {
+            while let Ok(place) = budget.take(name) {
+                held.push(place);
+            }
+        }
+        assert!(held.len() <= MAX_WAITING_LOOKUPS);
+        drop(held);
+        let state = budget
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert_eq!(state.0, 0);
+        assert!(state.1.is_empty());
+    }
+}

@@ -207,10 +207,11 @@ pub const fn memory_limit_bytes() -> usize {
     with_slack.div_ceil(MIB) * MIB
 }
 
-/// What `moat install` adds to [`memory_limit_bytes`] when `images.trust` is configured: the
-/// registry client's cache and the bodies of its calls in flight
-/// (`moat_registry::limits::MAX_HELD_BYTES`), plus a quarter for fragmentation, rounded up to a
-/// MiB.
+/// What `moat install` adds to [`memory_limit_bytes`] when `images.trust` is configured:
+/// everything the registry client may hold whatever registries send
+/// (`moat_registry::limits::MAX_HELD_BYTES`: its cache, token store, calls in flight with their
+/// bodies and buffers, lookups waiting, idle connections), plus a quarter for fragmentation,
+/// rounded up to a MiB.
 pub const fn registry_memory_bytes() -> usize {
     let held = moat_registry::limits::MAX_HELD_BYTES;
     (held + held / 4).div_ceil(MIB) * MIB
@@ -242,9 +243,13 @@ mod tests {
     }
 
     #[test]
-    fn image_trust_adds_its_cache_and_calls_to_the_memory_limit() {
-        // 8 MiB of cache and 64 calls of at most 256 KiB, and a quarter: 30 MiB.
-        assert_eq!(registry_memory_bytes() / MIB, 30);
+    fn image_trust_adds_what_the_registry_client_may_hold_to_the_memory_limit() {
+        use moat_registry::limits::MAX_HELD_BYTES;
+        // 8 MiB of cache, 1 MiB of tokens, 64 calls of 640 KiB (a 256 KiB body twice, a
+        // 64 KiB read buffer, 64 KiB of TLS state), 1,024 waiting lookups of 8 KiB and 64 idle
+        // connections of 128 KiB: 65 MiB, and a quarter: 82 MiB.
+        assert_eq!(MAX_HELD_BYTES, 65 * MIB);
+        assert_eq!(registry_memory_bytes() / MIB, 82);
     }
 
     #[test]
