@@ -934,7 +934,7 @@ fn isolation(config: &Config, s: Subject) -> Compiled {
     // CronJob's template is never a DaemonSet's).
     if s != Subject::CronJob {
         c.validations.push((
-        s.when_new(format!("!variables.forced || !variables.daemonSetPod")),
+        s.when_new("!variables.forced || !variables.daemonSetPod".to_owned()),
         "'namespace \\'' + request.namespace + '\\' runs every pod in isolation class \\'' + variables.class + '\\', so a DaemonSet\\'s pods could never run there: its controller makes one for each node without moat\\'s taint, and moat pins each to nodes of the class; run node agents in an exempt namespace'".to_owned(),
     ));
     }

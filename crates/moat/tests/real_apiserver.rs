@@ -401,25 +401,40 @@ fn mutated_by_moat(object: &serde_json::Value, ns: &str) -> serde_json::Value {
     verdicts[0]["object"].clone()
 }
 
-/// Waits until the backstop's policies are enforced: the API server loads a new policy
-/// asynchronously, so the first requests after an apply may pass unchecked.
-fn wait_for_backstop(cluster: &Cluster, ns: &str) {
-    let probe = pod(
+/// Waits until the backstop's policies are enforced (`enforced`) or gone: the API server loads
+/// policies asynchronously, so the first requests after an apply or a delete may still meet
+/// the old set. Probes a pod and a CronJob (its policies are written last) with mutable tags.
+fn wait_for_backstop(cluster: &Cluster, ns: &str, enforced: bool) {
+    let pod = pod(
         "backstop-probe",
         serde_json::json!({"containers": [{"name": "app", "image": "busybox"}]}),
     );
-    for _ in 0..240 {
+    let cronjob = serde_json::json!({
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "backstop-probe"},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never", "runtimeClassName": "gvisor",
+            "containers": [{"name": "job", "image": "busybox"}],
+        }}}}},
+    });
+    let refused = |probe: &serde_json::Value, policy: &str| {
         let out = cluster.try_kubectl(
             &["create", "--dry-run=server", "-n", ns, "-f", "-"],
             Some(probe.to_string().as_bytes()),
         );
-        if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("moat-images") {
+        let by = String::from_utf8_lossy(&out.stderr).contains(&format!("'{policy}'"));
+        !out.status.success() && by
+    };
+    for _ in 0..240 {
+        let pod_refused = refused(&pod, "moat-images");
+        let cronjob_refused = refused(&cronjob, "moat-images-cronjobs");
+        if pod_refused == enforced && cronjob_refused == enforced {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
     panic!(
-        "the backstop was not enforced within 60 s on {}",
+        "the backstop was not {} within 60 s on {}",
+        if enforced { "enforced" } else { "removed" },
         cluster.version
     );
 }
@@ -438,7 +453,7 @@ fn while_moat_is_down_the_backstop_holds_the_outage_table_for_a_tenant() {
     let runc = r#"{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "runc"}, "handler": "runc"}"#;
     cluster.kubectl(&["apply", "-f", "-"], Some(runc.as_bytes()));
     let ns = cluster.tenant_namespace("moat-outage");
-    wait_for_backstop(&cluster, &ns);
+    wait_for_backstop(&cluster, &ns, true);
     let mut faults = Vec::new();
     let mut row = |name: &str, expect: Expect, out: Output| {
         if let Some(f) = check_row(&cluster, name, expect, &out) {
@@ -698,5 +713,307 @@ fn while_moat_is_down_the_backstop_holds_the_outage_table_for_a_tenant() {
         faults.is_empty(),
         "the outage table does not hold:\n{}",
         faults.join("\n")
+    );
+}
+
+/// The Pod and workload CREATEs the API servers sent in `shared/fixtures`, each object with
+/// what the API server itself sets on creation removed (names, uids, owners, status).
+fn captured_objects() -> Vec<(String, serde_json::Value)> {
+    let dir = format!("{}/../../../shared/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    for file in files {
+        let review: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let request = &review["request"];
+        if request["operation"] != "CREATE" || request["object"].is_null() {
+            continue;
+        }
+        let mut object = request["object"].clone();
+        let Some(meta) = object["metadata"].as_object_mut() else {
+            continue;
+        };
+        for k in [
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "managedFields",
+            "ownerReferences",
+            "generateName",
+            "namespace",
+            "generation",
+        ] {
+            meta.remove(k);
+        }
+        meta.insert(
+            "name".to_owned(),
+            serde_json::json!(format!("f{}", out.len())),
+        );
+        if let Some(o) = object.as_object_mut() {
+            o.remove("status");
+        }
+        out.push((
+            file.file_name().unwrap().to_string_lossy().into_owned(),
+            object,
+        ));
+    }
+    out
+}
+
+/// A few hundred pods from a seeded generator over what tenants vary: images of every kind
+/// and spelling, runtimes, class labels, tolerations, node names, schedulers; every third one
+/// as moat's mutating webhook would have written it.
+fn generated_pods(
+    config: &moat_core::config::Config,
+    ns: &str,
+    n: usize,
+    seed: u64,
+) -> Vec<(String, serde_json::Value)> {
+    use serde_json::json;
+    let mut state = seed;
+    let mut pick = |k: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % k
+    };
+    let images = [
+        "registry.example/app:1.0",
+        "registry.example/app@sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        "busybox",
+        "busybox:latest",
+        "docker.io/library/nginx:1.27",
+        "REGISTRY.example/app:1.0",
+        "registry.example:443/app:1.0",
+        "registry.example/App:1.0",
+        "ghcr.io/acme/tool:latest",
+    ];
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut spec =
+            json!({"containers": [{"name": "app", "image": images[pick(images.len())]}]});
+        match pick(3) {
+            0 => {}
+            1 => {
+                spec["initContainers"] =
+                    json!([{"name": "init", "image": images[pick(images.len())]}])
+            }
+            _ => {
+                spec["volumes"] =
+                    json!([{"name": "data", "image": {"reference": images[pick(images.len())]}}])
+            }
+        }
+        match pick(4) {
+            0 => {}
+            1 | 2 => spec["runtimeClassName"] = json!("gvisor"),
+            _ => spec["runtimeClassName"] = json!("runc"),
+        }
+        match pick(4) {
+            0 => spec["tolerations"] = json!([{"key": "moat.dev/isolated", "operator": "Exists"}]),
+            1 => spec["tolerations"] = json!([{"key": "other", "operator": "Exists"}]),
+            _ => {}
+        }
+        if pick(8) == 0 {
+            spec["nodeName"] = json!("node-1");
+        }
+        match pick(8) {
+            0 => spec["schedulerName"] = json!("other-scheduler"),
+            1 => spec["schedulerName"] = json!("default-scheduler"),
+            _ => {}
+        }
+        let labels = match pick(5) {
+            0 | 1 => json!({}),
+            2 => json!({"moat.dev/class": "untrusted"}),
+            3 => json!({"moat.dev/class": "secret"}),
+            _ => json!({"moat.dev/class": "Bad_Name"}),
+        };
+        let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("g{i}"), "labels": labels}, "spec": spec});
+        if pick(3) == 0 {
+            let template = moat_core::subject::Template::from_value(&pod)
+                .unwrap()
+                .unwrap();
+            let labels = std::collections::BTreeMap::new();
+            let decision = moat_core::engine::decide(
+                config,
+                &request(&template, ns, &labels, moat_core::decision::Stage::Mutate),
+            );
+            if decision.allowed() {
+                json_patch::patch(&mut pod, &decision.patch).unwrap();
+            }
+        }
+        out.push((format!("generated {i}"), pod));
+    }
+    out
+}
+
+/// A dry-run CREATE as the admin (the identity of the test's kubeconfig).
+fn request<'a>(
+    template: &'a moat_core::subject::Template,
+    ns: &'a str,
+    labels: &'a std::collections::BTreeMap<String, String>,
+    stage: moat_core::decision::Stage,
+) -> moat_core::decision::Request<'a> {
+    moat_core::decision::Request {
+        operation: moat_core::decision::Operation::Create,
+        stage,
+        object: Some(template),
+        old_object: None,
+        namespace: ns,
+        namespace_labels: Some(labels),
+        dry_run: true,
+        requester: Some(moat_core::decision::Requester {
+            username: "moat-test-admin",
+        }),
+        placement_seed: "uid",
+    }
+}
+
+/// POSTs `object` to its collection in `ns` as a server-side dry run: the object the API
+/// server would store, or its refusal.
+async fn dry_run_create(
+    client: &kube::Client,
+    ns: &str,
+    object: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let api_version = object["apiVersion"].as_str().unwrap();
+    let kind = object["kind"].as_str().unwrap();
+    let base = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    let plural = format!("{}s", kind.to_ascii_lowercase());
+    let request = http::Request::post(format!("{base}/namespaces/{ns}/{plural}?dryRun=All"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(object).unwrap())
+        .unwrap();
+    match client.request::<serde_json::Value>(request).await {
+        Ok(v) => Ok(v),
+        Err(kube::Error::Api(status)) => Err(format!("{status:?}")),
+        Err(e) => panic!("the API server did not answer: {e}"),
+    }
+}
+
+#[test]
+#[ignore = "needs a real kube-apiserver: scripts/test.sh builds and starts one"]
+fn the_real_api_server_under_the_backstop_decides_as_moats_validate_stage() {
+    let cluster = Cluster::from_env();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime.block_on(kube::Client::try_default()).unwrap();
+    let ns = cluster.tenant_namespace("moat-equivalence");
+    let labels: std::collections::BTreeMap<String, String> =
+        [("kubernetes.io/metadata.name".to_owned(), ns.clone())].into();
+    let runc = r#"{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "runc"}, "handler": "runc"}"#;
+    cluster.kubectl(&["apply", "-f", "-"], Some(runc.as_bytes()));
+    let mut compared = 0;
+    let mut refused = 0;
+    let mut faults = Vec::new();
+    let mut skipped = std::collections::BTreeMap::<String, usize>::new();
+    for (name, args) in configurations() {
+        let file = args
+            .iter()
+            .position(|a| a == "--config")
+            .map(|i| args[i + 1].clone());
+        let config = match &file {
+            Some(f) => {
+                moat_core::config::Config::from_yaml(&std::fs::read_to_string(f).unwrap()).unwrap()
+            }
+            None => moat_core::config::Config::embedded_default(),
+        };
+        let mut corpus = captured_objects();
+        corpus.extend(generated_pods(&config, &ns, 150, 7 + compared as u64));
+        // What the policies see: each object as the API server admits it with no policy (its
+        // defaults and admission plugins applied).
+        cluster.remove_moat();
+        wait_for_backstop(&cluster, &ns, false);
+        let seen: Vec<(String, Option<serde_json::Value>)> = runtime.block_on(async {
+            let mut out = Vec::new();
+            for (case, object) in &corpus {
+                let admitted = dry_run_create(&client, &ns, object).await;
+                if let Err(e) = &admitted {
+                    let why: String = e.chars().take(200).collect();
+                    *skipped.entry(why).or_insert(0) += 1;
+                }
+                out.push((case.clone(), admitted.ok()));
+            }
+            out
+        });
+        // The backstop alone: the install's policies and bindings, no webhooks.
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let manifests = String::from_utf8(install(&args)).unwrap();
+        let policies: Vec<&str> = manifests
+            .split("\n---\n")
+            .filter(|d| {
+                d.contains("kind: ValidatingAdmissionPolicy\n")
+                    || d.contains("kind: ValidatingAdmissionPolicyBinding\n")
+                    || d.contains("kind: RuntimeClass\n")
+            })
+            .collect();
+        cluster.kubectl(
+            &["apply", "-f", "-"],
+            Some(policies.join("\n---\n").as_bytes()),
+        );
+        wait_for_backstop(&cluster, &ns, true);
+        runtime.block_on(async {
+            for ((case, object), (_, admitted)) in corpus.iter().zip(&seen) {
+                // An object the API server refuses on its own is no test of the policies.
+                let Some(admitted) = admitted else { continue };
+                let template = moat_core::subject::Template::from_value(admitted)
+                    .unwrap()
+                    .unwrap();
+                let decision = moat_core::engine::decide(
+                    &config,
+                    &request(
+                        &template,
+                        &ns,
+                        &labels,
+                        moat_core::decision::Stage::Validate,
+                    ),
+                );
+                let moat: Vec<&str> = decision
+                    .denials
+                    .iter()
+                    .map(|d| d.message.as_str())
+                    .collect();
+                let api = dry_run_create(&client, &ns, object).await;
+                compared += 1;
+                match (&api, moat.is_empty()) {
+                    (Ok(_), true) => {}
+                    (Err(e), false) if e.contains("ValidatingAdmissionPolicy 'moat-") => {
+                        refused += 1
+                    }
+                    _ => faults.push(format!(
+                        "{name}: {case}: the API server {}, moat {moat:?}\n  object: {admitted}",
+                        match &api {
+                            Ok(_) => "admits".to_owned(),
+                            Err(e) => format!("refuses: {e}"),
+                        }
+                    )),
+                }
+            }
+        });
+    }
+    cluster.remove_moat();
+    cluster.kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+    assert!(
+        faults.is_empty(),
+        "{} of {compared} verdicts differ on {}:\n{}",
+        faults.len(),
+        cluster.version,
+        faults.join("\n")
+    );
+    assert!(
+        compared > 400 && refused > 100 && compared - refused > 50,
+        "{compared} compared, {refused} refused: the corpus exercises both verdicts"
+    );
+    eprintln!(
+        "{compared} verdicts compared on {}, {refused} refusals; refused by the API server itself: {skipped:#?}",
+        cluster.version
     );
 }
