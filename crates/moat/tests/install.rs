@@ -74,13 +74,13 @@ fn prints_every_manifest_as_valid_objects() {
             "MutatingWebhookConfiguration",
             "ValidatingWebhookConfiguration",
             "RuntimeClass",
-            "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicyBinding",
-            "ValidatingAdmissionPolicyBinding",
-            "ValidatingAdmissionPolicyBinding",
         ]
+        .into_iter()
+        // The backstop: images, runtime and isolation for pods; images and isolation for
+        // workload templates and for CronJobs' (the default's runtime rules are all mutations).
+        .chain(["ValidatingAdmissionPolicy"; 7])
+        .chain(["ValidatingAdmissionPolicyBinding"; 7])
+        .collect::<Vec<_>>()
     );
     for d in &docs {
         assert!(
@@ -200,7 +200,13 @@ fn the_backstop_is_installed_by_default_and_without_it_the_webhooks_fail_closed(
             "moat-images",
             "moat-runtimeclass",
             "moat-isolation",
-            "moat-identity"
+            "moat-identity",
+            // A template carries no stamp: moat stamps its pods, so identity has no template
+            // policy.
+            "moat-images-workloads",
+            "moat-isolation-workloads",
+            "moat-images-cronjobs",
+            "moat-isolation-cronjobs",
         ]
     );
     for p in &policies {
