@@ -716,14 +716,18 @@ fn while_moat_is_down_the_backstop_holds_the_outage_table_for_a_tenant() {
     );
 }
 
-/// The Pod and workload CREATEs the API servers sent in `shared/fixtures`, each object with
-/// what the API server itself sets on creation removed (names, uids, owners, status).
+/// The Pod and workload CREATEs the API servers sent (`shared/fixtures`, kept in the repository
+/// beside the server's tests), each object with what the API server itself sets on creation
+/// removed (names, uids, owners, status).
 fn captured_objects() -> Vec<(String, serde_json::Value)> {
-    let dir = format!("{}/../../../shared/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let data = format!("{}/../moat-server/tests/data", env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+    let mut files: Vec<PathBuf> = ["kube-apiserver-1.26", "kube-apiserver-1.34"]
+        .iter()
+        .flat_map(|v| {
+            let dir = format!("{data}/{v}");
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"))
+        })
         .map(|f| f.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
