@@ -9,6 +9,8 @@
     reason = "a test fails loudly on the first surprise"
 )]
 
+mod loopback_tls;
+use loopback_tls::tls;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,38 +18,8 @@ use moat_core::image::ImageRef;
 use moat_core::trust::ImageTrust;
 use moat_registry::{Image, Resolver};
 use prometheus_client::registry::Registry;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// A CA's PEM, and a TLS acceptor for 127.0.0.1 signed by it.
-fn tls() -> (String, tokio_rustls::TlsAcceptor) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![leaf.der().clone()],
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    )
-    .unwrap();
-    (
-        ca_cert.pem(),
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    )
-}
 
 /// Serves `response` (status line, headers and body) to every request; the registry's
 /// `host:port` and the CA to trust.
