@@ -23,6 +23,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use moat_core::config::{ClassMode, ClassPattern, ClassSpec, Config, SelectorOperator};
 use moat_core::decision::Policy;
 use moat_core::engine::enforcement;
+use moat_core::subject::Kind;
 use serde_json::{Value, json};
 
 use crate::cel::{HAS_DOMAIN, TAG, glob_regex, list, lit, reference_regex, regex_escape};
@@ -97,21 +98,23 @@ impl Subject {
     /// Every subject, in the order the policies are written.
     pub const ALL: [Self; 3] = [Self::Pod, Self::Workload, Self::CronJob];
 
+    /// The subject whose policies see an object of `kind` (the resource rules).
+    pub fn of(kind: Kind) -> Self {
+        match kind {
+            Kind::Pod => Self::Pod,
+            Kind::CronJob => Self::CronJob,
+            Kind::Deployment
+            | Kind::ReplicaSet
+            | Kind::StatefulSet
+            | Kind::DaemonSet
+            | Kind::Job
+            | Kind::ReplicationController => Self::Workload,
+        }
+    }
+
     /// Whether the policy sees requests for `api_version` and `kind` (the resource rules).
     pub fn covers(self, api_version: &str, kind: &str) -> bool {
-        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
-        match self {
-            Self::Pod => (group, kind) == ("", "Pod"),
-            Self::Workload => matches!(
-                (group, kind),
-                (
-                    "apps",
-                    "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet"
-                ) | ("batch", "Job")
-                    | ("", "ReplicationController")
-            ),
-            Self::CronJob => (group, kind) == ("batch", "CronJob"),
-        }
+        Kind::from_type(api_version, kind).is_some_and(|k| Self::of(k) == self)
     }
 
     /// The CEL of the pod (an object with `metadata` and `spec`) the rules read.
@@ -1222,6 +1225,41 @@ mod tests {
 
     fn modes(yaml: &str) -> Vec<(String, ClassMode)> {
         class_modes(&Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    #[test]
+    fn each_kind_moat_reviews_is_in_the_resource_rules_of_its_subject_alone() {
+        let kinds = [
+            ("v1", "Pod", "", "pods"),
+            ("v1", "ReplicationController", "", "replicationcontrollers"),
+            ("apps/v1", "Deployment", "apps", "deployments"),
+            ("apps/v1", "ReplicaSet", "apps", "replicasets"),
+            ("apps/v1", "StatefulSet", "apps", "statefulsets"),
+            ("apps/v1", "DaemonSet", "apps", "daemonsets"),
+            ("batch/v1", "Job", "batch", "jobs"),
+            ("batch/v1", "CronJob", "batch", "cronjobs"),
+        ];
+        for (api_version, kind, group, resource) in kinds {
+            for s in Subject::ALL {
+                let listed = s.resource_rules().as_array().unwrap().iter().any(|r| {
+                    r["apiGroups"][0] == group
+                        && r["resources"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|x| x == resource)
+                });
+                assert_eq!(listed, s.covers(api_version, kind), "{kind} in {s:?}");
+            }
+            assert_eq!(
+                Subject::ALL
+                    .iter()
+                    .filter(|s| s.covers(api_version, kind))
+                    .count(),
+                1,
+                "{kind}"
+            );
+        }
     }
 
     #[test]
